@@ -1,0 +1,200 @@
+"""
+Micro-benchmarks. Pick one with --what:
+  quantizer:    forward+backward time and peak memory of one quantizer at a given codebook size / dim / token count
+      python bench.py --what=quantizer --kind=ibq --codebook_size=262144 --dim=256 --tokens=8192 --device=cuda
+      last line: quantizer kind=ibq K=262144 D=256 N=8192 device=cuda: fwd+bwd <ms> ms, peak <MB> MB
+  bridge_flops: FLOPs of one forward of the FVQ projector (FVQ Table 10), counted by torch.utils.flop_counter
+      python bench.py --what=bridge_flops --codebook_size=262144 --dim=256 --projector=vqbridge
+  ar:           GPT training step (fwd+bwd+AdamW) on random codes: tok/s, ms/iter and MFU (train_ar.py's FLOPs estimate)
+      python bench.py --what=ar --ar_model=B --ar_batch=64 --device=cuda --dtype=bfloat16
+      last line: ar preset=B batch=64 device=cuda: <tok/s> tok/s, <ms> ms/iter, MFU <x>%
+  sample:       KV-cached sampling of codes with CFG (sample.generate; no tokenizer decode): images/s
+      python bench.py --what=sample --ar_model=B --ar_batch=64 --cfg_scale=2.0 --device=cuda --dtype=bfloat16
+Config values are globals below, overridden by config files / --key=value (configurator.py).
+"""
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+
+# -----------------------------------------------------------------------------
+what = 'quantizer'  # 'quantizer', 'bridge_flops', 'ar' or 'sample'
+# quantizer
+kind = 'vq'  # 'vq', 'ibq' or 'fvq'
+codebook_size = 16384
+dim = 256
+tokens = 1024  # N = batch * h * w tokens per step; laid out as (tokens // 256, dim, 16, 16) when divisible
+chunk_size = 1024  # tokens per chunk of the (tokens x K) distance / logit computation
+projector = 'vqbridge'  # FVQ projector: 'vqbridge', 'linear' or 'mlp5'
+quantizer_args = {}  # any further make_quantizer options
+# ar / sample: a train_ar.GPT preset with K = codebook_size and 1000 classes, on random codes
+ar_model = 'B'  # 'B', 'L', 'XL', 'XXL'
+n_layer = 0  # 0 = the preset's
+n_head = 0
+n_embd = 0
+ar_batch = 8  # sequences per training step / images per sampling batch (the GPT runs 2x with CFG)
+ar_tokens = 256  # tokens per image, a square grid (256 = 16x16)
+cfg_scale = 2.0  # sample: 1.0 = no guidance
+warmup_steps = 2
+steps = 5
+# system
+device = 'cpu'
+dtype = 'float32'  # autocast dtype around the quantizer on GPU: 'float32' (no autocast) or 'bfloat16'
+compile = False
+seed = 0
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in config_keys}
+# -----------------------------------------------------------------------------
+
+from quantizers import make_quantizer  # noqa: E402
+
+
+def make_bench_quantizer():
+    options = dict(quantizer_args, chunk_size=chunk_size)
+    if kind == 'fvq':
+        options.setdefault('projector', projector)
+    return make_quantizer(kind, codebook_size, dim, **options)
+
+
+def bench_quantizer():
+    torch.manual_seed(seed)
+    if dtype not in ('float32', 'bfloat16'):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got '{dtype}'")
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train_tokenizer.py
+    quantizer = make_bench_quantizer().to(device)
+    # (B, D, h, w) latent grid: 16x16 tokens per image when possible (256px images at 16x downsampling)
+    shape = (tokens // 256, dim, 16, 16) if tokens % 256 == 0 else (1, dim, 1, tokens)
+    z = torch.randn(shape, device=device, requires_grad=True)
+    upstream = torch.randn(shape, device=device)
+    autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16)
+                if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+    forward = torch.compile(quantizer) if compile else quantizer
+
+    def step():
+        with autocast:
+            z_q, loss, info = forward(z)
+            total = (z_q.float() * upstream).sum() + loss
+        total.backward()
+        z.grad = None
+        quantizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup_steps):
+        step()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) / steps * 1000
+    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB" if device_type == 'cuda' else 'n/a'
+    print(f"quantizer kind={kind} K={codebook_size} D={dim} N={tokens} device={device}: fwd+bwd {ms:.1f} ms, peak {peak}")
+
+
+def bench_bridge_flops():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    quantizer = make_quantizer('fvq', codebook_size, dim, projector=projector, **quantizer_args)
+    counter = FlopCounterMode(display=False)
+    # the math attention kernel is made of matmuls the counter sees; the fused CPU kernel is not counted
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        quantizer.projector(quantizer.embedding)
+    flops = counter.get_total_flops()
+    # FVQ Table 10 counts multiply-accumulates (one per weight use), i.e. half of these FLOPs
+    print(f"bridge projector={projector} K={codebook_size} D={dim}: {flops} FLOPs = {flops / 2e9:.2f} GMACs")
+
+
+def make_bench_gpt():
+    from train_ar import GPT, gpt_model_args
+    grid = int(ar_tokens ** 0.5)
+    if grid * grid != ar_tokens:
+        raise ValueError(f"ar_tokens must be a square (a grid x grid raster), got {ar_tokens}")
+    torch.manual_seed(seed)
+    return GPT(**gpt_model_args(codebook_size, 1000, grid, grid, ar_model, n_layer, n_head, n_embd)).to(device)
+
+
+def bench_ar():
+    from train_ar import peak_bf16_flops
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train_ar.py
+    model = make_bench_gpt()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                  fused=device_type == 'cuda')
+    forward = torch.compile(model) if compile else model
+    autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16)
+                if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+    codes = torch.randint(0, codebook_size, (ar_batch, ar_tokens), device=device)
+    labels = torch.randint(0, 1000, (ar_batch,), device=device)
+
+    def step():
+        with autocast:
+            _, loss = forward(labels, codes[:, :-1], targets=codes)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup_steps):
+        step()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    peak = peak_bf16_flops(device)
+    mfu = f"{100 * model.flops_per_token() * ar_tokens * ar_batch / dt / peak:.2f}%" if peak else 'n/a'
+    print(f"ar preset={ar_model} batch={ar_batch} device={device}: {ar_batch * ar_tokens / dt:.0f} tok/s, "
+          f"{1000 * dt:.1f} ms/iter, MFU {mfu}")
+
+
+def bench_sample():
+    from sample import generate
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = make_bench_gpt().eval()
+    autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16)
+                if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+    labels = torch.arange(ar_batch, device=device) % 1000
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def run():
+        with autocast:
+            return generate(model, labels, cfg_scale=cfg_scale, generator=generator)
+
+    for _ in range(warmup_steps):
+        run()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    print(f"sample preset={ar_model} batch={ar_batch} cfg={cfg_scale} tokens={ar_tokens} device={device}: "
+          f"{ar_batch / dt:.2f} images/s")
+
+
+# -----------------------------------------------------------------------------
+if what == 'quantizer':
+    bench_quantizer()
+elif what == 'bridge_flops':
+    bench_bridge_flops()
+elif what == 'ar':
+    bench_ar()
+elif what == 'sample':
+    bench_sample()
+else:
+    raise ValueError(f"unknown --what='{what}'; expected 'quantizer', 'bridge_flops', 'ar' or 'sample'")

@@ -1,0 +1,55 @@
+"""
+nanoGPT's "poor man's configurator". A script defines its config as module-level globals, then runs
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+Each positional argument is a config file (plain Python, executed) and each --key=value overrides one
+global, parsed with ast.literal_eval (a plain string if that fails). A key the script does not define,
+or a value whose type differs from the default's, is an error naming the key and the expected type.
+"""
+
+
+def _apply_config(g, argv):
+    import builtins
+    from ast import literal_eval
+    config_types = (bool, int, float, str, tuple, list, dict)
+
+    def check(key, value, source):
+        if key.startswith('_') or key not in g or not isinstance(g[key], config_types):
+            raise ValueError(f"unknown config key '{key}' (from {source}); valid keys: "
+                             + ", ".join(k for k, v in g.items() if not k.startswith('_') and isinstance(v, config_types)))
+        default = g[key]
+        ok = type(value) == type(default) or (type(default) == float and type(value) == int)
+        if not ok:
+            raise ValueError(f"config key '{key}' (from {source}) expects {type(default).__name__}, "
+                             f"got {type(value).__name__}: {value!r}")
+        return float(value) if type(default) == float else value
+
+    for arg in argv:
+        if not arg.startswith('--'):
+            if '=' in arg:
+                raise ValueError(f"config override '{arg}' must start with --")
+            try:
+                with open(arg) as f:
+                    source = f.read()
+            except OSError as e:
+                raise FileNotFoundError(f"config file '{arg}' cannot be read: {e}") from None
+            print(f"Overriding config with {arg}:\n{source}")
+            namespace = {}
+            exec(builtins.compile(source, arg, 'exec'), namespace)  # the script's `compile` flag shadows the builtin
+            for key, value in namespace.items():
+                if key.startswith('__') or type(value).__name__ in ('module', 'function', 'type'):
+                    continue
+                g[key] = check(key, value, arg)
+        else:
+            if '=' not in arg:
+                raise ValueError(f"config override '{arg}' must look like --key=value")
+            key, val = arg[2:].split('=', 1)
+            try:
+                value = literal_eval(val)
+            except (SyntaxError, ValueError):
+                value = val  # a plain string
+            g[key] = check(key, value, 'command line')
+            print(f"Overriding: {key} = {g[key]!r}")
+
+
+_apply_config(globals(), __import__('sys').argv[1:])
+del _apply_config

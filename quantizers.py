@@ -1,0 +1,490 @@
+"""
+All vector quantizers of nanoVQ in one file:
+  - plain VQ (LlamaGen): nearest code by squared Euclidean distance, straight-through estimator.
+  - FVQ (VQBridge): plain VQ against a codebook mapped by a small transformer (or a linear / MLP-5 projector).
+  - IBQ (Index Backpropagation Quantization): straight-through on the one-hot index over softmax(z . C^T), so
+    every code gets a gradient.
+  - VCQ: any of them with a per-position codebook size K_t (token t may only use the first K_t codes).
+Every quantizer maps z (B, D, H, W) -> (z_q (B, D, H, W), loss scalar, info dict) and keeps a sliding window of
+recent indices to report codebook usage. The (tokens x K) distance / logit matrices only ever exist for
+`chunk_size` tokens at a time, so K = 262,144 with 8,192 tokens never materialises the whole (8192 x 262144) matrix.
+The quantization arithmetic runs in float32 with autocast off: bf16 distances cannot separate 262k codes.
+"""
+import inspect
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# VCQ codebook-size schedule (VCQ paper section 3; means checked against its Table 2)
+
+def codebook_size_schedule(kind, k_min, k_max, seq_len, gamma=2.5):
+    """K_t for t = 0 .. seq_len-1: K_t = round(k_min + (k_max - k_min) * s(t / (seq_len - 1)))."""
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"codebook_size_schedule needs 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+    if seq_len < 1:
+        raise ValueError(f"codebook_size_schedule needs seq_len >= 1, got {seq_len}")
+    x = torch.arange(seq_len, dtype=torch.float64) / max(seq_len - 1, 1)
+    if kind == 'constant':
+        s = torch.ones_like(x)
+    elif kind == 'linear':
+        s = x
+    elif kind == 'cosine':
+        s = 1 - torch.cos(math.pi * x / 2)
+    elif kind == 'power':
+        s = x ** gamma
+    else:
+        raise ValueError(f"unknown codebook size schedule '{kind}'; expected 'constant', 'linear', 'cosine' or 'power'")
+    return torch.round(k_min + (k_max - k_min) * s).long()
+
+
+# -----------------------------------------------------------------------------
+# pieces shared by all quantizers
+
+def _check_input(z, dim):
+    if z.dim() != 4 or z.shape[1] != dim:
+        raise ValueError(f"quantizer expects z of shape (B, {dim}, H, W), got {tuple(z.shape)}")
+
+
+def _tokens_first(z):
+    # (B, D, H, W) -> (B*H*W, D), raster order within each image
+    B, D, H, W = z.shape
+    return z.permute(0, 2, 3, 1).reshape(B * H * W, D)
+
+
+def _channels_first(z_flat, B, H, W):
+    # (B*H*W, D) -> (B, D, H, W)
+    return z_flat.reshape(B, H, W, -1).permute(0, 3, 1, 2)
+
+
+def _masked_codes(token_codebook_sizes, start, n, K, device):
+    # (n, K) bool, True where code k is beyond the VCQ size of token start+i; None without VCQ
+    if token_codebook_sizes is None:
+        return None
+    return torch.arange(K, device=device)[None, :] >= token_codebook_sizes[start:start + n, None]
+
+
+@torch.no_grad()
+def nearest_codes(z_flat, codebook, chunk_size, token_codebook_sizes=None):
+    """Index of the nearest code (squared Euclidean) for each row of z_flat (N, D) among codebook (K, D).
+    Works on chunk_size tokens at a time so at most (chunk_size, K) distances exist at once.
+    token_codebook_sizes (N,) long (VCQ): token n may only pick codes < token_codebook_sizes[n]."""
+    N, K = z_flat.shape[0], codebook.shape[0]
+    code_sq = (codebook * codebook).sum(1)  # (K,); |z|^2 is the same for every code, so it is left out
+    indices = torch.empty(N, dtype=torch.long, device=z_flat.device)
+    for start in range(0, N, chunk_size):
+        z_chunk = z_flat[start:start + chunk_size]  # (n, D)
+        dist = torch.addmm(code_sq, z_chunk, codebook.t(), alpha=-2.0)  # (n, K) = |c|^2 - 2 z.c
+        too_big = _masked_codes(token_codebook_sizes, start, z_chunk.shape[0], K, z_flat.device)
+        if too_big is not None:
+            dist.masked_fill_(too_big, float('inf'))
+        indices[start:start + chunk_size] = dist.argmin(1)
+    return indices
+
+
+def _perplexity(indices, K):
+    counts = torch.bincount(indices.reshape(-1), minlength=K).float()
+    p = counts / counts.sum()
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()).item()
+
+
+class UsageWindow(nn.Module):
+    """Ring buffer of the most recent `size` indices; usage = distinct codes in it / K (as the FVQ code does).
+    Every forward (training or eval) writes its indices. Not saved in checkpoints (persistent=False): usage is a
+    running statistic, and it is per rank under DDP."""
+
+    def __init__(self, K, size):
+        super().__init__()
+        self.K = K
+        self.register_buffer('recent', torch.full((size,), -1, dtype=torch.long), persistent=False)
+        self.position = 0  # next slot to write
+
+    @torch.no_grad()
+    def update(self, indices):
+        indices = indices.reshape(-1)
+        size = self.recent.numel()
+        if indices.numel() >= size:
+            self.recent.copy_(indices[-size:])
+            self.position = 0
+        else:
+            slots = (self.position + torch.arange(indices.numel(), device=indices.device)) % size
+            self.recent[slots] = indices
+            self.position = (self.position + indices.numel()) % size
+        seen = self.recent[self.recent >= 0]
+        return torch.bincount(seen, minlength=self.K).count_nonzero().item() / self.K
+
+
+def _check_common(chunk_size, vcq_schedule):
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}")
+    if not isinstance(vcq_schedule, str):
+        raise ValueError(f"vcq_schedule must be a string ('' for none), got {vcq_schedule!r}")
+
+
+def _setup_schedule(module, K, vcq_schedule, vcq_k_min, vcq_seq_len, vcq_gamma):
+    # VCQ: registers q.codebook_sizes (seq_len,) long, or sets it to None when no schedule is asked for
+    if vcq_schedule == '':
+        module.codebook_sizes = None
+    else:
+        module.register_buffer('codebook_sizes', codebook_size_schedule(vcq_schedule, vcq_k_min, K, vcq_seq_len,
+                                                                         vcq_gamma))
+
+
+def _token_codebook_sizes(codebook_sizes, B, H, W):
+    # (H*W,) schedule in raster order -> (B*H*W,) size for every token of the batch, or None without VCQ
+    if codebook_sizes is None:
+        return None
+    if H * W != codebook_sizes.numel():
+        raise ValueError(f"VCQ schedule has {codebook_sizes.numel()} positions but the latent grid is {H}x{W} = "
+                         f"{H * W} tokens; set vcq_seq_len to {H * W}")
+    return codebook_sizes.repeat(B)
+
+
+def _info(module, indices, B, H, W, **losses):
+    info = {'indices': indices.reshape(B, H, W), 'usage': module.usage.update(indices),
+            'perplexity': _perplexity(indices, module.codebook_size)}
+    info.update({name: value.item() for name, value in losses.items()})
+    if module.codebook_sizes is not None:
+        info['codebook_sizes'] = module.codebook_sizes
+    return info
+
+
+# -----------------------------------------------------------------------------
+# VQBridge (FVQ paper section 3.2): compress groups of codes -> ViT blocks -> expand back
+
+def sincos_1d(num_positions, dim):
+    # fixed 1D sin-cos position embedding (num_positions, dim), as MAE/DiT's get_1d_sincos_pos_embed_from_grid
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * omega[None, :]  # (P, dim/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()
+
+
+class BridgeBlock(nn.Module):
+    """DiT block (adaLN-Zero). In the bridge the condition is one learned vector, so the modulation is a learned
+    shift/scale/gate per block whose gates start at zero: the block starts as the identity, as in the release."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+        self.modulation = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, c):
+        # x (T, dim) group tokens, c (dim,) SiLU of the learned condition vector
+        T, dim = x.shape
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.modulation(c).chunk(6)
+        h = self.norm1(x) * (1 + scale_attn) + shift_attn
+        q, k, v = self.qkv(h).reshape(T, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)  # 3 x (heads, T, hd)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(T, dim)
+        x = x + gate_attn * self.proj(h)
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        x = x + gate_mlp * self.fc2(F.gelu(self.fc1(h), approximate='tanh'))
+        return x
+
+
+class VQBridge(nn.Module):
+    """Maps the raw codebook (K, D) to the codebook used for quantization (K, D).
+    Groups of group_size consecutive codes -> linear to dim + LayerNorm (eq. 8) -> depth ViT blocks (eq. 9) ->
+    LayerNorm + linear back to group_size*D (eq. 10) -> reshape (eq. 11). The official release uses 2D p x p patches
+    of a sqrt(K) x sqrt(K) code grid; 1D runs of p*p codes are the same up to a permutation of code indices.
+    We implement the released adaLN-Zero blocks conditioned on one learned vector (not plain ViT blocks) so that the
+    initialisation (blocks start as the identity, final layer zero) and the optimisation match the released bridge."""
+
+    def __init__(self, K, D, group_size, dim=256, depth=2, heads=4, mlp_ratio=2.0):
+        super().__init__()
+        if group_size < 1 or K % group_size != 0:
+            raise ValueError(f"VQBridge: codebook size K={K} is not divisible by the group size g={group_size}")
+        if dim % heads != 0 or dim % 2 != 0:
+            raise ValueError(f"VQBridge: bridge_dim={dim} must be even and divisible by bridge_heads={heads}")
+        self.K, self.D, self.group_size = K, D, group_size
+        self.compress = nn.Linear(group_size * D, dim)
+        self.compress_norm = nn.LayerNorm(dim)
+        self.register_buffer('pos_embed', sincos_1d(K // group_size, dim), persistent=False)  # (K/g, dim)
+        self.condition = nn.Parameter(torch.randn(dim) * 0.02)  # DiT's label embedding with a single class
+        self.blocks = nn.ModuleList([BridgeBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Linear(dim, 2 * dim)
+        self.expand = nn.Linear(dim, group_size * D)
+        # DiT initialisation: xavier linears with zero bias, zero adaLN modulations, zero final layer
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for linear in [block.modulation for block in self.blocks] + [self.final_modulation, self.expand]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, codes):
+        # codes (K, D) -> mapped codes (K, D)
+        x = codes.reshape(self.K // self.group_size, self.group_size * self.D)  # (T, g*D), T = K/g
+        x = self.compress_norm(self.compress(x)) + self.pos_embed  # (T, dim)
+        c = F.silu(self.condition)
+        for block in self.blocks:
+            x = block(x, c)
+        shift, scale = self.final_modulation(c).chunk(2)
+        x = self.expand(self.final_norm(x) * (1 + scale) + shift)  # (T, g*D)
+        return x.reshape(self.K, self.D)
+
+
+# -----------------------------------------------------------------------------
+# plain VQ (LlamaGen) and FVQ (VQ against a mapped codebook)
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code VQ with a straight-through estimator; loss = |z_q - sg z|^2 + beta |sg z_q - z|^2 (means).
+    With projector != '' (FVQ) the codes used are projector(raw codebook), computed once per forward; the raw
+    codebook then gets gradients only through the projector. projector: 'vqbridge' (FVQ), 'linear' (SimVQ's single
+    D -> D layer) or 'mlp5' (5 linear layers with ReLU), the baselines of FVQ Tables 5 and 10."""
+
+    def __init__(self, codebook_size, dim, *, beta=0.25, l2_norm=False, projector='', chunk_size=1024,
+                 usage_window=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5,
+                 bridge_group_size=0, bridge_dim=256, bridge_depth=2, bridge_heads=4, bridge_mlp_ratio=2.0):
+        super().__init__()
+        K, D = codebook_size, dim
+        _check_common(chunk_size, vcq_schedule)
+        self.codebook_size, self.dim = K, D
+        self.beta, self.l2_norm, self.chunk_size = beta, l2_norm, chunk_size
+        self.embedding = nn.Parameter(torch.empty(K, D).uniform_(-1 / K, 1 / K))  # raw codebook
+        if projector == '':
+            self.projector = None
+        elif projector == 'vqbridge':
+            # FVQ presets: groups of 16 codes at K = 16,384 (QBridge-L/4), 64 at 65,536 and 262,144 (QBridge-L/8)
+            group_size = bridge_group_size or (16 if K <= 16384 else 64)
+            self.projector = VQBridge(K, D, group_size, bridge_dim, bridge_depth, bridge_heads, bridge_mlp_ratio)
+        elif projector == 'linear':
+            self.projector = nn.Linear(D, D)
+        elif projector == 'mlp5':
+            self.projector = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D),
+                                           nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D))
+        else:
+            raise ValueError(f"unknown projector '{projector}'; expected '', 'vqbridge', 'linear' or 'mlp5'")
+        self.usage = UsageWindow(K, usage_window or max(65536, K + 1))
+        _setup_schedule(self, K, vcq_schedule, vcq_k_min, vcq_seq_len, vcq_gamma)
+
+    def codebook(self):
+        # (K, D) codes used for lookup
+        codes = self.embedding if self.projector is None else self.projector(self.embedding).float()
+        return F.normalize(codes, dim=-1) if self.l2_norm else codes
+
+    def lookup(self, indices):
+        # (B, H, W) long -> (B, D, H, W)
+        return self.codebook()[indices].permute(0, 3, 1, 2)
+
+    def forward(self, z):
+        _check_input(z, self.dim)
+        B, D, H, W = z.shape
+        codebook = self.codebook()  # (K, D), once per forward (the bridge is not cheap)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z_flat = _tokens_first(z.float())  # (N, D)
+            if self.l2_norm:
+                z_flat = F.normalize(z_flat, dim=-1)
+            indices = nearest_codes(z_flat, codebook.detach(), self.chunk_size,
+                                    _token_codebook_sizes(self.codebook_sizes, B, H, W))  # (N,)
+            z_q = codebook[indices]  # (N, D), carries the gradient to the codebook / projector
+            codebook_loss = F.mse_loss(z_q, z_flat.detach())
+            commit_loss = F.mse_loss(z_q.detach(), z_flat)
+            loss = codebook_loss + self.beta * commit_loss
+            z_q = z_flat + (z_q - z_flat).detach()  # straight-through: dz = dz_q
+        info = _info(self, indices, B, H, W, codebook_loss=codebook_loss, commit_loss=commit_loss)
+        return _channels_first(z_q, B, H, W), loss, info
+
+
+def fvq_to_vq_checkpoint(ckpt):
+    """FVQ tokenizer checkpoint -> plain-VQ tokenizer checkpoint whose codebook is the mapped codebook, so the bridge
+    is not needed at inference. Optimiser entries are dropped (they refer to the bridge's parameters)."""
+    args = ckpt['model_args']
+    if args.get('quantizer') != 'fvq':
+        raise ValueError(f"fvq_to_vq_checkpoint needs an FVQ checkpoint, got quantizer={args.get('quantizer')!r}")
+    options = dict(args.get('quantizer_args') or {})
+    fvq = make_quantizer('fvq', args['codebook_size'], args['code_dim'], **options)
+    prefix = 'quantizer.'
+    fvq.load_state_dict({k[len(prefix):]: v for k, v in ckpt['model'].items() if k.startswith(prefix)})
+    with torch.no_grad():
+        mapped = fvq.codebook().float().clone()  # (K, D), l2-normalised already when l2_norm
+    state = {k: v for k, v in ckpt['model'].items() if not k.startswith(prefix)}
+    state[prefix + 'embedding'] = mapped
+    kept = ('beta', 'chunk_size', 'usage_window', 'vcq_schedule', 'vcq_k_min', 'vcq_seq_len', 'vcq_gamma')
+    vq_options = {k: v for k, v in options.items() if k in kept}
+    vq_options['l2_norm'] = fvq.l2_norm  # plain 'vq' defaults to l2_norm=True; keep FVQ's choice
+    if fvq.codebook_sizes is not None:
+        state[prefix + 'codebook_sizes'] = fvq.codebook_sizes.clone()
+    out = {k: v for k, v in ckpt.items() if k not in ('model', 'model_args') and 'optim' not in k}
+    out['model'] = state
+    out['model_args'] = {**args, 'quantizer': 'vq', 'quantizer_args': vq_options}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# IBQ (IBQ paper section 3.2), chunked over tokens in forward and backward
+
+class _IBQChunked(torch.autograd.Function):
+    """z_q = (onehot - sg(p) + p) C with p = softmax(z C^T) over the allowed codes, plus the MAGVIT-v2 entropy terms
+    of softmax(z C^T / temperature). The forward keeps only the (N,) indices and the (K,) batch-averaged
+    distribution; the backward recomputes each chunk's logits, so at most a few (chunk_size, K) matrices exist.
+    Returns z_q (N, D), sample entropy, batch (average) entropy, indices (N,)."""
+
+    @staticmethod
+    def forward(ctx, z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy):
+        N, K = z.shape[0], codebook.shape[0]
+        indices = torch.empty(N, dtype=torch.long, device=z.device)
+        prob_sum = torch.zeros(K, dtype=z.dtype, device=z.device)
+        sample_entropy_sum = torch.zeros((), dtype=z.dtype, device=z.device)
+        for start in range(0, N, chunk_size):
+            z_chunk = z[start:start + chunk_size]  # (n, D)
+            logits = z_chunk @ codebook.t()  # (n, K)
+            too_big = _masked_codes(token_codebook_sizes, start, z_chunk.shape[0], K, z.device)
+            if too_big is not None:
+                logits.masked_fill_(too_big, float('-inf'))
+            indices[start:start + chunk_size] = logits.argmax(1)
+            if with_entropy:
+                probs, log_probs = _tempered_softmax(logits, temperature, too_big)
+                prob_sum += probs.sum(0)
+                sample_entropy_sum -= torch.linalg.vecdot(probs, log_probs).sum()
+        avg_probs = prob_sum / N  # (K,)
+        sample_entropy = sample_entropy_sum / N
+        avg_entropy = -(avg_probs * torch.log(avg_probs + _ENTROPY_EPS)).sum()
+        ctx.save_for_backward(z, codebook, token_codebook_sizes, indices, avg_probs)
+        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+        ctx.mark_non_differentiable(indices)
+        # forward value of (onehot - sg p + p) C is onehot C = the selected codes
+        return codebook[indices], sample_entropy, avg_entropy, indices
+
+    @staticmethod
+    def backward(ctx, grad_z_q, grad_sample_entropy, grad_avg_entropy, grad_indices):
+        z, codebook, token_codebook_sizes, indices, avg_probs = ctx.saved_tensors
+        T = ctx.temperature
+        N, K = z.shape[0], codebook.shape[0]
+        grad_z = torch.empty_like(z)
+        grad_codebook = torch.zeros_like(codebook)
+        grad_codebook.index_add_(0, indices, grad_z_q)  # the hard one-hot part of Ind^T g
+        # d(avg entropy)/d(avg_probs), a (K,) vector shared by all tokens
+        d_avg = -(torch.log(avg_probs + _ENTROPY_EPS) + avg_probs / (avg_probs + _ENTROPY_EPS))
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            for start in range(0, N, ctx.chunk_size):
+                z_chunk, g_chunk = z[start:start + ctx.chunk_size], grad_z_q[start:start + ctx.chunk_size]
+                logits = z_chunk @ codebook.t()  # (n, K)
+                too_big = _masked_codes(token_codebook_sizes, start, z_chunk.shape[0], K, z.device)
+                if too_big is not None:
+                    logits.masked_fill_(too_big, float('-inf'))
+                if ctx.with_entropy:
+                    # dH/dx_k = -p_k (log p_k + H); d(sum_k a_k p_k)/dx_k = p_k (a_k - sum_j p_j a_j); x = logits / T
+                    probs_t, log_probs_t = _tempered_softmax(logits, T, too_big)
+                    entropy = -torch.linalg.vecdot(probs_t, log_probs_t)[:, None]  # (n, 1)
+                    grad_logits = log_probs_t.add_(entropy).mul_(probs_t).mul_(-grad_sample_entropy / (N * T))
+                    centered = d_avg - (probs_t @ d_avg)[:, None]  # (n, K)
+                    grad_logits += centered.mul_(probs_t).mul_(grad_avg_entropy / (N * T))
+                    del probs_t, log_probs_t, centered
+                else:
+                    grad_logits = torch.zeros_like(logits)
+                probs = torch.softmax(logits, dim=1)  # (n, K); 0 at masked codes
+                del logits
+                grad_probs = g_chunk @ codebook.t()  # (n, K) = dL/dp through z_q = Ind C
+                grad_probs -= torch.linalg.vecdot(probs, grad_probs)[:, None]
+                grad_logits += grad_probs.mul_(probs)  # softmax backward: p * (dp - <p, dp>)
+                del probs, grad_probs
+                grad_z[start:start + ctx.chunk_size] = grad_logits @ codebook
+                grad_codebook += grad_logits.t() @ z_chunk
+        return grad_z, grad_codebook, None, None, None, None
+
+
+_ENTROPY_EPS = 1e-5  # as in MAGVIT-v2 / SEED-Voken compute_entropy_loss
+
+
+def _tempered_softmax(logits, temperature, too_big):
+    # probabilities and log-probabilities of softmax(logits / temperature); masked codes get p = 0, log p := 0
+    log_probs = torch.log_softmax(logits / temperature, dim=1)
+    probs = log_probs.exp()
+    if too_big is not None:
+        log_probs = log_probs.masked_fill(too_big, 0.0)
+    return probs, log_probs
+
+
+class IndexBackpropQuantizer(nn.Module):
+    """IBQ. logits = z C^T; Ind = onehot(argmax) - sg(softmax) + softmax; z_q = Ind C (no straight-through on z: the
+    encoder gets the decoder's gradient through the softmax). Double quantization loss (eq. 12, means):
+    |z_q - z|^2 + |sg z - z_q'|^2 + beta |z - sg z_q'|^2 with z_q' = onehot C, plus the MAGVIT-v2 entropy penalty
+    entropy_weight * (mean_n H(p_n) - H(mean_n p_n)), p = softmax(logits / entropy_temperature).
+    Note: SEED-Voken's code puts beta on the codebook term instead (|sg z - z_q'|^2 weighted by beta); we follow eq. 12."""
+
+    # defaults from TencentARC/SEED-Voken configs/IBQ/gpu/imagenet_ibqgan_{16384,262144}.yaml: beta 0.25,
+    # entropy_loss_weight 0.05, entropy_temperature 0.01, l2_normalize False
+    def __init__(self, codebook_size, dim, *, beta=0.25, l2_norm=False, entropy_weight=0.05, entropy_temperature=0.01,
+                 chunk_size=1024, usage_window=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5):
+        super().__init__()
+        K, D = codebook_size, dim
+        _check_common(chunk_size, vcq_schedule)
+        if entropy_temperature <= 0:
+            raise ValueError(f"entropy_temperature must be > 0, got {entropy_temperature}")
+        self.codebook_size, self.dim = K, D
+        self.beta, self.l2_norm, self.chunk_size = beta, l2_norm, chunk_size
+        self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
+        self.embedding = nn.Parameter(torch.randn(K, D))  # N(0, 1): SEED-Voken keeps nn.Embedding's default init
+        self.usage = UsageWindow(K, usage_window or max(65536, K + 1))
+        _setup_schedule(self, K, vcq_schedule, vcq_k_min, vcq_seq_len, vcq_gamma)
+
+    def codebook(self):
+        return F.normalize(self.embedding, dim=-1) if self.l2_norm else self.embedding
+
+    def lookup(self, indices):
+        # (B, H, W) long -> (B, D, H, W)
+        return self.codebook()[indices].permute(0, 3, 1, 2)
+
+    def forward(self, z):
+        _check_input(z, self.dim)
+        B, D, H, W = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            codebook = self.codebook().float()  # (K, D)
+            z_flat = _tokens_first(z.float())  # (N, D)
+            if self.l2_norm:
+                z_flat = F.normalize(z_flat, dim=-1)
+            with_entropy = self.entropy_weight != 0
+            z_q, sample_entropy, avg_entropy, indices = _IBQChunked.apply(
+                z_flat, codebook, _token_codebook_sizes(self.codebook_sizes, B, H, W), self.entropy_temperature,
+                self.chunk_size, with_entropy)
+            z_q_hard = codebook[indices]  # (N, D) z_q' of eq. 11
+            soft_loss = F.mse_loss(z_q, z_flat)
+            codebook_loss = F.mse_loss(z_q_hard, z_flat.detach())
+            commit_loss = F.mse_loss(z_flat, z_q_hard.detach())
+            entropy_loss = sample_entropy - avg_entropy
+            loss = soft_loss + codebook_loss + self.beta * commit_loss + self.entropy_weight * entropy_loss
+        info = _info(self, indices, B, H, W, soft_loss=soft_loss, codebook_loss=codebook_loss, commit_loss=commit_loss,
+                     entropy_loss=entropy_loss, sample_entropy=sample_entropy, avg_entropy=avg_entropy)
+        return _channels_first(z_q, B, H, W), loss, info
+
+
+# -----------------------------------------------------------------------------
+
+def make_quantizer(kind, codebook_size, dim, **options):
+    """kind 'vq' (LlamaGen: l2-normalised codes by default), 'fvq' (VQBridge-mapped codebook; options projector=
+    'linear' | 'mlp5' give the FVQ Table 5 baselines) or 'ibq'. options: keyword arguments of the quantizer class."""
+    if not (isinstance(codebook_size, int) and codebook_size >= 2 and isinstance(dim, int) and dim >= 1):
+        raise ValueError(f"codebook_size must be an int >= 2 and dim an int >= 1, got {codebook_size!r}, {dim!r}")
+    if kind == 'vq':
+        cls, defaults = VectorQuantizer, {'l2_norm': True}
+        valid = [name for name in inspect.signature(cls).parameters
+                 if not name.startswith('bridge_') and name not in ('projector', 'codebook_size', 'dim')]
+    elif kind == 'fvq':
+        cls, defaults = VectorQuantizer, {'projector': 'vqbridge'}
+        valid = [name for name in inspect.signature(cls).parameters if name not in ('codebook_size', 'dim')]
+    elif kind == 'ibq':
+        cls, defaults = IndexBackpropQuantizer, {}
+        valid = [name for name in inspect.signature(cls).parameters if name not in ('codebook_size', 'dim')]
+    else:
+        raise ValueError(f"unknown quantizer kind '{kind}'; expected 'vq', 'ibq' or 'fvq'")
+    unknown = [name for name in options if name not in valid]
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for quantizer '{kind}'; valid options: {valid}")
+    if kind == 'fvq' and options.get('projector', 'vqbridge') == '':
+        raise ValueError("quantizer 'fvq' needs a projector ('vqbridge', 'linear' or 'mlp5'); use 'vq' for none")
+    if kind == 'fvq' and options.get('projector', 'vqbridge') != 'vqbridge':
+        unused = [name for name in options if name.startswith('bridge_')]
+        if unused:
+            raise TypeError(f"option(s) {unused} only apply to projector='vqbridge', not '{options['projector']}'")
+    return cls(codebook_size, dim, **{**defaults, **options})

@@ -1,0 +1,247 @@
+"""
+Class-conditional sampling from a train_ar.py checkpoint: KV-cached decoding, temperature / top-k / top-p, and
+classifier-free guidance with the conditional and unconditional halves in one batch (the sampled token is fed to
+both). Writes an ADM-style .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for evaluate.py and a PNG grid.
+    python sample.py --ckpt=out-ar/ckpt.pt --cfg_scale=2.0 --num_samples=50000
+    torchrun --standalone --nproc_per_node=8 sample.py --ckpt=out-ar-vcq-b/ckpt.pt \
+        --cfg_schedule=codebook_size_aware --cfg_scale=10 --cfg_power=1.5
+CFG schedules (w = cfg_scale, p = cfg_power, T tokens, w_t the scale at position t, logits = u + w_t (c - u)):
+  constant             w_t = w
+  linear               w_t = 1 + (w - 1) x,                          x = t / (T - 1)
+  cosine               w_t = 1 + (w - 1) (1 - cos(pi x^p)) / 2        (VCQ Appendix B, "cosine, scale=w, p")
+  codebook_size_aware  the cosine formula with x = r_t = (log K_t - log K_min) / (log K_max - log K_min) (VCQ eq. 4,
+                       as read in NOTES.md; the equation was lost in the text extraction). On a constant codebook
+                       r_t = t / (T - 1), so it equals 'cosine'.
+x runs to t / (T - 1) (not t / T) so that every ramp ends exactly at w on the last token, which makes
+codebook_size_aware on a constant codebook the same schedule as cosine, as the VCQ paper says it should be.
+For VCQ models (checkpoints with codebook_sizes) logits of codes >= K_t are masked at every position.
+"""
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+
+def cfg_weights(schedule, scale, power, seq_len, codebook_sizes=None):
+    """Guidance scale w_t for t = 0 .. seq_len - 1 -> float tensor (seq_len,)."""
+    x = torch.arange(seq_len, dtype=torch.float64) / max(seq_len - 1, 1)
+    if schedule == 'constant':
+        return torch.full((seq_len,), float(scale), dtype=torch.float64)
+    if schedule == 'linear':
+        return 1 + (scale - 1) * x
+    if schedule == 'codebook_size_aware':
+        if codebook_sizes is not None:
+            log_k = torch.as_tensor(codebook_sizes, dtype=torch.float64).log()
+            if len(log_k) != seq_len:
+                raise ValueError(f"codebook_sizes has {len(log_k)} positions, the model {seq_len}")
+            if log_k.max() > log_k.min():  # constant codebook: keep x = t / (T - 1)
+                x = (log_k - log_k.min()) / (log_k.max() - log_k.min())
+    elif schedule != 'cosine':
+        raise ValueError(f"unknown cfg_schedule '{schedule}'; expected 'constant', 'linear', 'cosine' or "
+                         f"'codebook_size_aware'")
+    if power <= 0:
+        raise ValueError(f"cfg_power must be > 0, got {power}")
+    return 1 + (scale - 1) * (1 - torch.cos(math.pi * x ** power)) / 2
+
+
+def sample_from_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """logits (B, K) -> token ids (B,). top_k 0 and top_p 1.0 keep everything."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # tokens after the nucleus (the first one is always kept)
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float('-inf'))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1.0, codebook_sizes=None,
+                  generator=None):
+    """Autoregressive sampling with the KV cache, one forward per token. labels (B,) long; weights (T,) the CFG
+    scale per position, or None for no guidance (then no unconditional half is run). codebook_sizes (T,) K_t for VCQ:
+    codes >= K_t are never sampled at position t. Returns codes (B, T) long in raster order."""
+    B, T, K, device = len(labels), model.seq_len, model.codebook_size, labels.device
+    if labels.numel() and (labels.min() < 0 or labels.max() >= model.num_classes):
+        raise ValueError(f"class id {int(labels.max() if labels.max() >= model.num_classes else labels.min())} is out "
+                         f"of range: the model has classes 0..{model.num_classes - 1}")
+    if weights is not None:  # [conditional; unconditional] halves in one batch
+        labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    too_big = None
+    if codebook_sizes is not None:
+        sizes = torch.as_tensor(codebook_sizes, device=device)
+        too_big = torch.arange(K, device=device)[None, :] >= sizes[:, None]  # (T, K)
+    was_training = model.training
+    model.eval()
+    model.setup_kv_cache(len(labels))
+    codes = torch.empty(B, T, dtype=torch.long, device=device)
+    try:
+        for t in range(T):  # one token per step: the only loop autoregressive decoding allows
+            if t == 0:
+                logits = model(labels, None, start_pos=0)[:, -1]  # prefill: the class token
+            else:
+                previous = codes[:, t - 1:t]
+                if weights is not None:
+                    previous = torch.cat([previous, previous])  # the sampled token goes to both halves
+                logits = model(labels, previous, start_pos=t)[:, -1]  # (B or 2B, K)
+            if weights is not None:
+                cond, uncond = logits.float().chunk(2)
+                logits = uncond + weights[t] * (cond - uncond)
+            if too_big is not None:
+                logits = logits.masked_fill(too_big[t], float('-inf'))
+            codes[:, t] = sample_from_logits(logits, temperature, top_k, top_p, generator)
+    finally:
+        model.clear_kv_cache()
+        model.train(was_training)
+    return codes
+
+
+def generate(model, labels, cfg_scale=1.0, cfg_schedule='constant', cfg_power=1.0, temperature=1.0, top_k=0,
+             top_p=1.0, codebook_sizes=None, generator=None):
+    """codes (B, T) for class labels (B,); cfg_scale 1.0 = no guidance (no unconditional half)."""
+    weights = None
+    if cfg_scale != 1.0:
+        weights = cfg_weights(cfg_schedule, cfg_scale, cfg_power, model.seq_len, codebook_sizes)
+    elif cfg_schedule not in ('constant', 'linear', 'cosine', 'codebook_size_aware'):
+        raise ValueError(f"unknown cfg_schedule '{cfg_schedule}'")
+    return sample_tokens(model, labels, weights, temperature, top_k, top_p, codebook_sizes, generator)
+
+
+def load_gpt(path, device):
+    """A GPT in eval mode and its checkpoint dict (without optimiser state) from a train_ar.py checkpoint."""
+    from train_ar import GPT
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GPT checkpoint '{path}' does not exist")
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    if 'model_args' not in ckpt or 'codebook_size' not in ckpt.get('model_args', {}):
+        raise ValueError(f"'{path}' is not a train_ar.py checkpoint")
+    model = GPT(**ckpt['model_args'])
+    model.load_state_dict(ckpt['model'])
+    ckpt.pop('optimizer', None)
+    return model.to(device).eval(), ckpt
+
+
+if __name__ == '__main__':
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from tokenizer import load_tokenizer, save_image_grid
+
+    # -----------------------------------------------------------------------------
+    ckpt = 'out-ar/ckpt.pt'  # train_ar.py checkpoint
+    tokenizer_ckpt = ''  # '' = the tokenizer the GPT was trained on (recorded in its checkpoint)
+    out_dir = ''  # '' = the GPT checkpoint's folder
+    sample_name = 'samples'  # writes out_dir/<sample_name>.npz and out_dir/<sample_name>_grid.png
+    num_samples = 50000  # ADM protocol: 50 per class for 1000 classes (labels = index % num_classes)
+    batch_size = 32  # images per rank and step (the GPT runs 2x this with CFG)
+    cfg_scale = 2.0  # 1.0 = no guidance
+    cfg_schedule = 'constant'  # 'constant', 'linear', 'cosine' or 'codebook_size_aware'
+    cfg_power = 1.0  # p of the cosine-power schedules
+    temperature = 1.0
+    top_k = 0  # 0 = all codes
+    top_p = 1.0
+    grid_classes = ()  # the PNG grid's classes, one row each; () = the first 8 classes
+    grid_per_class = 8
+    seed = 0
+    device = 'auto'
+    dtype = 'bfloat16'  # autocast dtype on GPU ('bfloat16' or 'float32'); the CPU always runs float32
+    # -----------------------------------------------------------------------------
+    config_keys = [k for k, v in globals().items()
+                   if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    config = {k: globals()[k] for k in config_keys}
+    # -----------------------------------------------------------------------------
+
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if ddp:
+        rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+        world_size = int(os.environ['WORLD_SIZE'])
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    master = rank == 0
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16)
+                if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+    out_dir = out_dir or os.path.dirname(os.path.abspath(ckpt))
+    os.makedirs(out_dir, exist_ok=True)
+    if master:
+        print(f"config: {config}")
+
+    model, gpt_ckpt = load_gpt(ckpt, device)
+    tokenizer = load_tokenizer(tokenizer_ckpt or gpt_ckpt['tokenizer_ckpt'], map_location=device)
+    codebook_sizes = gpt_ckpt.get('codebook_sizes')
+    if tokenizer.quantizer.codebook_size != model.codebook_size:
+        raise ValueError(f"the tokenizer has {tokenizer.quantizer.codebook_size} codes, the GPT predicts "
+                         f"{model.codebook_size}")
+    grid_classes = tuple(grid_classes) or tuple(range(min(8, model.num_classes)))
+    bad = [c for c in grid_classes if not 0 <= c < model.num_classes]
+    if bad:
+        raise ValueError(f"grid_classes {bad} out of range: the model has classes 0..{model.num_classes - 1}")
+    generator = torch.Generator(device=device).manual_seed(seed * world_size + rank)  # per-rank streams
+
+    def make_images(labels):
+        # labels (B,) -> uint8 images (B, H, W, 3) on the CPU
+        with autocast:
+            codes = generate(model, labels, cfg_scale, cfg_schedule, cfg_power, temperature, top_k, top_p,
+                             codebook_sizes, generator)
+            images = tokenizer.decode(codes.reshape(len(labels), model.grid_h, model.grid_w)).float()
+        return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    # every rank samples the global indices rank, rank + world_size, ...; labels are index % num_classes
+    my_indices = torch.arange(rank, num_samples, world_size)
+    parts, t0 = [], time.time()
+    for start in tqdm(range(0, len(my_indices), batch_size), desc='sampling', disable=not master):
+        indices = my_indices[start:start + batch_size]
+        labels = (indices % model.num_classes).to(device)
+        parts.append(make_images(labels))
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    elapsed = time.time() - t0
+    image_px = model.grid_h * tokenizer.downsample
+    images = torch.cat(parts) if parts else torch.empty(0, image_px, image_px, 3, dtype=torch.uint8)
+    part_path = os.path.join(out_dir, f'{sample_name}_rank{rank}.npz')
+    np.savez(part_path, indices=my_indices.numpy(), images=images.numpy())
+    if ddp:
+        dist.barrier()
+    if master:
+        arr_0, arr_1 = None, np.arange(num_samples) % model.num_classes
+        for r in range(world_size):
+            path = os.path.join(out_dir, f'{sample_name}_rank{r}.npz')
+            with np.load(path) as part:
+                if arr_0 is None:
+                    arr_0 = np.empty((num_samples,) + part['images'].shape[1:], dtype=np.uint8)
+                arr_0[part['indices']] = part['images']
+            os.remove(path)
+        npz_path = os.path.join(out_dir, f'{sample_name}.npz')
+        with open(npz_path + '.tmp', 'wb') as f:
+            np.savez(f, arr_0=arr_0, arr_1=arr_1)
+        os.replace(npz_path + '.tmp', npz_path)
+        print(f"wrote {npz_path}: {arr_0.shape[0]} images {arr_0.shape[1]}x{arr_0.shape[2]}")
+        grid_labels = torch.tensor(grid_classes, device=device).repeat_interleave(grid_per_class)
+        grid = make_images(grid_labels).permute(0, 3, 1, 2).float() / 127.5 - 1  # back to [-1, 1] for the writer
+        grid_path = os.path.join(out_dir, f'{sample_name}_grid.png')
+        save_image_grid(grid, grid_path, nrow=grid_per_class)
+        print(f"wrote {grid_path}: classes {list(grid_classes)}, one row each")
+        print(f"{num_samples} images in {elapsed:.1f} s (rank 0's sampling time) on {world_size} rank(s): "
+              f"{num_samples / elapsed:.2f} images/s")
+    if ddp:
+        dist.destroy_process_group()

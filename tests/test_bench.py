@@ -1,0 +1,58 @@
+"""bench.py runs on the CPU at tiny sizes and prints its documented last line."""
+import os
+import re
+import runpy
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench_in_process(args, capsys, monkeypatch):
+    # the script run as __main__ in this process (saves a torch import per case); its last stdout line
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['bench.py', *args])
+    runpy.run_path(os.path.join(ROOT, 'bench.py'), run_name='__main__')
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_quantizer_bench_command_line():
+    cmd = [sys.executable, 'bench.py', '--what=quantizer', '--kind=ibq', '--codebook_size=256', '--dim=16',
+           '--tokens=300', '--chunk_size=64', '--warmup_steps=1', '--steps=2', '--device=cpu']
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    line = result.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r'quantizer kind=ibq K=256 D=16 N=300 device=cpu: fwd\+bwd (\d+\.\d) ms, peak n/a', line)
+    assert match and float(match.group(1)) > 0, line
+
+
+@pytest.mark.parametrize('kind', ['vq', 'fvq'])
+def test_quantizer_bench_last_line(kind, capsys, monkeypatch):
+    extra = ["--quantizer_args={'bridge_dim': 32}"] if kind == 'fvq' else []
+    line = run_bench_in_process(['--what=quantizer', f'--kind={kind}', '--codebook_size=256', '--dim=16',
+                                 '--tokens=512', '--chunk_size=100', '--warmup_steps=1', '--steps=1', *extra],
+                                capsys, monkeypatch)
+    match = re.fullmatch(rf'quantizer kind={kind} K=256 D=16 N=512 device=cpu: fwd\+bwd (\d+\.\d) ms, peak n/a', line)
+    assert match and float(match.group(1)) > 0, line
+
+
+def test_bridge_flops_counts_the_projector(capsys, monkeypatch):
+    line = run_bench_in_process(['--what=bridge_flops', '--codebook_size=256', '--dim=16', '--projector=linear'],
+                                capsys, monkeypatch)
+    assert line == f'bridge projector=linear K=256 D=16: {2 * 256 * 16 * 16} FLOPs = 0.00 GMACs', line
+    # VQBridge, K=256 codes of D=16 in groups of 16 -> T=16 tokens of width 32, 2 blocks, 4 heads, MLP ratio 2;
+    # multiply-accumulates per layer, attention (QK^T and AV) included:
+    T, d, gD = 16, 32, 16 * 16
+    block = T * d * 3 * d + 2 * T * T * d + T * d * d + 2 * T * d * 2 * d + d * 6 * d  # qkv, attn, proj, mlp, adaLN
+    macs = T * gD * d + 2 * block + d * 2 * d + T * d * gD  # compress, blocks, final adaLN, expand
+    line = run_bench_in_process(['--what=bridge_flops', '--codebook_size=256', '--dim=16', '--projector=vqbridge',
+                                 "--quantizer_args={'bridge_group_size': 16, 'bridge_dim': 32}"], capsys, monkeypatch)
+    assert line == f'bridge projector=vqbridge K=256 D=16: {2 * macs} FLOPs = 0.00 GMACs', line
+
+
+def test_unknown_what_is_an_error(capsys, monkeypatch):
+    with pytest.raises(ValueError, match="unknown --what='nothing'"):
+        run_bench_in_process(['--what=nothing'], capsys, monkeypatch)

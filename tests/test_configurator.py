@@ -1,0 +1,79 @@
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+CONFIGURATOR = open(os.path.join(ROOT, 'configurator.py')).read()
+
+
+def run_configurator(monkeypatch, argv, **defaults):
+    """Executes configurator.py as a script would, over a namespace holding `defaults` as its globals."""
+    namespace = dict(defaults)
+    monkeypatch.setattr(sys, 'argv', ['train.py'] + argv)
+    exec(CONFIGURATOR, namespace)
+    return namespace
+
+
+def test_overrides_parse_and_keep_types(monkeypatch):
+    ns = run_configurator(monkeypatch, ['--lr=3e-4', '--iters=10', '--name=run1', '--mult=(1,2)', '--flag=True',
+                                        '--scale=2'],
+                          lr=1e-4, iters=5, name='x', mult=(1, 1), flag=False, scale=1.0)
+    assert ns['lr'] == 3e-4 and ns['iters'] == 10 and ns['name'] == 'run1'
+    assert ns['mult'] == (1, 2) and ns['flag'] is True
+    assert ns['scale'] == 2.0 and type(ns['scale']) is float  # an int is accepted for a float key
+    assert '_apply_config' not in ns  # the configurator leaves no names behind
+
+
+def test_unknown_key_is_an_error(monkeypatch):
+    with pytest.raises(ValueError, match="unknown config key 'lerning_rate'"):
+        run_configurator(monkeypatch, ['--lerning_rate=1e-3'], learning_rate=1e-4)
+
+
+def test_wrong_type_names_key_and_expected_type(monkeypatch):
+    with pytest.raises(ValueError, match="'max_iters'.*expects int, got float"):
+        run_configurator(monkeypatch, ['--max_iters=1.5'], max_iters=10)
+    with pytest.raises(ValueError, match="'compile'.*expects bool, got str"):
+        run_configurator(monkeypatch, ['--compile=yes'], compile=False)
+
+
+def test_config_file_applies_and_is_checked(monkeypatch, tmp_path):
+    good = tmp_path / 'good.py'
+    good.write_text("import math\nbatch_size = 4\nlr = 2 * math.pi\n")
+    ns = run_configurator(monkeypatch, [str(good), '--batch_size=8'], batch_size=128, lr=1.0)
+    assert ns['batch_size'] == 8 and abs(ns['lr'] - 6.283185307) < 1e-6  # later arguments win
+    bad = tmp_path / 'bad.py'
+    bad.write_text("batch_sise = 4\n")
+    with pytest.raises(ValueError, match="unknown config key 'batch_sise'.*bad.py"):
+        run_configurator(monkeypatch, [str(bad)], batch_size=128)
+    with pytest.raises(FileNotFoundError, match="missing.py"):
+        run_configurator(monkeypatch, [str(tmp_path / 'missing.py')], batch_size=128)
+
+
+def script_defaults(script):
+    """The config globals a script defines: its top-level constant assignments (also inside a top-level
+    `if __name__ == '__main__':` block), evaluated without running the script."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, script)).read())
+    body = list(tree.body)
+    for node in tree.body:
+        if isinstance(node, ast.If):
+            body += node.body
+    defaults = {}
+    for node in body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:  # constants and constant arithmetic such as 40 * 1281167 // 128
+                defaults[node.targets[0].id] = eval(compile(ast.Expression(node.value), script, 'eval'), {'__builtins__': {}})
+            except Exception:
+                pass
+    return defaults
+
+
+def test_every_shipped_config_only_sets_known_keys(monkeypatch):
+    """Each config/*.py applies cleanly (known keys, right types) to the defaults of the script it is for."""
+    for name in sorted(os.listdir(os.path.join(ROOT, 'config'))):
+        if not name.endswith('.py'):
+            continue
+        script = 'train_ar.py' if name.startswith('ar_') else 'train_tokenizer.py'
+        run_configurator(monkeypatch, [os.path.join(ROOT, 'config', name)], **script_defaults(script))

@@ -1,0 +1,457 @@
+import ast
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT
+import evaluate
+from evaluate import (FIDInceptionV3, load_inception, inception_forward, npz_image_header, npz_image_batches,
+                      feature_statistics, frechet_distance, fid_from_features, inception_score, manifold_radii, precision_recall,
+                      psnr, ssim, code_usage, conditional_entropies, entropy_cliff, probe_features, linear_probe)
+
+
+def run_script(args, cwd=ROOT):
+    return subprocess.run([sys.executable, 'evaluate.py'] + args, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope='session')
+def random_inception_file(tmp_path_factory):
+    """A weights file with the layout of pt_inception-2015-12-05-6726825d.pth and random values: Kaiming-normal
+    convs and non-trivial BatchNorm statistics, so features stay O(1) through the depth."""
+    torch.manual_seed(0)
+    model = FIDInceptionV3()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
+        elif isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    path = str(tmp_path_factory.mktemp('inception') / 'random_fid_inception.pth')
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def save_images_npz(path, images):
+    np.savez(path, arr_0=images)
+    return str(path)
+
+# -----------------------------------------------------------------------------
+# the FID Inception network
+
+
+def test_inception_state_dict_matches_the_pytorch_fid_weights_file():
+    expected = {}
+    with open(os.path.join(ROOT, 'tests', 'inception_keys.txt')) as f:
+        for line in f:
+            if not line.startswith('#'):
+                key, shape = line.split(' ', 1)
+                expected[key] = ast.literal_eval(shape)
+    got = {k: tuple(v.shape) for k, v in FIDInceptionV3().state_dict().items()}
+    assert len(expected) == 566 and expected['fc.weight'] == (1008, 2048)
+    assert 'Mixed_7c.branch_pool.bn.num_batches_tracked' in expected
+    assert list(got) == list(expected) and got == expected
+
+
+def test_inception_loads_strict_and_forward_is_deterministic(random_inception_file):
+    model = load_inception(random_inception_file, 'cpu')
+    saved = torch.load(random_inception_file, weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    assert not model.training
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 32, 40, 3), dtype=np.uint8)  # non-square: resized to 299x299 anyway
+    features, logits = inception_forward(model, images, 'cpu')
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert features.dtype == np.float32 and np.isfinite(features).all() and features.std() > 0
+    assert not np.allclose(features[0], features[1])
+    single, single_logits = inception_forward(model, images[1:], 'cpu')  # eval-mode BN: images do not mix
+    np.testing.assert_allclose(single[0], features[1], rtol=1e-4, atol=1e-5)
+    again, again_logits = inception_forward(model, images[1:], 'cpu')
+    assert np.array_equal(single, again) and np.array_equal(single_logits, again_logits)  # deterministic
+    # IS logits are pool3 @ W without the fc bias (improved-GAN / ADM / torch-fidelity convention)
+    np.testing.assert_allclose(logits, features @ saved['fc.weight'].numpy().T, rtol=1e-4, atol=1e-4)
+
+
+def test_inception_weights_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match='--inception_weights'):
+        load_inception(str(tmp_path / 'nope.pth'), 'cpu')
+    bad = tmp_path / 'bad.pth'
+    torch.save({'fc.weight': torch.zeros(1008, 2048)}, bad)
+    with pytest.raises(RuntimeError, match='not the pytorch-fid FID Inception weights'):
+        load_inception(str(bad), 'cpu')
+
+    def offline(*args, **kwargs):
+        raise OSError('network is unreachable')
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    with pytest.raises(RuntimeError) as e:
+        load_inception('', 'cpu')
+    message = str(e.value)
+    assert 'pt_inception-2015-12-05-6726825d.pth' in message and str(tmp_path / 'hub' / 'checkpoints') in message
+    assert 'network is unreachable' in message
+
+# -----------------------------------------------------------------------------
+# FID, IS, precision / recall
+
+
+def test_fid_closed_form_diagonal_and_rotated():
+    rng = np.random.default_rng(0)
+    D = 16
+    mu1, mu2 = rng.normal(size=D), rng.normal(size=D)
+    a, b = rng.uniform(0.1, 3.0, D), rng.uniform(0.1, 3.0, D)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    assert abs(got - expected) <= 1e-6 * expected
+    Q, _ = np.linalg.qr(rng.normal(size=(D, D)))  # same rotation of both Gaussians: same distance
+    got = frechet_distance(Q @ mu1, Q @ np.diag(a) @ Q.T, Q @ mu2, Q @ np.diag(b) @ Q.T)
+    assert abs(got - expected) <= 1e-6 * expected
+    assert abs(frechet_distance(mu1, np.diag(a), mu1, np.diag(a))) < 1e-8
+
+
+def test_fid_from_features_matches_statistics():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 4)) * [1, 2, 3, 4] + 1.0
+    y = rng.normal(size=(400, 4))
+    mu, sigma = feature_statistics(x)
+    np.testing.assert_allclose(mu, x.mean(0))
+    np.testing.assert_allclose(sigma, (x - x.mean(0)).T @ (x - x.mean(0)) / 499)  # N - 1
+    mu_y, sigma_y = feature_statistics(y)
+    # 1-D features: the Frechet distance of two Gaussians is (m1 - m2)^2 + (s1 - s2)^2
+    fid_1d = frechet_distance(*feature_statistics(x[:, :1]), *feature_statistics(y[:, :1]))
+    expected = (x[:, 0].mean() - y[:, 0].mean()) ** 2 + (x[:, 0].std(ddof=1) - y[:, 0].std(ddof=1)) ** 2
+    assert abs(fid_1d - expected) <= 1e-9 * expected
+    assert frechet_distance(mu, sigma, mu_y, sigma_y) > 0
+
+
+def test_fid_from_few_features_is_computed_exactly_in_their_span():
+    rng = np.random.default_rng(2)
+    D = 48
+    x = rng.normal(size=(9, D)) * rng.uniform(0.5, 2.0, D)
+    y = rng.normal(size=(12, D)) + 0.3
+    full = frechet_distance(*feature_statistics(x), *feature_statistics(y))  # D x D sqrtm
+    assert len(x) + len(y) <= D
+    assert abs(fid_from_features(x, y) - full) <= 1e-7 * full
+    many = rng.normal(size=(60, D))  # N1 + N2 > D: the plain path
+    assert fid_from_features(many, y) == frechet_distance(*feature_statistics(many), *feature_statistics(y))
+    with pytest.raises(ValueError, match='feature sizes differ'):
+        fid_from_features(x, y[:, :10])
+
+
+def test_fid_singular_retry_and_errors():
+    d = np.array([1.0, 2.0])
+    nilpotent = np.array([[0.0, 1.0], [0.0, 0.0]])  # sigma1 @ sigma2 has no square root: sqrtm gives inf/nan
+    with pytest.warns(UserWarning, match='singular'):
+        got = frechet_distance(d, nilpotent, np.zeros(2), np.eye(2))
+    # retried on (S1 + eps I)(I + eps I) = (1 + eps) [[eps, 1], [0, eps]], whose square root has trace
+    # 2 sqrt(eps (1 + eps)); the traces of S1 and S2 are 0 and 2
+    eps = 1e-6
+    assert abs(got - (5.0 + 2.0 - 4 * math.sqrt(eps * (1 + eps)))) < 1e-9
+    with pytest.raises(ValueError, match='imaginary'):
+        frechet_distance(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))  # not a covariance
+    with pytest.raises(ValueError, match='do not match'):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def test_inception_score_closed_forms():
+    C, N = 8, 160
+    peaked = np.full((N, 1008), -60.0)
+    peaked[np.arange(N), np.arange(N) % C] = 60.0  # each split holds every one of the C classes equally often
+    mean, std = inception_score(peaked, splits=10)
+    assert abs(mean - C) < 1e-9 and std < 1e-9
+    same = np.tile(np.random.default_rng(0).normal(size=(1, 1008)), (N, 1))  # p(y|x) = p(y): IS = 1
+    assert abs(inception_score(same, splits=10)[0] - 1.0) < 1e-12
+    # two classes, p(y|x) = (q, 1-q) or (1-q, q) half the time each: KL = log 2 - H(q)
+    q = 0.8
+    logits = np.full((N, 1008), -np.inf)  # classes 2.. have probability 0 exactly
+    logits[0::2, 0], logits[0::2, 1] = np.log(q), np.log(1 - q)
+    logits[1::2, 0], logits[1::2, 1] = np.log(1 - q), np.log(q)
+    expected = math.exp(math.log(2) + q * math.log(q) + (1 - q) * math.log(1 - q))
+    assert abs(inception_score(logits, splits=10)[0] - expected) < 1e-12
+    with pytest.raises(ValueError, match='splits'):
+        inception_score(peaked[:5], splits=10)
+
+
+def test_precision_recall_constructed_sets():
+    # 1-D points. Reference {0,1,2,3}: 3rd-neighbour squared radii 9, 4, 4, 9.
+    # Samples: a tight cluster {0, .1, .2, .3} (radii .09, .04, .04, .09) and a far one at 10 (7 from ref 3).
+    ref = np.array([[0.0], [1.0], [2.0], [3.0]])
+    samples = np.array([[0.0], [0.1], [0.2], [0.3], [10.0], [10.1], [10.2], [10.3]])
+    np.testing.assert_allclose(manifold_radii(ref, k=3), [9, 4, 4, 9], rtol=1e-6)
+    # float32 |a|^2 - 2ab + |b|^2 (ADM's form): ~1e-5 absolute error at |x| = 10
+    np.testing.assert_allclose(manifold_radii(samples, k=3), [.09, .04, .04, .09] * 2, rtol=1e-3)
+    precision, recall = precision_recall(ref, samples, k=3)
+    assert precision == 0.5  # the near cluster is inside the reference balls, the far one is not
+    assert recall == 0.25  # only reference point 0 is inside a sample ball (sample 0 itself)
+    p2, r2 = precision_recall(ref, samples, k=3, batch_size=3)  # blocked distances give the same answer
+    assert (p2, r2) == (precision, recall)
+
+
+def test_precision_recall_matches_brute_force():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(37, 5)).astype(np.float32)
+    samples = (rng.normal(size=(23, 5)) * 0.8 + 0.7).astype(np.float32)
+
+    def radii(x):
+        d = ((x[:, None] - x[None]) ** 2).sum(-1)
+        return np.sort(d, axis=1)[:, 3]
+    d = ((ref[:, None] - samples[None]) ** 2).sum(-1)  # (37, 23)
+    expected_precision = (d <= radii(ref)[:, None]).any(0).mean()
+    expected_recall = (d <= radii(samples)[None, :]).any(1).mean()
+    assert 0 < expected_precision < 1 and 0 < expected_recall < 1
+    got = precision_recall(ref, samples, k=3, batch_size=8)
+    assert got == pytest.approx((expected_precision, expected_recall), abs=1e-12)
+
+# -----------------------------------------------------------------------------
+# reconstruction metrics
+
+
+def test_psnr_and_ssim_closed_forms():
+    x = torch.rand(2, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    noise = torch.full_like(x, 0.1)
+    assert torch.allclose(psnr(x, x + noise), torch.full((2,), 20.0, dtype=torch.float64))  # mse 0.01 -> 20 dB
+    # constant images a and b: the variance terms are c2 / c2, SSIM = (2ab + c1) / (a^2 + b^2 + c1)
+    a, b, c1 = 0.2, 0.7, 0.01 ** 2
+    got = ssim(torch.full((1, 3, 12, 12), a, dtype=torch.float64), torch.full((1, 3, 12, 12), b, dtype=torch.float64))
+    assert abs(got.item() - (2 * a * b + c1) / (a * a + b * b + c1)) < 1e-9
+    # y = x + c: contrast/structure terms are 1; luminance term per window from the local means
+    y = x + 0.25
+    s = ssim(x, y)
+    assert (s < 1).all() and (s > 0.5).all()
+    with pytest.raises(ValueError, match='11x11'):
+        ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
+
+# -----------------------------------------------------------------------------
+# codes: usage, conditional entropy, probe
+
+
+def test_code_usage():
+    usage, perplexity = code_usage([5, 5, 0, 5, 5, 0, 0, 0])
+    assert usage == 0.5 and abs(perplexity - 4.0) < 1e-12
+    usage, perplexity = code_usage([1, 0, 0, 0])
+    assert usage == 0.25 and perplexity == 1.0
+
+
+def test_conditional_entropy_exact_small_case():
+    codes = np.array([[0, 0, 5], [0, 1, 5], [0, 2, 5], [1, 0, 5]])
+    H = conditional_entropies(codes)
+    h1 = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))  # first token 0 three times, 1 once
+    h2 = 0.75 * math.log2(3)  # after a 0: uniform over 3 tokens; after a 1: determined
+    np.testing.assert_allclose(H, [h1, h2, 0.0], atol=1e-12)
+    assert abs(H.sum() - 2.0) < 1e-12  # chain rule: all 4 sequences distinct -> log2 N
+    result = entropy_cliff(H, N=4, threshold=0.1)
+    np.testing.assert_allclose(result['remaining_budget_bits'], [2.0, 2.0 - h1, 0.0], atol=1e-12)
+    assert result['first_position_below_threshold'] == 3 and result['t_star'] == 2
+
+
+def test_conditional_entropy_uniform_tokens_and_deterministic_tail():
+    rng = np.random.default_rng(0)
+    N, K, T = 4096, 16, 12
+    codes = rng.integers(0, K, (N, T))
+    codes[:, 8:] = (codes[:, :1] * 7 + 3) % K  # positions 9..12 are a function of the first token
+    assert len(np.unique(codes, axis=0)) == N  # 16^8 prefixes: no two sequences coincide (for this seed)
+    H = conditional_entropies(codes)
+    assert abs(H[0] - math.log2(K)) < 0.01  # plug-in bias ~ (K - 1) / (2 N ln 2) = 0.003 bit
+    assert abs(H.sum() - math.log2(N)) < 1e-9  # all sequences distinct: the budget log2 N is used up exactly
+    assert (H[8:] == 0).all()
+    assert H[4] < 0.5  # 16^4 = 65536 prefixes for 4096 sequences: mostly unique already
+    # fewer sequences than codes: H_1 ~ log2 N (up to collisions), not log2 K
+    few = rng.integers(0, 4096, (64, 3))
+    H_few = conditional_entropies(few)
+    assert 5.9 < H_few[0] <= 6.0 and H_few[1:].max() < 0.1
+    cliff = entropy_cliff(H_few, N=64, threshold=0.1, codebook_sizes=np.full(3, 4096))
+    assert cliff['t_star'] == 1 and cliff['t_star_bound'] == 1  # 12 bits of capacity >= 6 bits of budget
+
+
+def test_entropy_cliff_bound_with_a_growing_codebook():
+    H = np.array([1.0, 1.0, 2.0, 0.05, 0.0])
+    result = entropy_cliff(H, N=16, threshold=0.1, codebook_sizes=np.array([2, 2, 4, 8, 8]))
+    assert result['t_star'] == 3 and result['first_position_below_threshold'] == 4
+    assert result['t_star_bound'] == 3  # capacity 1, 2, 4 bits: reaches log2 16 = 4 at t = 3
+    assert entropy_cliff(np.array([3.0, 3.0]), N=64)['first_position_below_threshold'] is None
+
+
+def test_linear_probe_separates_a_separable_case_and_not_random_labels():
+    g = torch.Generator().manual_seed(0)
+    C, N, T, D = 4, 400, 6, 8
+    codebook = torch.randn(16, D, generator=g)
+    labels = torch.arange(N) % C
+    codes = torch.randint(0, 16, (N, T), generator=g)
+    codes[:, 1] = labels  # the class is written in the 2nd token; the rest is noise
+    x = probe_features(codes.numpy(), codebook, first_k=3)
+    assert x.shape == (N, 3 * D)
+    torch.testing.assert_close(x[:, D:2 * D], codebook[labels])
+    top1, top5 = linear_probe(x[:300], labels[:300], x[300:], labels[300:], C, steps=100)
+    assert top1 == 1.0 and top5 == 1.0
+    shuffled = labels[torch.randperm(N, generator=g)]  # labels unrelated to the codes: chance level
+    top1, _ = linear_probe(x[:300], shuffled[:300], x[300:], shuffled[300:], C, steps=100)
+    assert top1 < 0.45
+    with pytest.raises(ValueError, match='codebook has 16 codes'):
+        probe_features(np.full((2, 3), 16), codebook, first_k=2)
+
+# -----------------------------------------------------------------------------
+# ADM .npz image batches
+
+
+def test_npz_reader_streams_and_rejects_bad_files(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
+    for saver in (np.savez, np.savez_compressed):
+        path = str(tmp_path / f'{saver.__name__}.npz')
+        saver(path, arr_0=images)
+        assert npz_image_header(path) == (7, 5, 6)
+        batches = list(npz_image_batches(path, 3))
+        assert [len(b) for b in batches] == [3, 3, 1] and np.array_equal(np.concatenate(batches), images)
+    np.savez(tmp_path / 'float.npz', arr_0=images.astype(np.float32))
+    with pytest.raises(ValueError, match='expected uint8 N x H x W x 3'):
+        npz_image_header(str(tmp_path / 'float.npz'))
+    np.savez(tmp_path / 'gray.npz', arr_0=images[..., 0])
+    with pytest.raises(ValueError, match='expected uint8 N x H x W x 3'):
+        npz_image_header(str(tmp_path / 'gray.npz'))
+    np.savez(tmp_path / 'named.npz', images=images)
+    with pytest.raises(ValueError, match="no 'arr_0'"):
+        npz_image_header(str(tmp_path / 'named.npz'))
+    with pytest.raises(FileNotFoundError):
+        npz_image_header(str(tmp_path / 'missing.npz'))
+
+# -----------------------------------------------------------------------------
+# command line, end to end at tiny scale
+
+
+def test_cli_gen_mode_with_reference_cache(tmp_path, random_inception_file):
+    rng = np.random.default_rng(0)
+    ref = save_images_npz(tmp_path / 'ref.npz', rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    samples = save_images_npz(tmp_path / 'samples.npz', rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8))
+    args = ['--mode=gen', f'--samples={samples}', f'--ref={ref}', f'--inception_weights={random_inception_file}',
+            f'--out_dir={tmp_path}', '--is_splits=2', '--batch_size=3', '--device=cpu']
+    first = run_script(args)
+    assert first.returncode == 0, first.stderr
+    cache_path = str(tmp_path / 'ref.fid_stats.npz')
+    assert os.path.isfile(cache_path) and 'cached reference statistics' in first.stdout
+    result = read_json(tmp_path / 'eval_gen.json')
+    assert result['num_samples'] == 4 and result['num_ref'] == 4
+    assert math.isfinite(result['fid']) and result['fid'] > 0
+    assert 0 <= result['precision'] <= 1 and 0 <= result['recall'] <= 1 and 1 <= result['inception_score'] <= 2
+    second = run_script(args)  # the reference comes from the cache now
+    assert second.returncode == 0, second.stderr
+    assert 'reference statistics from cache' in second.stdout
+    again = read_json(tmp_path / 'eval_gen.json')
+    for key in ('fid', 'inception_score', 'precision', 'recall'):
+        assert again[key] == pytest.approx(result[key], rel=1e-9), key
+    # the cache file is itself a valid reference, but only for the network that wrote it
+    config = {'ref': cache_path, 'ref_cache': True, 'inception_weights': random_inception_file, 'batch_size': 3}
+    model = load_inception(random_inception_file, 'cpu')
+    mu, sigma, features = evaluate.reference_statistics(config, model, 'cpu')
+    assert features.shape == (4, 2048) and np.allclose(mu, features.mean(0)) and sigma.shape == (2048, 2048)
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)
+    with pytest.raises(ValueError, match='different Inception network'):
+        evaluate.reference_statistics(config, model, 'cpu')
+
+
+def test_cli_gen_mode_clear_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    bad = save_images_npz(tmp_path / 'bad.npz', rng.random((4, 8, 8, 3)).astype(np.float32))
+    ref = save_images_npz(tmp_path / 'ref.npz', rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    out = run_script(['--mode=gen', f'--samples={bad}', f'--ref={ref}', f'--out_dir={tmp_path}'])
+    assert out.returncode != 0 and 'expected uint8 N x H x W x 3' in out.stderr
+    out = run_script(['--mode=gen', f'--samples={ref}', f'--ref={ref}', f'--out_dir={tmp_path}',
+                      f'--inception_weights={tmp_path / "missing.pth"}'])
+    assert out.returncode != 0 and 'FID Inception weights file' in out.stderr
+    out = run_script(['--mode=nope'])
+    assert out.returncode != 0 and "unknown mode 'nope'" in out.stderr
+
+
+def test_cli_entropy_mode(tmp_path):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (512, 4, 4))  # (N, h, w): raster order
+    codes[:, 2:] = codes[:, :1, :1]  # rows 3-4 copy the first token
+    np.save(tmp_path / 'codes.npy', codes)
+    out = run_script(['--mode=entropy', f'--codes={tmp_path / "codes.npy"}', f'--out_dir={tmp_path}',
+                      '--codebook_size=16'])
+    assert out.returncode == 0, out.stderr
+    result = read_json(tmp_path / 'eval_entropy.json')
+    H = np.array(result['H_bits'])
+    assert len(H) == 16 and abs(H[0] - 4.0) < 0.05 and (H[8:] == 0).all()
+    assert abs(H.sum() - math.log2(512)) < 1e-9 and result['t_star_bound'] == 3  # 4 bits per position, 9 bits
+    np.testing.assert_allclose(H, conditional_entropies(codes.reshape(512, 16)))
+    with open(tmp_path / 'entropy.csv') as f:
+        rows = f.read().splitlines()
+    assert rows[0] == 't,H_t_bits,remaining_budget_bits,codebook_size' and len(rows) == 17
+    assert float(rows[1].split(',')[2]) == pytest.approx(9.0)  # remaining budget at t = 1 is log2 N
+    np.save(tmp_path / 'float.npy', codes.astype(np.float32))
+    out = run_script(['--mode=entropy', f'--codes={tmp_path / "float.npy"}', f'--out_dir={tmp_path}'])
+    assert out.returncode != 0 and 'expected integer codes' in out.stderr
+
+
+TINY_TOKENIZER = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, quantizer='vq', codebook_size=64,
+                      code_dim=8)
+
+
+@pytest.fixture
+def tiny_tokenizer_ckpt(tmp_path):
+    from tokenizer import Tokenizer
+    torch.manual_seed(0)
+    model = Tokenizer(**TINY_TOKENIZER)
+    path = str(tmp_path / 'ckpt.pt')
+    torch.save({'model': model.state_dict(), 'model_args': TINY_TOKENIZER,
+                'config': {'image_size': 32, 'data_dir': ''}}, path)
+    return path
+
+
+def test_cli_probe_mode(tmp_path, tiny_tokenizer_ckpt):
+    rng = np.random.default_rng(0)
+    N = 300
+    labels = np.arange(N) % 3
+    codes = rng.integers(0, 64, (N, 16))
+    codes[:, 0] = labels * 5  # the first token carries the class
+    np.save(tmp_path / 'codes.npy', codes)
+    np.save(tmp_path / 'labels.npy', labels)
+    base = ['--mode=probe', f'--codes={tmp_path / "codes.npy"}', f'--labels={tmp_path / "labels.npy"}',
+            f'--out_dir={tmp_path}', '--probe_steps=50']
+    out = run_script(base + [f'--ckpt={tiny_tokenizer_ckpt}', '--first_k=2'])
+    assert out.returncode == 0, out.stderr
+    result = read_json(tmp_path / 'eval_probe.json')
+    assert result['top1'] == 1.0 and result['num_val'] == 60 and result['feature_dim'] == 16
+    out = run_script(base)  # no tokenizer: no code vectors to probe
+    assert out.returncode != 0 and '--ckpt' in out.stderr
+    np.save(tmp_path / 'short.npy', labels[:10])
+    out = run_script(base[:2] + [f'--labels={tmp_path / "short.npy"}'] + base[3:] + [f'--ckpt={tiny_tokenizer_ckpt}'])
+    assert out.returncode != 0 and 'has 10 labels but the codes file has 300' in out.stderr
+
+
+def test_cli_recon_mode(tmp_path, tiny_tokenizer_ckpt, random_inception_file):
+    from tokenizer import load_tokenizer, make_dataset
+    out = run_script(['--mode=recon', f'--ckpt={tiny_tokenizer_ckpt}', '--num_images=3', '--batch_size=2',
+                      '--num_workers=0', '--device=cpu', '--lpips_random_backbone=True',
+                      f'--inception_weights={random_inception_file}', f'--out_dir={tmp_path}'])
+    assert out.returncode == 0, out.stderr
+    result = read_json(tmp_path / 'eval_recon.json')
+    assert result['num_images'] == 3 and result['image_size'] == 32 and result['data_dir'] == ''
+    assert math.isfinite(result['rfid']) and result['rfid'] > 0 and result['lpips'] > 0
+    assert -1 <= result['ssim'] < 1 and 0 < result['codebook_usage'] <= 1 and result['perplexity'] >= 1
+    codes = np.load(tmp_path / 'codes.npy')
+    assert codes.shape == (3, 256) and np.load(tmp_path / 'labels.npy').shape == (3,)
+    # recompute PSNR / usage in-process from the same checkpoint and images
+    tokenizer = load_tokenizer(tiny_tokenizer_ckpt)
+    dataset = make_dataset('', 32, train=False)
+    images = torch.stack([dataset[i][0] for i in range(3)])
+    with torch.no_grad():
+        indices = tokenizer.encode(images)
+        recon = evaluate.to_uint8_levels(tokenizer.decode(indices))
+    assert np.array_equal(codes, indices.flatten(1).numpy())
+    assert result['psnr'] == pytest.approx(psnr(recon, evaluate.to_uint8_levels(images)).mean().item(), rel=1e-5)
+    assert result['codebook_usage'] == len(np.unique(codes)) / 64

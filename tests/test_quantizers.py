@@ -1,0 +1,352 @@
+"""Tests of quantizers.py: plain VQ, IBQ (chunked custom autograd vs naive autograd), FVQ / VQBridge, VCQ schedules,
+usage window, FVQ -> plain VQ export, and short CPU training runs of each kind through train_tokenizer.py."""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import quantizers as Q  # noqa: E402
+
+
+def grid(z_flat, H, W):
+    # (B*H*W, D) tokens -> (B, D, H, W), the inverse of quantizers._tokens_first
+    return z_flat.reshape(-1, H, W, z_flat.shape[1]).permute(0, 3, 1, 2)
+
+
+# -----------------------------------------------------------------------------
+# plain VQ
+
+def test_vq_chunked_equals_unchunked():
+    torch.manual_seed(0)
+    z, codebook = torch.randn(1000, 16), torch.randn(300, 16)
+    full = Q.nearest_codes(z, codebook, chunk_size=1000)
+    reference = torch.cdist(z.double(), codebook.double()).argmin(1)  # float64: no ties on random data
+    assert torch.equal(full, reference)
+    for chunk_size in (3, 7, 128, 333, 999, 5000):
+        assert torch.equal(Q.nearest_codes(z, codebook, chunk_size), full), chunk_size
+    # and through the module, with several chunk sizes
+    outputs = []
+    for chunk_size in (13, 64, 4096):
+        torch.manual_seed(1)
+        q = Q.make_quantizer('vq', 300, 16, chunk_size=chunk_size, l2_norm=False)
+        outputs.append(q(grid(z, 10, 10))[2]['indices'])
+    assert all(torch.equal(o, outputs[0]) for o in outputs)
+
+
+def test_vq_hand_made_codes_loss_and_straight_through_gradient():
+    q = Q.make_quantizer('vq', 3, 2, l2_norm=False, beta=0.25, chunk_size=2)
+    with torch.no_grad():
+        q.embedding.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    tokens = torch.tensor([[0.1, 0.2], [0.9, 0.1], [0.2, 0.7], [1.2, -0.1]])  # nearest: 0, 1, 2, 1
+    z = grid(tokens, 2, 2).clone().requires_grad_(True)  # (1, 2, 2, 2)
+    z_q, loss, info = q(z)
+    assert info['indices'].reshape(-1).tolist() == [0, 1, 2, 1]
+    codes = q.embedding.detach()[[0, 1, 2, 1]]
+    assert torch.allclose(grid(codes, 2, 2), z_q)
+    mse = ((codes - tokens) ** 2).mean()  # (0.05 + 0.02 + 0.13 + 0.05) / 8
+    assert math.isclose(mse.item(), 0.25 / 8, rel_tol=1e-6)
+    assert math.isclose(loss.item(), 1.25 * mse.item(), rel_tol=1e-6)
+    assert math.isclose(info['codebook_loss'], mse.item(), rel_tol=1e-6)
+    upstream = torch.randn_like(z_q)
+    ((z_q * upstream).sum() + loss).backward()
+    # straight-through: dz = upstream + beta * d mean((z - sg z_q)^2) / dz
+    expected_dz = upstream + 0.25 * 2 * (z.detach() - z_q.detach()) / tokens.numel()
+    assert torch.allclose(z.grad, expected_dz, atol=1e-7)
+    # codebook: d mean((z_q - sg z)^2) / dc_k = sum over tokens using k of 2 (c_k - z) / numel
+    expected_dc = torch.zeros(3, 2).index_add_(0, torch.tensor([0, 1, 2, 1]), 2 * (codes - tokens) / tokens.numel())
+    assert torch.allclose(q.embedding.grad, expected_dc, atol=1e-7)
+
+
+def test_l2_norm():
+    torch.manual_seed(0)
+    q = Q.make_quantizer('vq', 50, 8)  # LlamaGen default: l2-normalised
+    assert q.l2_norm and not Q.make_quantizer('fvq', 64, 8, bridge_group_size=16).l2_norm
+    assert not Q.make_quantizer('ibq', 50, 8).l2_norm
+    assert torch.allclose(q.codebook().norm(dim=1), torch.ones(50))
+    z = torch.randn(2, 8, 3, 3)
+    z_q, _, info = q(z)
+    assert torch.allclose(z_q.norm(dim=1), torch.ones(2, 3, 3), atol=1e-6)  # normalised codes come out
+    assert torch.allclose(z_q, q.lookup(info['indices']), atol=1e-6)
+    scale = torch.rand(2, 1, 3, 3) * 10 + 0.1  # a positive per-token scale does not change the nearest code
+    assert torch.equal(q(z * scale)[2]['indices'], info['indices'])
+    q_raw = Q.make_quantizer('vq', 50, 8, l2_norm=False)
+    assert not torch.allclose(q_raw.codebook().norm(dim=1), torch.ones(50))
+    # IBQ with l2_norm: logits are cosine similarities
+    q_ibq = Q.make_quantizer('ibq', 50, 8, l2_norm=True)
+    z_q, _, info = q_ibq(z)
+    assert torch.allclose(z_q.norm(dim=1), torch.ones(2, 3, 3), atol=1e-5)
+    cos = F.normalize(z.permute(0, 2, 3, 1), dim=-1) @ F.normalize(q_ibq.embedding, dim=-1).t()
+    assert torch.equal(info['indices'], cos.argmax(-1))
+
+
+# -----------------------------------------------------------------------------
+# IBQ: chunked custom autograd == naive autograd
+
+def naive_ibq(z, codebook, beta, entropy_weight, temperature, sizes=None):
+    """IBQ eq. 3-7 and 12 plus the MAGVIT-v2 entropy penalty, written directly with autograd."""
+    K = codebook.shape[0]
+    logits = z @ codebook.t()
+    masked = None if sizes is None else torch.arange(K)[None, :] >= sizes[:, None]
+    if masked is not None:
+        logits = logits.masked_fill(masked, float('-inf'))
+    soft = logits.softmax(1)
+    indices = logits.argmax(1)
+    hard = F.one_hot(indices, K).float()
+    z_q = (hard - soft.detach() + soft) @ codebook
+    z_q_hard = hard @ codebook
+    loss = ((z_q - z) ** 2).mean() + ((z.detach() - z_q_hard) ** 2).mean() + beta * ((z - z_q_hard.detach()) ** 2).mean()
+    probs = torch.softmax(logits / temperature, 1)
+    log_probs = torch.log_softmax(logits / temperature, 1)
+    if masked is not None:
+        log_probs = log_probs.masked_fill(masked, 0.0)
+    sample_entropy = -(probs * log_probs).sum(1).mean()
+    avg = probs.mean(0)
+    avg_entropy = -(avg * torch.log(avg + 1e-5)).sum()
+    return z_q, loss + entropy_weight * (sample_entropy - avg_entropy), indices
+
+
+@pytest.mark.parametrize('temperature,use_schedule', [(0.01, False), (1.0, False), (0.5, True)])
+def test_ibq_chunked_equals_naive(temperature, use_schedule):
+    torch.manual_seed(0)
+    N, K, D, H, W = 300, 97, 16, 10, 30
+    schedule = dict(vcq_schedule='cosine', vcq_k_min=2, vcq_seq_len=H * W) if use_schedule else {}
+    for chunk_size in (7, 64, 300, 1000):
+        torch.manual_seed(1)
+        q = Q.make_quantizer('ibq', K, D, chunk_size=chunk_size, entropy_weight=0.3,
+                             entropy_temperature=temperature, beta=0.25, **schedule)
+        z = torch.randn(N, D, requires_grad=True)
+        upstream = torch.randn(1, D, H, W)
+        z_q, loss, info = q(grid(z, H, W))
+        ((z_q * upstream).sum() + loss).backward()
+        grad_z, grad_codebook = z.grad.clone(), q.embedding.grad.clone()
+        z.grad, q.embedding.grad = None, None
+        sizes = q.codebook_sizes if use_schedule else None
+        z_q_ref, loss_ref, indices_ref = naive_ibq(z, q.embedding, 0.25, 0.3, temperature, sizes)
+        ((grid(z_q_ref, H, W) * upstream).sum() + loss_ref).backward()
+        assert torch.equal(info['indices'].reshape(-1), indices_ref)
+        assert torch.allclose(z_q, grid(z_q_ref, H, W), atol=1e-6)
+        assert torch.allclose(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(grad_z, z.grad, rtol=1e-4, atol=1e-5 * z.grad.abs().max().item())
+        assert torch.allclose(grad_codebook, q.embedding.grad, rtol=1e-4,
+                              atol=1e-5 * q.embedding.grad.abs().max().item())
+        assert q.embedding.grad.abs().sum(1).gt(0).all()  # IBQ: every code gets a gradient
+    assert {'soft_loss', 'codebook_loss', 'commit_loss', 'entropy_loss'} <= set(info)
+
+
+def test_ibq_without_entropy_matches_naive():
+    torch.manual_seed(0)
+    q = Q.make_quantizer('ibq', 40, 8, chunk_size=9, entropy_weight=0.0)
+    z = torch.randn(50, 8, requires_grad=True)
+    z_q, loss, _ = q(grid(z, 5, 10))
+    loss.backward()
+    grad_z = z.grad.clone()
+    z.grad = None
+    _, loss_ref, _ = naive_ibq(z, q.embedding, 0.25, 0.0, 1.0)
+    loss_ref.backward()
+    assert torch.allclose(loss, loss_ref, atol=1e-6) and torch.allclose(grad_z, z.grad, atol=1e-6)
+
+
+class RecordShapes(TorchDispatchMode):
+    """Records the shape of every tensor any aten op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize('kind', ['vq', 'ibq', 'fvq'])
+def test_no_tokens_by_codes_matrix_beyond_chunk(kind):
+    torch.manual_seed(0)
+    N, K, D, chunk_size = 600, 320, 16, 64  # K*D, N*D are both smaller than chunk_size*K
+    extra = {'bridge_group_size': 16, 'bridge_dim': 32} if kind == 'fvq' else {}
+    q = Q.make_quantizer(kind, K, D, chunk_size=chunk_size, usage_window=128, **extra)
+    z = torch.randn(1, D, 20, 30, requires_grad=True)
+    recorder = RecordShapes()
+    with recorder:
+        z_q, loss, _ = q(z)
+        ((z_q * torch.randn_like(z_q)).sum() + loss).backward()
+    by_codes = [shape for shape in recorder.shapes if K in shape and len(shape) == 2 and shape != (K, D)]
+    assert by_codes and max(shape[0] if shape[1] == K else shape[1] for shape in by_codes) <= chunk_size
+    assert max(math.prod(shape) for shape in recorder.shapes) <= chunk_size * K
+
+
+# -----------------------------------------------------------------------------
+# FVQ / VQBridge
+
+def test_vqbridge_shapes_and_groups():
+    torch.manual_seed(0)
+    q = Q.make_quantizer('fvq', 256, 8, bridge_group_size=16, bridge_dim=32, bridge_heads=4, chunk_size=5)
+    assert isinstance(q.projector, Q.VQBridge) and q.projector.pos_embed.shape == (16, 32)
+    assert q.codebook().shape == (256, 8)
+    assert torch.count_nonzero(q.codebook()) == 0  # zero-initialised final layer, as DiT / the release
+    assert Q.make_quantizer('fvq', 16384, 4, bridge_dim=16).projector.group_size == 16  # QBridge-L/4
+    assert Q.make_quantizer('fvq', 65536, 4, bridge_dim=16).projector.group_size == 64  # QBridge-L/8
+    for projector in ('linear', 'mlp5'):
+        assert Q.make_quantizer('fvq', 100, 8, projector=projector).codebook().shape == (100, 8)
+    with pytest.raises(ValueError, match=r'K=100.*g=16'):
+        Q.make_quantizer('fvq', 100, 8, bridge_group_size=16)
+    with pytest.raises(ValueError, match='projector'):
+        Q.make_quantizer('fvq', 100, 8, projector='mlp3')
+
+
+def test_fvq_bridge_runs_once_per_forward_and_trains():
+    torch.manual_seed(0)
+    q = Q.make_quantizer('fvq', 64, 8, bridge_group_size=16, bridge_dim=32, chunk_size=4)
+    torch.nn.init.normal_(q.projector.expand.weight, std=0.1)  # as after some training: distinct mapped codes
+    calls = []
+    q.projector.register_forward_hook(lambda *args: calls.append(1))
+    z = torch.randn(2, 8, 4, 4, requires_grad=True)
+    z_q, loss, info = q(z)  # 32 tokens in 8 chunks
+    assert len(calls) == 1
+    upstream = torch.randn_like(z_q)
+    ((z_q * upstream).sum() + loss).backward()
+    assert q.embedding.grad.abs().sum() > 0 and q.projector.compress.weight.grad.abs().sum() > 0
+    assert torch.allclose(z_q, q.lookup(info['indices']), atol=1e-6)  # forward value = mapped codes
+    mapped = q.codebook().detach()
+    z_flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 8)
+    assert torch.equal(info['indices'].reshape(-1), torch.cdist(z_flat.double(), mapped.double()).argmin(1))
+
+
+# -----------------------------------------------------------------------------
+# VCQ
+
+def test_schedule_means_match_vcq_table_2():
+    # VCQ Table 2, K-bar column: all K_min = 2, T = 256
+    for kind, k_max, k_bar in (('linear', 16384, 8193), ('cosine', 16384, 5964), ('power', 16384, 4696),
+                               ('cosine', 11264, 4100)):
+        sizes = Q.codebook_size_schedule(kind, 2, k_max, 256, gamma=2.5)
+        assert sizes.dtype == torch.long and sizes.shape == (256,)
+        assert sizes[0] == 2 and sizes[-1] == k_max and torch.all(sizes[1:] >= sizes[:-1])
+        assert round(sizes.double().mean().item()) == k_bar, kind
+    assert torch.equal(Q.codebook_size_schedule('constant', 2, 512, 10), torch.full((10,), 512))
+    with pytest.raises(ValueError, match='schedule'):
+        Q.codebook_size_schedule('quadratic', 2, 512, 10)
+
+
+@pytest.mark.parametrize('kind', ['vq', 'ibq', 'fvq'])
+def test_vcq_never_returns_index_beyond_k_t(kind):
+    torch.manual_seed(0)
+    K, H, W = 64, 4, 4
+    extra = {'bridge_group_size': 16, 'bridge_dim': 32} if kind == 'fvq' else {}
+    plain = Q.make_quantizer(kind, K, 8, chunk_size=50, **extra)
+    q = Q.make_quantizer(kind, K, 8, chunk_size=50, vcq_schedule='linear', vcq_k_min=2, vcq_seq_len=H * W, **extra)
+    if kind == 'fvq':
+        torch.nn.init.normal_(q.projector.expand.weight, std=0.1)
+    plain.load_state_dict(q.state_dict(), strict=False)
+    assert plain.codebook_sizes is None and q.codebook_sizes.shape == (H * W,)
+    z = torch.randn(16, 8, H, W) * 3
+    _, _, info = q(z)
+    limit = q.codebook_sizes.reshape(1, H, W)
+    assert torch.all(info['indices'] < limit) and torch.equal(info['codebook_sizes'], q.codebook_sizes)
+    assert torch.any(plain(z)[2]['indices'] >= limit)  # without the schedule some would be out of range
+    with pytest.raises(ValueError, match='4x5'):
+        q(torch.randn(1, 8, 4, 5))
+
+
+# -----------------------------------------------------------------------------
+# usage window, perplexity, options
+
+def test_usage_window_semantics():
+    window = Q.UsageWindow(10, 8)
+    assert window.update(torch.tensor([0, 1, 2])) == pytest.approx(0.3)
+    assert window.update(torch.tensor([3, 4, 5, 6, 7])) == pytest.approx(0.8)
+    assert window.update(torch.tensor([8, 8])) == pytest.approx(0.7)  # window now 2..8, 8: 0 and 1 fell out
+    assert window.update(torch.arange(10)) == pytest.approx(0.8)  # a batch longer than the window: its last 8
+    q = Q.make_quantizer('vq', 1000, 4)
+    assert q.usage.recent.numel() == 65536  # max(65536, K + 1), as the FVQ code
+    assert Q.make_quantizer('vq', 70000, 2).usage.recent.numel() == 70001
+    assert 'usage.recent' not in q.state_dict()
+
+
+def test_info_usage_and_perplexity():
+    q = Q.make_quantizer('vq', 8, 2, l2_norm=False, usage_window=100)
+    with torch.no_grad():
+        q.embedding.copy_(torch.tensor([[float(k), 0.0] for k in range(8)]))
+    tokens = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]).repeat(4, 1)  # 4 codes, equally often
+    _, _, info = q(grid(tokens, 4, 4))
+    assert isinstance(info['usage'], float) and info['usage'] == pytest.approx(0.5)
+    assert info['perplexity'] == pytest.approx(4.0, rel=1e-5)
+    assert info['indices'].dtype == torch.long and info['indices'].shape == (1, 4, 4)
+
+
+def test_unknown_options_are_errors():
+    with pytest.raises(TypeError, match='entropy_wieght'):
+        Q.make_quantizer('ibq', 64, 8, entropy_wieght=0.1)
+    with pytest.raises(TypeError, match='bridge_dim'):
+        Q.make_quantizer('vq', 64, 8, bridge_dim=32)  # bridge options belong to 'fvq'
+    with pytest.raises(TypeError, match='bridge_depth'):
+        Q.make_quantizer('fvq', 64, 8, projector='linear', bridge_depth=3)  # and only to its VQBridge
+    with pytest.raises(ValueError, match="'lfq'"):
+        Q.make_quantizer('lfq', 64, 8)
+    with pytest.raises(ValueError, match='chunk_size'):
+        Q.make_quantizer('vq', 64, 8, chunk_size=0)
+    with pytest.raises(ValueError, match=r'\(B, 8, H, W\)'):
+        Q.make_quantizer('ibq', 64, 8)(torch.randn(2, 4, 3, 3))
+
+
+# -----------------------------------------------------------------------------
+# FVQ checkpoint -> plain VQ checkpoint
+
+def test_fvq_export_to_plain_vq_gives_identical_indices_and_reconstructions():
+    from tokenizer import Tokenizer
+    torch.manual_seed(0)
+    model_args = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, dropout=0.0, quantizer='fvq',
+                      codebook_size=64, code_dim=8,
+                      quantizer_args={'bridge_group_size': 16, 'bridge_dim': 32, 'chunk_size': 7})
+    fvq_model = Tokenizer(**model_args).eval()
+    torch.nn.init.normal_(fvq_model.quantizer.projector.expand.weight, std=0.1)  # distinct mapped codes
+    ckpt = {'model': fvq_model.state_dict(), 'model_args': model_args, 'config': {'image_size': 16},
+            'optimizer': {'state': {}}, 'iter_num': 3}
+    vq_ckpt = Q.fvq_to_vq_checkpoint(ckpt)
+    assert vq_ckpt['model_args']['quantizer'] == 'vq' and 'optimizer' not in vq_ckpt and vq_ckpt['iter_num'] == 3
+    assert not any('projector' in k for k in vq_ckpt['model'])
+    vq_model = Tokenizer(**vq_ckpt['model_args'])
+    vq_model.load_state_dict(vq_ckpt['model'])
+    vq_model.eval()
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    indices = fvq_model.encode(images)
+    assert len(indices.unique()) > 1
+    assert torch.equal(vq_model.encode(images), indices)
+    assert torch.allclose(vq_model.decode(indices), fvq_model.decode(indices), atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(vq_model(images)[0], fvq_model(images)[0], atol=1e-6)
+    with pytest.raises(ValueError, match='FVQ'):
+        Q.fvq_to_vq_checkpoint(vq_ckpt)
+
+
+# -----------------------------------------------------------------------------
+# short CPU training runs through train_tokenizer.py
+
+@pytest.mark.parametrize('kind,args', [
+    ('vq', "{'l2_norm': True}"),
+    ('ibq', "{'entropy_weight': 0.05}"),
+    ('fvq', "{'bridge_group_size': 16, 'bridge_dim': 32}"),
+])
+def test_train_tokenizer_runs_each_kind(kind, args, tmp_path):
+    cmd = [sys.executable, 'train_tokenizer.py', '--device=cpu', '--image_size=16', '--ch=16', '--ch_mult=(1,2)',
+           '--num_res_blocks=1', '--z_channels=16', '--max_iters=2', '--perceptual_weight=0.0', '--batch_size=2',
+           '--base_batch_size=2', '--num_workers=0', '--num_images=8', '--eval_images=2', '--log_interval=1',
+           '--eval_interval=2', '--disc_weight=0.0', f'--quantizer={kind}', '--codebook_size=64', '--code_dim=8',
+           f'--quantizer_args={args}', f'--out_dir={tmp_path}']
+    # one thread: the run is tiny, and a second process sharing the cores makes OpenMP threads spin
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    usages = [float(u) for u in re.findall(r'usage ([0-9.]+)%', result.stdout)]
+    assert usages and all(0 < u <= 100 for u in usages), result.stdout[-2000:]
+    assert os.path.isfile(tmp_path / 'ckpt.pt')

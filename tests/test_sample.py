@@ -1,0 +1,138 @@
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from quantizers import codebook_size_schedule
+from sample import cfg_weights, sample_from_logits, sample_tokens, generate
+from test_train_ar import save_tiny_tokenizer, tiny_gpt
+
+
+# -----------------------------------------------------------------------------
+# CFG schedules
+
+def test_cfg_schedules_start_at_one_and_end_at_w():
+    T, w, p = 256, 10.0, 1.5
+    vcq_sizes = codebook_size_schedule('cosine', 2, 16384, T)
+    for schedule, sizes in (('cosine', None), ('linear', None), ('codebook_size_aware', None),
+                            ('codebook_size_aware', vcq_sizes)):
+        weights = cfg_weights(schedule, w, p, T, sizes)
+        assert weights.shape == (T,)
+        assert weights[0].item() == 1.0 and abs(weights[-1].item() - w) < 1e-9, schedule
+        assert (weights.diff() >= -1e-12).all(), schedule  # non-decreasing ramps
+    assert torch.equal(cfg_weights('constant', w, p, T), torch.full((T,), w, dtype=torch.float64))
+    # on a constant codebook, codebook-size-aware CFG is the standard cosine-power schedule
+    assert torch.equal(cfg_weights('codebook_size_aware', w, p, T, [4096] * T), cfg_weights('cosine', w, p, T))
+    # VCQ: r_t = (log K_t - log K_min) / (log K_max - log K_min) inside the cosine-power formula
+    t = 200
+    r = (math.log(vcq_sizes[t]) - math.log(2)) / (math.log(16384) - math.log(2))
+    expected = 1 + (w - 1) * (1 - math.cos(math.pi * r ** p)) / 2
+    assert abs(cfg_weights('codebook_size_aware', w, p, T, vcq_sizes)[t].item() - expected) < 1e-9
+    x = t / (T - 1)
+    assert abs(cfg_weights('cosine', w, p, T)[t].item() - (1 + (w - 1) * (1 - math.cos(math.pi * x ** p)) / 2)) < 1e-9
+    assert abs(cfg_weights('linear', w, p, T)[t].item() - (1 + (w - 1) * x)) < 1e-9
+    with pytest.raises(ValueError, match='unknown cfg_schedule'):
+        cfg_weights('exp', w, p, T)
+
+
+# -----------------------------------------------------------------------------
+# token sampling
+
+def test_top_k_one_is_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 100) * 3
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_from_logits(logits, temperature=2.0, top_k=1, generator=g), logits.argmax(-1))
+    model = tiny_gpt()  # whole sequences: top_k=1 sampling equals argmax decoding (also checked against recompute)
+    labels = torch.tensor([2, 5])
+    greedy = generate(model, labels, top_k=1, temperature=0.7)
+    assert torch.equal(greedy, generate(model, labels, top_k=1, temperature=3.0, top_p=0.5))
+
+
+def test_top_p_samples_only_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    tokens = sample_from_logits(probs.log(), top_p=0.7, generator=g)
+    counts = torch.bincount(tokens, minlength=4)
+    assert counts[2] == counts[3] == 0 and counts[0] > 0 and counts[1] > 0
+    assert abs(counts[0].item() / 4000 - 0.5 / 0.8) < 0.03  # renormalised inside the nucleus
+    full = torch.bincount(sample_from_logits(probs.log(), generator=g), minlength=4)
+    assert (full > 0).all()
+
+
+@pytest.mark.parametrize('temperature', [1.0, 0.5])
+def test_cfg_scale_one_equals_no_guidance(temperature):
+    model = tiny_gpt()
+    labels = torch.tensor([0, 1, 7])
+    plain = sample_tokens(model, labels, None, temperature, generator=torch.Generator().manual_seed(3))
+    guided = sample_tokens(model, labels, torch.ones(model.seq_len), temperature,
+                           generator=torch.Generator().manual_seed(3))  # [cond; uncond] batch with w_t = 1
+    assert torch.equal(plain, guided)
+    stronger = sample_tokens(model, labels, torch.full((model.seq_len,), 4.0), temperature,
+                             generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(plain, stronger)  # guidance is really applied when w != 1
+
+
+def test_vcq_masking_never_emits_codes_beyond_k_t():
+    model = tiny_gpt(K=64, grid=4)
+    sizes = codebook_size_schedule('cosine', 2, 64, model.seq_len)  # K_0 = 2 ... K_15 = 64
+    labels = torch.arange(10).repeat(20)  # 200 sequences
+    g = torch.Generator().manual_seed(0)
+    codes = generate(model, labels, cfg_scale=5.0, cfg_schedule='codebook_size_aware', cfg_power=1.5,
+                     temperature=5.0, codebook_sizes=sizes, generator=g)
+    assert (codes < sizes[None, :]).all()
+    assert codes[:, 0].unique().tolist() == [0, 1]  # K_0 = 2, and a hot temperature reaches both
+    unmasked = generate(model, labels, temperature=5.0, generator=g)
+    assert (unmasked[:, 0] >= 2).any()  # without the mask the same model does emit larger codes there
+
+
+def test_class_id_out_of_range_is_an_error():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match='class id 10 is out of range'):
+        generate(model, torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match='class id -1 is out of range'):
+        generate(model, torch.tensor([-1, 2]))
+
+
+# -----------------------------------------------------------------------------
+# DDP (torchrun, gloo on CPU) code extraction, training and sampling on a VCQ tokenizer
+
+def test_ddp_vcq_chain(tmp_path):
+    tok = save_tiny_tokenizer(tmp_path / 'tok.pt', quantizer_args={'vcq_schedule': 'cosine', 'vcq_k_min': 2,
+                                                                   'vcq_seq_len': 256})
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+
+    def run(args):
+        result = subprocess.run(torchrun + args, cwd=ROOT, capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+
+    out = tmp_path / 'ar'
+    run(['train_ar.py', f'--tokenizer_ckpt={tok}', f'--out_dir={out}', '--num_images=7', '--ten_crop=False',
+         '--device=cpu', '--ar_model=B', '--n_layer=1', '--n_head=2', '--n_embd=32', '--batch_size=4',
+         '--num_workers=0', '--max_iters=2', '--log_interval=1'])
+    # each rank wrote its own images' rows: image 5 (rank 1) equals a direct encode
+    from tokenizer import load_tokenizer, make_dataset
+    tokenizer = load_tokenizer(tok)
+    image = make_dataset('', 32, train=False, num_images=7)[5][0][None]
+    codes = np.load(out / 'codes' / 'codes.npy')
+    np.testing.assert_array_equal(codes[10:12], tokenizer.encode(torch.cat([image, image.flip(-1)])).reshape(2, 256))
+    sizes = tokenizer.quantizer.codebook_sizes
+    assert torch.equal(torch.from_numpy(np.load(out / 'codes' / 'codebook_sizes.npy')), sizes)
+    assert (torch.from_numpy(codes.astype(np.int64)) < sizes[None]).all()
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ckpt['codebook_sizes'] == sizes.tolist() and ckpt['iter_num'] == 2
+    result = run(['sample.py', f'--ckpt={out / "ckpt.pt"}', '--num_samples=5', '--batch_size=2', '--cfg_scale=3.0',
+                  '--cfg_schedule=codebook_size_aware', '--cfg_power=1.5', '--grid_classes=(0,)',
+                  '--grid_per_class=2', '--device=cpu'])
+    assert 'images/s' in result.stdout
+    with np.load(out / 'samples.npz') as f:
+        assert f['arr_0'].shape == (5, 32, 32, 3) and f['arr_0'].dtype == np.uint8
+        np.testing.assert_array_equal(f['arr_1'], np.arange(5) % 10)
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'codes', 'samples.npz', 'samples_grid.png']  # rank parts merged

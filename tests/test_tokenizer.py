@@ -1,0 +1,179 @@
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from tokenizer import (Tokenizer, PatchDiscriminator, load_tokenizer, disc_loss_fn, gen_loss_fn, lecam_loss,
+                       adaptive_gan_weight, make_lpips, make_dataset, collate, ShardedBatchSampler, lr_multiplier,
+                       atomic_save, save_image_grid)
+
+TINY = dict(ch=32, num_res_blocks=1, z_channels=32, codebook_size=64, code_dim=8)
+
+
+@pytest.mark.parametrize('ch_mult, downsample', [((1, 2, 2, 4), 8), ((1, 1, 2, 2, 4), 16)])
+def test_tokenizer_shapes(ch_mult, downsample):
+    torch.manual_seed(0)
+    model = Tokenizer(ch_mult=ch_mult, **TINY).eval()
+    assert model.downsample == downsample
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    recon, quant_loss, info = model(images)
+    h = 64 // downsample
+    assert recon.shape == images.shape and quant_loss.ndim == 0
+    assert info['indices'].shape == (2, h, h) and info['indices'].dtype == torch.long
+    indices = model.encode(images)
+    assert torch.equal(indices, info['indices'])
+    decoded = model.decode(indices)
+    assert decoded.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(decoded, recon, atol=1e-4, rtol=1e-4)  # = forward's recon (up to z + (z_q - z) rounding)
+
+
+def test_default_is_llamagen_vq16_layout():
+    model = Tokenizer()  # VQ-16: ch 128, ch_mult (1,1,2,2,4), 2 ResBlocks, z 256, 8-dim codes
+    n_params = sum(p.numel() for p in model.parameters())
+    assert model.downsample == 16 and model.quantizer.codebook().shape == (16384, 8)
+    assert 69e6 < n_params < 74e6  # LlamaGen reports 71.9M for VQ-16
+    assert len(model.decoder.up[0].res) == 3 and len(model.encoder.down[0].res) == 2
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model_args = dict(ch_mult=(1, 2), **TINY)
+    model = Tokenizer(**model_args)
+    path = str(tmp_path / 'ckpt.pt')
+    atomic_save({'model': model.state_dict(), 'model_args': model_args, 'config': {}}, path)
+    assert os.listdir(tmp_path) == ['ckpt.pt']  # the temp file was renamed away
+    loaded = load_tokenizer(path)
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert not loaded.training
+    assert torch.equal(loaded.encode(images), model.eval().encode(images))
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        load_tokenizer(str(tmp_path / 'nope.pt'))
+    torch.save({'weights': 1}, tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match="not a tokenizer checkpoint"):
+        load_tokenizer(str(tmp_path / 'other.pt'))
+
+
+def test_discriminator_and_gan_losses():
+    disc = PatchDiscriminator(3, ch=16, n_layers=3)
+    logits = disc(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 1, 6, 6)  # 70x70-receptive-field PatchGAN on 64^2: 64 -> 32 -> 16 -> 8 -> 7 -> 6
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    # hinge: 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake))) = 0.5 * (0.25 + 0.5)
+    assert disc_loss_fn('hinge', real, fake).item() == pytest.approx(0.375)
+    assert disc_loss_fn('non_saturating', real, fake).item() == pytest.approx(
+        0.5 * (np.mean(np.log1p(np.exp([-2.0, -0.5]))) + np.mean(np.log1p(np.exp([-2.0, 0.0])))))
+    assert gen_loss_fn('hinge', fake).item() == pytest.approx(1.0)
+    assert gen_loss_fn('non_saturating', fake).item() == pytest.approx(np.mean(np.log1p(np.exp([2.0, 0.0]))))
+    # LeCAM: relu(real - ema_fake)^2 and relu(ema_real - fake)^2, each averaged
+    assert lecam_loss(real, fake, ema_real=1.0, ema_fake=1.0).item() == pytest.approx(0.5 * 1.0 + 0.5 * (9 + 1))
+    with pytest.raises(ValueError, match="unknown disc_loss 'wgan'"):
+        disc_loss_fn('wgan', real, fake)
+
+
+def test_adaptive_gan_weight_is_gradient_norm_ratio():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    rec = (3 * w).sum()  # grad (3, 3), norm 3*sqrt(2)
+    gan = (w ** 2).sum()  # grad (2, 4), norm sqrt(20)
+    assert adaptive_gan_weight(rec, gan, w).item() == pytest.approx(3 * math.sqrt(2) / (math.sqrt(20) + 1e-4), rel=1e-6)
+
+
+def test_lpips_random_backbone_builds_offline():
+    model = make_lpips(random_backbone=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    d_same, d_other = model(x, x), model(x, torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert d_same.abs().max().item() < 1e-6 and (d_other > 0).all()
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_lr_annealing_matches_fvq_table6():
+    f = lambda it, kind='annealing': lr_multiplier(it, 1000, kind, warmup_frac=0.1, constant_frac=0.3)
+    assert f(0) == pytest.approx(0.005)  # warmup from 0.005x
+    assert f(50) == pytest.approx(0.005 + 0.995 * 0.5)
+    assert f(100) == pytest.approx(1.0) and f(399) == pytest.approx(1.0)  # constant 30%
+    assert f(400) == pytest.approx(1.0) and f(700) == pytest.approx(1 - 0.99 * 0.5)  # linear decay 60%
+    assert f(1000) == pytest.approx(0.01)
+    assert f(100, 'cosine') == pytest.approx(1.0) and f(1000, 'cosine') == pytest.approx(0.01)
+    assert f(550, 'cosine') == pytest.approx(0.505)
+    assert f(123, 'constant') == 1.0
+    with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
+        f(1, 'step')
+
+
+def test_procedural_dataset_is_deterministic_and_labelled():
+    train, held_out = make_dataset('', 32, train=True), make_dataset('', 32, train=False)
+    assert len(train) == 10000 and len(held_out) == 500 and train.num_classes == 10
+    a, b = train[(3, 7)], train[(3, 7)]
+    assert torch.equal(a[0], b[0]) and a[1] == 3
+    assert a[0].shape == (3, 32, 32) and a[0].min() >= -1 and a[0].max() <= 1
+    assert not torch.equal(train[(3, 7)][0], held_out[3][0])  # the held-out split draws other images
+    labels = {train[i][1] for i in range(20)}
+    assert labels == set(range(10))
+    flips = [torch.equal(train[(5, s)][0], train[5][0].flip(-1)) or torch.equal(train[(5, s)][0], train[5][0])
+             for s in range(8)]
+    assert all(flips)  # training augmentation is a horizontal flip of the same drawing
+
+
+def make_folder(root, n_per_class=3, size=40, corrupt=True):
+    rng = np.random.default_rng(0)
+    for c in ('cat', 'ant'):
+        os.makedirs(root / c)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+    if corrupt:
+        (root / 'cat' / 'broken.jpg').write_bytes(b'not a jpeg at all')
+    return root
+
+
+def test_image_folder_reads_crops_and_skips_corrupt_images(tmp_path):
+    root = make_folder(tmp_path / 'data')
+    ds = make_dataset(str(root), 32, train=True)
+    assert ds.num_classes == 2 and len(ds) == 7
+    assert [label for _, label in ds.samples] == [0, 0, 0, 1, 1, 1, 1]  # 'ant' < 'cat', sorted
+    broken = next(i for i, (p, _) in enumerate(ds.samples) if p.endswith('broken.jpg'))
+    with pytest.warns(UserWarning, match='broken.jpg'):
+        assert ds[broken] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        images, labels, skipped = collate([ds[(i, i)] for i in range(len(ds))])
+    assert images.shape == (6, 3, 32, 32) and skipped == 1 and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    eval_ds = make_dataset(str(root), 32, train=False)
+    assert torch.equal(eval_ds[0][0], eval_ds[0][0])
+    with pytest.raises(FileNotFoundError, match='is not a directory'):
+        make_dataset(str(tmp_path / 'missing'), 32, train=True)
+    os.makedirs(tmp_path / 'empty' / 'x')
+    with pytest.raises(FileNotFoundError, match='has no images'):
+        make_dataset(str(tmp_path / 'empty'), 32, train=True)
+
+
+def test_real_imagenet_sample_center_crop():
+    root = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'imagenet_1k_samples')
+    ds = make_dataset(root, 64, train=False)
+    assert ds.num_classes == 1000
+    image, label = ds[0]
+    assert image.shape == (3, 64, 64) and label == 0 and image.std() > 0.05
+
+
+def test_sharded_sampler_ranks_partition_the_global_batch():
+    single = iter(ShardedBatchSampler(10, batch_size=4, seed=3))
+    rank0 = iter(ShardedBatchSampler(10, batch_size=2, rank=0, world_size=2, seed=3))
+    rank1 = iter(ShardedBatchSampler(10, batch_size=2, rank=1, world_size=2, seed=3))
+    steps = [next(single) for _ in range(6)]  # crosses epoch boundaries (10 items, 4 per step)
+    for step in steps:
+        assert next(rank0) + next(rank1) == step
+    first_epoch = [k[0] for s in steps[:2] for k in s] + [k[0] for k in steps[2][:2]]
+    assert sorted(first_epoch) == list(range(10))  # each epoch is a permutation
+    resumed = iter(ShardedBatchSampler(10, batch_size=4, seed=3, start_step=4))
+    assert next(resumed) == steps[4] and next(resumed) == steps[5]
+
+
+def test_save_image_grid(tmp_path):
+    images = torch.linspace(-1, 1, 6 * 3 * 4 * 4).reshape(6, 3, 4, 4)
+    save_image_grid(images, str(tmp_path / 'grid.png'), nrow=3)
+    grid = np.asarray(Image.open(tmp_path / 'grid.png'))
+    assert grid.shape == (8, 12, 3)
+    assert grid[0, 0, 0] == 0 and grid[-1, -1, -1] == 255

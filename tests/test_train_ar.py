@@ -1,0 +1,274 @@
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from tokenizer import Tokenizer, atomic_save
+from train_ar import GPT, GPT_PRESETS, gpt_model_args, rope_2d_angles, ffn_hidden_size
+from sample import generate
+
+TINY_TOKENIZER = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, quantizer='vq', codebook_size=64,
+                      code_dim=8)
+
+
+def save_tiny_tokenizer(path, quantizer_args=None, image_size=32):
+    """A random tiny tokenizer checkpoint (32px -> 16x16 codes, K = 64), as train_tokenizer.py would write it."""
+    torch.manual_seed(0)
+    model_args = dict(TINY_TOKENIZER, quantizer_args=quantizer_args)
+    model = Tokenizer(**model_args)
+    atomic_save({'model': model.state_dict(), 'model_args': model_args, 'iter_num': 0,
+                 'config': {'image_size': image_size, 'data_dir': ''}}, str(path))
+    return str(path)
+
+
+def run_script(*args, check=True):
+    # one thread per script: the models are tiny, and CI's 2 cores are shared with the pytest process
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def tiny_gpt(adaln=False, K=64, grid=4, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(K, 10, grid, grid, n_layer=2, n_head=2, n_embd=32, adaln=adaln).eval()
+    # the zero-initialised head (and adaLN-Zero) would make every logit 0 and every argmax 0: randomise them
+    torch.nn.init.normal_(model.output.weight, std=1.0)
+    for name, p in model.named_parameters():
+        if 'adaln' in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+def test_presets_match_llamagen_sizes():
+    expected = {'B': 111e6, 'L': 343e6, 'XL': 775e6, 'XXL': 1.4e9}  # LlamaGen's counts at K = 16,384
+    for name, count in expected.items():
+        with torch.device('meta'):
+            model = GPT(**gpt_model_args(16384, 1000, 16, 16, name, dropout=0.1))
+        n = sum(p.numel() for p in model.parameters())
+        assert abs(n - count) / count < 0.02, (name, n)
+        assert model.n_embd // model.n_head == 64
+    assert ffn_hidden_size(768) == 2048 and ffn_hidden_size(1280) == 3584  # 2/3 * 4 * dim, up to a multiple of 256
+
+
+@pytest.mark.parametrize('name', sorted(GPT_PRESETS))
+@pytest.mark.parametrize('adaln', [False, True])
+def test_shapes_for_every_preset(name, adaln):
+    torch.manual_seed(0)
+    heads = GPT_PRESETS[name]['n_head']
+    model = GPT(**gpt_model_args(50, 7, 3, 4, name, n_layer=2, n_embd=4 * heads, adaln=adaln))
+    assert model.n_head == heads and len(model.layers) == 2
+    codes = torch.randint(0, 50, (3, 12))
+    labels = torch.tensor([0, 6, 7])  # 7 = the null class
+    logits, loss = model(labels, codes[:, :-1], targets=codes)
+    assert logits.shape == (3, 12, 50) and loss.ndim == 0
+    assert torch.isclose(loss, torch.tensor(np.log(50.0), dtype=loss.dtype), atol=1e-4)  # zero head: uniform
+    loss.backward()
+    assert model.tok_embeddings.weight.grad is not None
+    assert all(not n.endswith('bias') or 'adaln' in n for n, _ in model.named_parameters())  # no biases (but adaLN)
+
+
+def test_causal_mask():
+    model = tiny_gpt()
+    labels = torch.tensor([1, 2])
+    codes = torch.randint(0, 64, (2, 15))
+    logits = model(labels, codes)  # (2, 16, K): input i holds code i-1
+    changed = codes.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 64  # codes 7.. are inputs 8..
+    logits2 = model(labels, changed)
+    assert torch.equal(logits[:, :8], logits2[:, :8])
+    assert not torch.allclose(logits[:, 8], logits2[:, 8])
+
+
+def test_class_token_has_a_real_position():
+    angles = rope_2d_angles(3, 4, 16)  # (12, 8): 4 row frequencies then 4 column frequencies
+    assert angles.shape == (12, 8) and torch.equal(angles[0], torch.zeros(8))  # class token at (0, 0): no rotation
+    freqs = angles[1, :4]  # code 0 sits at (1, 1)
+    r, c = divmod(6, 4)  # code 6 = input 7
+    torch.testing.assert_close(angles[7, :4], (r + 1) * freqs)
+    torch.testing.assert_close(angles[7, 4:], (c + 1) * freqs)
+    model = tiny_gpt()  # the class token's output depends on its own key: it is not zeroed as in LlamaGen
+    block = model.layers[0].attention
+    x = torch.randn(1, 1, 32)
+    q, k, _ = block.qkv(x).reshape(1, 1, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    from train_ar import apply_rope
+    assert torch.equal(apply_rope(k, model.rope_cos[:1], model.rope_sin[:1]), k) and k.abs().sum() > 0
+
+
+def test_class_dropout_uses_null_class():
+    model = tiny_gpt()
+    model.train()
+    model.class_dropout = 1.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    codes = torch.randint(0, 64, (2, 15))
+    dropped = model(torch.tensor([3, 4]), codes)
+    model.eval()
+    null = model(torch.tensor([10, 10]), codes)
+    assert torch.equal(dropped, null)
+
+
+@pytest.mark.parametrize('adaln', [False, True])
+@pytest.mark.parametrize('cfg_scale', [1.0, 3.0])
+def test_kv_cache_greedy_equals_full_recompute(adaln, cfg_scale):
+    model = tiny_gpt(adaln=adaln)
+    labels = torch.tensor([0, 3, 9])
+    cached = generate(model, labels, cfg_scale=cfg_scale, top_k=1)
+    codes = torch.empty(3, 0, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(model.seq_len):  # recompute the whole prefix at every step
+            logits = model(labels, codes)[:, -1]
+            if cfg_scale != 1.0:
+                uncond = model(torch.full_like(labels, 10), codes)[:, -1]
+                logits = uncond + cfg_scale * (logits - uncond)
+            codes = torch.cat([codes, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, codes)
+    assert len(codes.unique()) > 1  # a non-trivial sequence
+
+
+@pytest.mark.parametrize('adaln', [False, True])
+def test_kv_cache_multi_token_steps_equal_full_forward(adaln):
+    model = tiny_gpt(adaln=adaln)
+    labels = torch.tensor([4, 10])
+    codes = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        full = model(labels, codes)  # (2, 13, K)
+        model.setup_kv_cache(2)
+        prefill = model(labels, codes[:, :5], start_pos=0)  # class token + 5 codes: inputs 0..5
+        middle = model(labels, codes[:, 5:9], start_pos=6)  # inputs 6..9, a masked block through the cache
+        last = model(labels, codes[:, 9:12], start_pos=10)
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat([prefill, middle, last], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the training script
+
+@pytest.fixture(scope='module')
+def codes_setup(tmp_path_factory):
+    """Tiny tokenizer + its codes (20 built-in images x 2 flip views), extracted once by train_ar.py (max_iters=0)."""
+    root = tmp_path_factory.mktemp('ar')
+    tok = save_tiny_tokenizer(root / 'tok.pt')
+    codes_dir = str(root / 'codes')
+    run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', f'--out_dir={root / "x"}',
+               '--device=cpu', '--num_images=20', '--ten_crop=False', '--num_workers=0', '--max_iters=0')
+    return root, tok, codes_dir
+
+
+TINY_RUN = ['--device=cpu', '--ar_model=B', '--n_layer=2', '--n_head=2', '--n_embd=32', '--batch_size=4',
+            '--learning_rate=3e-3', '--base_batch_size=4', '--num_workers=0', '--log_interval=1']
+
+
+def losses_of(stdout):
+    return [float(x) for x in re.findall(r'loss ([0-9.]+)', stdout)]
+
+
+def test_codes_extraction(codes_setup):
+    root, tok, codes_dir = codes_setup
+    codes = np.load(os.path.join(codes_dir, 'codes.npy'))
+    labels = np.load(os.path.join(codes_dir, 'labels.npy'))
+    meta = json.load(open(os.path.join(codes_dir, 'meta.json')))
+    assert codes.dtype == np.uint16 and codes.shape == (40, 256) and labels.shape == (40,)
+    assert meta['grid_h'] == meta['grid_w'] == 16 and meta['codebook_size'] == 64 and not meta['vcq']
+    assert not os.path.exists(os.path.join(codes_dir, 'codebook_sizes.npy'))
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(20) % 10, 2))
+    # the views are the image and its flip: encode image 3 here and compare
+    from tokenizer import load_tokenizer, make_dataset
+    tokenizer = load_tokenizer(tok)
+    image = make_dataset('', 32, train=False, num_images=20)[3][0][None]
+    both = tokenizer.encode(torch.cat([image, image.flip(-1)])).reshape(2, 256)
+    np.testing.assert_array_equal(codes[6:8], both.numpy())
+    # other settings against the same folder are refused
+    result = run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', '--num_images=30',
+                        f'--out_dir={root / "y"}', '--device=cpu', '--ten_crop=False', '--max_iters=0', check=False)
+    assert result.returncode != 0 and 'num_images' in result.stderr and 'different settings' in result.stderr
+
+
+def test_resume_equals_uninterrupted(codes_setup, tmp_path):
+    root, tok, codes_dir = codes_setup
+    common = [f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', '--ten_crop=False', '--num_images=20',
+              '--lr_schedule=constant', *TINY_RUN]
+    full = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "full"}', '--max_iters=6')
+    first = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=3')
+    resumed = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=6',
+                         '--init_from=resume')
+    assert 'resumed from' in resumed.stdout and len(losses_of(resumed.stdout)) == 3
+    assert losses_of(full.stdout) == losses_of(first.stdout) + losses_of(resumed.stdout)
+    assert losses_of(full.stdout)[-1] < losses_of(full.stdout)[0]  # it learns
+    a = torch.load(tmp_path / 'full' / 'ckpt.pt', weights_only=False)
+    b = torch.load(tmp_path / 'half' / 'ckpt.pt', weights_only=False)
+    assert a['iter_num'] == b['iter_num'] == 6
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), key
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in a['model'])
+    # the optimiser decays matrices only: the null class, norms and adaLN are in the no-decay group
+    groups = a['optimizer']['param_groups']
+    assert groups[0]['weight_decay'] == 0.05 and groups[1]['weight_decay'] == 0.0
+    assert len(groups[1]['params']) == 2 * 2 + 1 + 1  # 2 norms per block, final norm, null class
+    # a different model is refused, naming the differing keys
+    bad = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=8', '--init_from=resume',
+                     '--n_embd=64', check=False)
+    assert bad.returncode != 0 and 'n_embd' in bad.stderr and 'differing model keys' in bad.stderr
+
+
+def test_class_id_out_of_range_is_an_error(codes_setup, tmp_path):
+    root, tok, codes_dir = codes_setup
+    result = run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', '--ten_crop=False',
+                        '--num_images=20', '--num_classes=5', f'--out_dir={tmp_path}', *TINY_RUN, '--max_iters=1',
+                        check=False)
+    assert result.returncode != 0 and 'class id 9' in result.stderr and 'out of range' in result.stderr
+
+
+def test_whole_chain_tokenizer_codes_gpt_samples(tmp_path):
+    """tokenizer checkpoint -> ten-crop codes -> train_ar.py -> sample.py -> evaluate.py --mode=gen, all on CPU."""
+    tok = save_tiny_tokenizer(tmp_path / 'tok.pt')
+    out = tmp_path / 'ar'
+    train = run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--out_dir={out}', '--num_images=10', *TINY_RUN,
+                       '--max_iters=4')
+    assert len(losses_of(train.stdout)) == 4 and 'MFU n/a' in train.stdout
+    codes = np.load(out / 'codes' / 'codes.npy', mmap_mode='r')
+    assert codes.shape == (100, 256)  # 10 images x 10 crops
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ckpt['codebook_sizes'] is None and ckpt['tokenizer_ckpt'] == tok
+    run_script('sample.py', f'--ckpt={out / "ckpt.pt"}', '--num_samples=5', '--batch_size=5', '--cfg_scale=2.0',
+               '--cfg_schedule=cosine', '--cfg_power=1.5', '--top_k=20', '--grid_classes=(1, 4)',
+               '--grid_per_class=2', '--device=cpu')
+    with np.load(out / 'samples.npz') as f:
+        assert f['arr_0'].shape == (5, 32, 32, 3) and f['arr_0'].dtype == np.uint8
+        np.testing.assert_array_equal(f['arr_1'], np.arange(5) % 10)
+    from PIL import Image
+    assert Image.open(out / 'samples_grid.png').size == (2 * 32, 2 * 32)
+    if os.path.isfile(os.path.join(ROOT, 'evaluate.py')):
+        import evaluate
+        torch.manual_seed(0)
+        torch.save(evaluate.FIDInceptionV3().state_dict(), tmp_path / 'inception_random.pth')
+        result = run_script('evaluate.py', '--mode=gen', f'--samples={out / "samples.npz"}',
+                            f'--ref={out / "samples.npz"}', f'--inception_weights={tmp_path / "inception_random.pth"}',
+                            f'--out_dir={tmp_path / "eval"}', '--device=cpu', '--is_splits=1', '--ref_cache=False')
+        results = json.load(open(tmp_path / 'eval' / 'eval_gen.json'))
+        assert results['num_samples'] == 5 and np.isfinite(results['fid']), result.stdout
+
+
+# -----------------------------------------------------------------------------
+# bench.py's AR branches
+
+def test_bench_ar_and_sample_tiny_cpu():
+    ar = run_script('bench.py', '--what=ar', '--ar_model=B', '--n_layer=2', '--n_embd=48', '--ar_batch=2',
+                    '--codebook_size=64', '--warmup_steps=1', '--steps=2', '--device=cpu')
+    last = ar.stdout.strip().splitlines()[-1]
+    assert re.match(r'ar preset=B batch=2 device=cpu: [0-9.]+ tok/s, [0-9.]+ ms/iter, MFU n/a', last), last
+    smp = run_script('bench.py', '--what=sample', '--ar_model=B', '--n_layer=2', '--n_embd=48', '--ar_batch=2',
+                     '--codebook_size=64', '--ar_tokens=16', '--warmup_steps=0', '--steps=1', '--device=cpu')
+    last = smp.stdout.strip().splitlines()[-1]
+    assert re.match(r'sample preset=B batch=2 cfg=2.0 tokens=16 device=cpu: [0-9.]+ images/s', last), last

@@ -1,0 +1,469 @@
+"""
+The image tokenizer: a VQGAN encoder/decoder (LlamaGen VQ-16 layout) around a quantizer from quantizers.py,
+the PatchGAN discriminator with its GAN/LeCAM losses and LPIPS, and the pieces every stage script shares:
+the image datasets, the learning-rate schedule, atomic checkpoint writes and checkpoint loading.
+Images are float tensors in [-1, 1], shape (B, 3, H, W).
+"""
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from quantizers import make_quantizer
+
+# -----------------------------------------------------------------------------
+# VQGAN encoder / decoder (LlamaGen VQ-16: GroupNorm(32, eps 1e-6), swish, attention at the lowest resolution)
+
+def Normalize(channels):
+    # 32 groups as LlamaGen at its widths (>= 128 channels); narrow test/smoke models keep >= 4 channels per
+    # group, since one channel per group is InstanceNorm and strips each channel's mean (the image's colour)
+    return nn.GroupNorm(math.gcd(channels, min(32, max(1, channels // 4))), channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, dropout=0.0):
+        super().__init__()
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all spatial positions."""
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        return x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 2, 0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as taming/LlamaGen
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+
+
+class Encoder(nn.Module):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels, dropout):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level, mult in enumerate(ch_mult):
+            stage = nn.Module()
+            stage.res = nn.ModuleList()
+            stage.attn = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                stage.res.append(ResnetBlock(block_in, ch * mult, dropout))
+                block_in = ch * mult
+                if level == len(ch_mult) - 1:
+                    stage.attn.append(AttnBlock(block_in))
+            stage.downsample = Downsample(block_in) if level < len(ch_mult) - 1 else nn.Identity()
+            self.down.append(stage)
+        self.mid = nn.Sequential(ResnetBlock(block_in, block_in, dropout), AttnBlock(block_in),
+                                 ResnetBlock(block_in, block_in, dropout))
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for stage in self.down:
+            for i, res in enumerate(stage.res):
+                h = res(h)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            h = stage.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, H/ds, W/ds)
+
+
+class Decoder(nn.Module):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels, dropout):
+        super().__init__()
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
+        self.mid = nn.Sequential(ResnetBlock(block_in, block_in, dropout), AttnBlock(block_in),
+                                 ResnetBlock(block_in, block_in, dropout))
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):  # lowest resolution first
+            stage = nn.Module()
+            stage.res = nn.ModuleList()
+            stage.attn = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                stage.res.append(ResnetBlock(block_in, ch * mult, dropout))
+                block_in = ch * mult
+                if level == len(ch_mult) - 1:
+                    stage.attn.append(AttnBlock(block_in))
+            stage.upsample = Upsample(block_in) if level > 0 else nn.Identity()
+            self.up.append(stage)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, 3, 3, 1, 1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for stage in self.up:
+            for i, res in enumerate(stage.res):
+                h = res(h)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+
+
+class Tokenizer(nn.Module):
+    """image -> encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder -> image."""
+    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, dropout=0.0,
+                 quantizer='vq', codebook_size=16384, code_dim=8, quantizer_args=None):
+        super().__init__()
+        self.downsample = 2 ** (len(ch_mult) - 1)
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
+        self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
+        self.quantizer = make_quantizer(quantizer, codebook_size, code_dim, **(quantizer_args or {}))
+        self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 1)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
+
+    def forward(self, images):
+        z = self.quant_conv(self.encoder(images))  # (B, code_dim, h, w)
+        z_q, quant_loss, info = self.quantize(z)
+        return self.decode_latent(z_q), quant_loss, info
+
+    def quantize(self, z):
+        # float32 even under bf16 autocast: bf16 distances cannot separate the nearest of 262,144 codes
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.quantizer(z.float())
+
+    def decode_latent(self, z_q):
+        return self.decoder(self.post_quant_conv(z_q))
+
+    @torch.no_grad()
+    def encode(self, images):
+        z = self.quant_conv(self.encoder(images))
+        return self.quantize(z)[2]['indices']  # (B, h, w)
+
+    @torch.no_grad()
+    def decode(self, indices):
+        return self.decode_latent(self.quantizer.lookup(indices))  # (B, h, w) -> (B, 3, H, W)
+
+    def last_layer(self):
+        return self.decoder.conv_out.weight
+
+
+def load_tokenizer(path, map_location='cpu'):
+    """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer checkpoint '{path}' does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    for key in ('model', 'model_args'):
+        if key not in ckpt:
+            raise ValueError(f"'{path}' is not a tokenizer checkpoint: it has no '{key}' entry")
+    model = Tokenizer(**ckpt['model_args'])
+    model.load_state_dict(ckpt['model'])
+    return model.to(map_location).eval()
+
+# -----------------------------------------------------------------------------
+# PatchGAN discriminator (taming/LlamaGen N-layer), GAN losses, LeCAM, LPIPS
+
+class PatchDiscriminator(nn.Module):
+    def __init__(self, in_channels=3, ch=64, n_layers=3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ch * prev, ch * mult, 4, stride, 1, bias=False), nn.BatchNorm2d(ch * mult),
+                       nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ch * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # taming's weights_init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)  # (B, 1, h', w') patch logits
+
+
+def disc_loss_fn(kind, logits_real, logits_fake):
+    if kind == 'hinge':
+        return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    if kind == 'non_saturating':
+        return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+    raise ValueError(f"unknown disc_loss '{kind}' (expected 'hinge' or 'non_saturating')")
+
+
+def gen_loss_fn(kind, logits_fake):
+    if kind == 'hinge':
+        return -logits_fake.mean()
+    if kind == 'non_saturating':
+        return F.softplus(-logits_fake).mean()
+    raise ValueError(f"unknown gen_loss '{kind}' (expected 'hinge' or 'non_saturating')")
+
+
+def lecam_loss(logits_real, logits_fake, ema_real, ema_fake):
+    """LeCAM regulariser (Tseng et al. 2021): keeps D's predictions near the EMA of the opposite side's."""
+    return F.relu(logits_real - ema_fake).pow(2).mean() + F.relu(ema_real - logits_fake).pow(2).mean()
+
+
+def adaptive_gan_weight(rec_loss, gen_loss, last_layer):
+    """taming's balance: ||grad rec|| / ||grad gan|| at the decoder's last layer."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gen_grad = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def make_lpips(random_backbone=False):
+    """LPIPS-VGG. The standard path downloads torchvision's VGG16 weights once; random_backbone=True builds
+    the VGG trunk with random weights (nothing is downloaded) for tests and offline smoke runs: the loss is
+    then a random-feature distance, not a perceptual one."""
+    import lpips
+    model = lpips.LPIPS(net='vgg', pretrained=True, pnet_rand=random_backbone, verbose=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+# -----------------------------------------------------------------------------
+# data: an ImageFolder reader and a built-in procedural dataset (no download), deterministic augmentation
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's center crop: BOX-halve while large, BICUBIC so the short side is image_size, crop the center."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
+def random_crop_arr(pil_image, image_size, rng, min_crop_frac=0.8):
+    """ADM/LlamaGen's random crop: short side resized to a random size in [S, S/min_crop_frac], random crop."""
+    short = rng.integers(image_size, math.ceil(image_size / min_crop_frac) + 1)
+    while min(*pil_image.size) >= 2 * short:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = short / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    top = rng.integers(0, arr.shape[0] - image_size + 1)
+    left = rng.integers(0, arr.shape[1] - image_size + 1)
+    return arr[top: top + image_size, left: left + image_size]
+
+
+def to_tensor(arr):
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)  # (H,W,3) uint8 -> (3,H,W)
+
+
+def split_key(key):
+    """Items are addressed by index or by (index, augmentation seed); see ShardedBatchSampler."""
+    return key if isinstance(key, tuple) else (key, key)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    def __init__(self, root, image_size, train):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data_dir '{root}' is not a directory (expected root/<class>/<image files>)")
+        classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.samples = [(os.path.join(root, c, f), label) for label, c in enumerate(classes)
+                        for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.samples:
+            raise FileNotFoundError(f"data_dir '{root}' has no images in class folders ({', '.join(IMAGE_EXTENSIONS)})")
+        self.num_classes, self.image_size, self.train = len(classes), image_size, train
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, aug_seed = split_key(key)
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert('RGB')
+        except Exception as e:  # unreadable or corrupt: skipped by collate, counted by the caller
+            warnings.warn(f"skipping unreadable image {path}: {e}")
+            return None
+        if self.train:
+            rng = np.random.default_rng(aug_seed)
+            arr = random_crop_arr(img, self.image_size, rng)
+            if rng.random() < 0.5:
+                arr = arr[:, ::-1]
+        else:
+            arr = center_crop_arr(img, self.image_size)
+        return to_tensor(arr), label
+
+
+class ProceduralImages(torch.utils.data.Dataset):
+    """Coloured shapes, stripes, gradients and textures in 10 classes, drawn on the fly from a per-image seed:
+    deterministic, nothing stored on disk. The held-out split draws from a disjoint seed range."""
+    classes = ('circle', 'square', 'triangle', 'ring', 'hstripes', 'vstripes', 'checker', 'gradient',
+               'radial', 'waves')
+
+    def __init__(self, image_size, train, num_images=None):
+        self.image_size, self.train = image_size, train
+        self.num_images = num_images or (10000 if train else 500)
+        self.num_classes = len(self.classes)
+
+    def __len__(self):
+        return self.num_images
+
+    def draw(self, index):
+        rng = np.random.default_rng(index + (0 if self.train else 10_000_000))
+        label = index % self.num_classes
+        S = self.image_size
+        y, x = np.mgrid[0:S, 0:S].astype(np.float32) / S  # (S, S) each
+        bg, fg = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
+        cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
+        freq, phase, angle = rng.uniform(3, 8), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
+        dist = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+        name = self.classes[label]
+        if name == 'circle':
+            t = dist < r
+        elif name == 'square':
+            t = (np.abs(x - cx) < r) & (np.abs(y - cy) < r)
+        elif name == 'triangle':
+            t = (y < cy + r) & (np.abs(x - cx) < (y - cy + r) / 2)
+        elif name == 'ring':
+            t = (dist < r) & (dist > 0.6 * r)
+        elif name == 'hstripes':
+            t = np.sin(2 * np.pi * freq * y + phase) > 0
+        elif name == 'vstripes':
+            t = np.sin(2 * np.pi * freq * x + phase) > 0
+        elif name == 'checker':
+            t = (np.floor(x * freq) + np.floor(y * freq)) % 2 == 0
+        elif name == 'gradient':
+            t = ((x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle)) / 1.42 + 0.5
+        elif name == 'radial':
+            t = np.clip(dist / (2 * r), 0, 1)
+        else:  # waves: a smooth texture of two crossed sinusoids
+            t = 0.5 + 0.25 * (np.sin(2 * np.pi * freq * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+                              + np.sin(2 * np.pi * freq * 0.5 * (x - y)))
+        t = t.astype(np.float32)[..., None]  # (S, S, 1) weight of the foreground colour
+        img = bg * (1 - t) + fg * t + rng.normal(0, 0.02, (S, S, 3)).astype(np.float32)
+        return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), label
+
+    def __getitem__(self, key):
+        index, aug_seed = split_key(key)
+        arr, label = self.draw(index)
+        if self.train and np.random.default_rng(aug_seed).random() < 0.5:
+            arr = arr[:, ::-1]
+        return to_tensor(arr), label
+
+
+def make_dataset(data_dir, image_size, train, num_images=0):
+    """data_dir '' is the built-in procedural dataset (num_images: its size, 0 = default)."""
+    if data_dir == '':
+        return ProceduralImages(image_size, train, num_images or None)
+    return ImageFolder(data_dir, image_size, train)
+
+
+def collate(batch):
+    """Drops unreadable images: -> (images (B,3,S,S), labels (B,), number skipped)."""
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch)
+    images, labels = zip(*kept)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), len(batch) - len(kept)
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Endless stream of per-rank batches. One global order (a fresh permutation per epoch from `seed`) is cut
+    into global batches of world_size * batch_size; rank r takes slice r of each. So the data a run sees is a
+    function of the step alone: N ranks see exactly what one process with the global batch sees, and a resumed
+    run continues at `start_step`. Each item carries its own augmentation seed for the same reason."""
+    def __init__(self, num_items, batch_size, rank=0, world_size=1, seed=0, start_step=0):
+        self.num_items, self.batch_size, self.rank, self.world_size = num_items, batch_size, rank, world_size
+        self.seed, self.start_step = seed, start_step
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.world_size
+        position = self.start_step * global_batch + self.rank * self.batch_size
+        epoch, order = -1, None
+        while True:
+            keys = []
+            for p in range(position, position + self.batch_size):
+                if p // self.num_items != epoch:
+                    epoch = p // self.num_items
+                    order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
+                keys.append((int(order[p % self.num_items]), (self.seed, p)))
+            yield keys
+            position += global_batch
+
+
+# -----------------------------------------------------------------------------
+# shared by the training scripts: learning-rate schedule, atomic writes, image grids
+
+def lr_multiplier(it, max_iters, schedule, warmup_frac, constant_frac, warmup_start=0.005, final_ratio=0.01):
+    """FVQ's "learning annealing" (Table 6): warmup from warmup_start to 1 over warmup_frac of training,
+    constant for constant_frac, then linear decay to final_ratio. 'cosine' decays to final_ratio after the
+    same warmup; 'constant' is the baselines' flat schedule."""
+    if schedule not in ('annealing', 'cosine', 'constant'):
+        raise ValueError(f"unknown lr_schedule '{schedule}' (expected 'annealing', 'cosine' or 'constant')")
+    if schedule == 'constant':
+        return 1.0
+    warmup_iters = warmup_frac * max_iters
+    if it < warmup_iters:
+        return warmup_start + (1.0 - warmup_start) * it / warmup_iters
+    if schedule == 'annealing':
+        decay_start = (warmup_frac + constant_frac) * max_iters
+        if it < decay_start:
+            return 1.0
+        progress = min(1.0, (it - decay_start) / max(1.0, max_iters - decay_start))
+        return 1.0 + (final_ratio - 1.0) * progress
+    progress = min(1.0, (it - warmup_iters) / max(1.0, max_iters - warmup_iters))
+    return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then rename: a run killed mid-write never leaves a truncated checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_image_grid(images, path, nrow):
+    """images (N, 3, H, W) in [-1, 1] -> one PNG, nrow images per row."""
+    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    N, _, H, W = images.shape
+    ncol = math.ceil(N / nrow)
+    grid = torch.zeros(3, ncol * H, nrow * W, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = images[i]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)

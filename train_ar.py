@@ -1,0 +1,595 @@
+"""
+The AR stage: a LlamaGen GPT (class-conditional, next-token prediction over a frozen tokenizer's codes) and its
+training. The model section below is imported by sample.py and bench.py; the training script runs only as a script.
+One GPU or CPU:
+    python train_ar.py config/ar_smoke.py
+DDP on one node (global batch split across ranks):
+    torchrun --standalone --nproc_per_node=8 train_ar.py config/ar_gpt_b.py
+The first run encodes the training images once into codes_dir (default out_dir/codes) as .npy memmaps; later runs
+(and other GPT sizes pointed at the same codes_dir) reuse them.
+"""
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# LlamaGen GPT: pre-norm RMSNorm, SwiGLU, causal attention with 2D RoPE, no biases, class token as the prefix
+
+GPT_PRESETS = {  # LlamaGen's GPT sizes (head dim 64); parameter counts at K = 16,384 and 1000 classes
+    'B': dict(n_layer=12, n_head=12, n_embd=768),  # 111M
+    'L': dict(n_layer=24, n_head=16, n_embd=1024),  # 343M
+    'XL': dict(n_layer=36, n_head=20, n_embd=1280),  # 775M
+    'XXL': dict(n_layer=48, n_head=24, n_embd=1536),  # 1.4B
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x_float = x.float()  # the mean square in fp32 even under bf16 autocast
+        return (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_2d_angles(grid_h, grid_w, head_dim, base=10000.0):
+    """Rotation angles (T, head_dim // 2) for the T = grid_h * grid_w inputs of one sequence: the class token at input
+    0, then the codes in raster order (input i >= 1 holds code i - 1). Half the rotary pairs rotate with the row, half
+    with the column. The class token sits at (row 0, col 0) and code (r, c) at (r + 1, c + 1): a proper position one
+    step above-left of the grid. (LlamaGen instead gives the class token cos = sin = 0, which zeroes its q and k so
+    no query can attend to it by content; we do not copy that.) Only the last code is never an input, so T rows."""
+    if head_dim % 4 != 0:
+        raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freqs = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (head_dim/4,) per axis
+    codes = torch.arange(grid_h * grid_w - 1)
+    rows = torch.cat([torch.zeros(1), (codes // grid_w + 1).double()])  # (T,)
+    cols = torch.cat([torch.zeros(1), (codes % grid_w + 1).double()])
+    return torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1).float()  # (T, head_dim/2)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, H, L, head_dim); adjacent channels (2i, 2i+1) form rotary pair i; cos/sin (L, head_dim/2)
+    x_pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, n_embd // n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.k_cache = self.v_cache = None  # (B, H, max_len, head_dim) each while generating
+
+    def forward(self, x, cos, sin, start_pos=None):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if start_pos is None:  # training / full recompute: plain causal attention over the L inputs
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # generation: write this step's keys/values into the static cache, attend to everything so far
+            end = start_pos + L
+            self.k_cache[:, :, start_pos:end] = k
+            self.v_cache[:, :, start_pos:end] = v
+            keys, values = self.k_cache[:, :, :end], self.v_cache[:, :, :end]
+            mask = None
+            if L > 1:  # a multi-token prefill: input i may see cache entries <= start_pos + i
+                positions = torch.arange(end, device=x.device)
+                mask = positions[None, :] <= positions[start_pos:, None]  # (L, end)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
+        return self.resid_dropout(self.proj(y))
+
+
+def ffn_hidden_size(n_embd, multiple_of=256):
+    # LlamaGen/Llama SwiGLU: 2/3 of 4 * dim, rounded up to a multiple of 256
+    hidden = int(2 * 4 * n_embd / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, n_embd, dropout):
+        super().__init__()
+        hidden = ffn_hidden_size(n_embd)
+        self.w1 = nn.Linear(n_embd, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(n_embd, hidden, bias=False)  # value
+        self.w2 = nn.Linear(hidden, n_embd, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. With adaln (IBQ section 4.2, DiT-style reading): the class embedding gives a
+    per-block shift/scale after each RMSNorm and a gate on each residual branch; the modulation layer is
+    zero-initialised, so each block starts as the identity (adaLN-Zero)."""
+    def __init__(self, n_embd, n_head, dropout, adaln):
+        super().__init__()
+        self.attention_norm = RMSNorm(n_embd)
+        self.attention = Attention(n_embd, n_head, dropout)
+        self.ffn_norm = RMSNorm(n_embd)
+        self.feed_forward = FeedForward(n_embd, dropout)
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(n_embd, 6 * n_embd)) if adaln else None
+
+    def forward(self, x, cond, cos, sin, start_pos=None):
+        if self.adaln is None:
+            x = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+            return x + self.feed_forward(self.ffn_norm(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond)[:, None].chunk(6, dim=-1)  # (B, 1, C) each
+        x = x + gate1 * self.attention(self.attention_norm(x) * (1 + scale1) + shift1, cos, sin, start_pos)
+        return x + gate2 * self.feed_forward(self.ffn_norm(x) * (1 + scale2) + shift2)
+
+
+class GPT(nn.Module):
+    """Class-conditional next-token model over codes 0..codebook_size-1 on a grid_h x grid_w raster.
+    Inputs: [class embedding, code_0, ..., code_{T-2}] -> logits for code_0 .. code_{T-1}, T = grid_h * grid_w.
+    Class num_classes is the learned null class (used for label dropout in training and for CFG)."""
+    def __init__(self, codebook_size, num_classes, grid_h, grid_w, n_layer=12, n_head=12, n_embd=768, dropout=0.1,
+                 token_dropout=0.1, class_dropout=0.1, adaln=False):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd {n_embd} is not divisible by n_head {n_head}")
+        self.codebook_size, self.num_classes, self.class_dropout = codebook_size, num_classes, class_dropout
+        self.grid_h, self.grid_w, self.seq_len = grid_h, grid_w, grid_h * grid_w
+        self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
+        self.class_embedding = nn.Embedding(num_classes, n_embd)
+        # the null class is a separate 1-D parameter so that it is not weight-decayed (it is seen in 10% of batches)
+        self.null_class_embedding = nn.Parameter(torch.empty(n_embd))
+        self.tok_embeddings = nn.Embedding(codebook_size, n_embd)
+        self.token_dropout = nn.Dropout(token_dropout)
+        self.layers = nn.ModuleList([Block(n_embd, n_head, dropout, adaln) for _ in range(n_layer)])
+        self.norm = RMSNorm(n_embd)
+        self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(n_embd, 2 * n_embd)) if adaln else None
+        self.output = nn.Linear(n_embd, codebook_size, bias=False)  # untied from tok_embeddings
+        angles = rope_2d_angles(grid_h, grid_w, n_embd // n_head)
+        self.register_buffer('rope_cos', angles.cos(), persistent=False)  # (T, head_dim/2)
+        self.register_buffer('rope_sin', angles.sin(), persistent=False)
+        # LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head; adaLN-Zero modulation
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, 'bias', None) is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.null_class_embedding, std=0.02)
+        nn.init.zeros_(self.output.weight)
+        for adaln in [block.adaln for block in self.layers] + [self.final_adaln]:
+            if adaln is not None:
+                nn.init.zeros_(adaln[1].weight)
+                nn.init.zeros_(adaln[1].bias)
+
+    def embed_classes(self, labels):
+        # labels (B,) in 0..num_classes (num_classes = null); training drops labels to null with p = class_dropout
+        if self.training and self.class_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.class_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        table = torch.cat([self.class_embedding.weight, self.null_class_embedding[None]])  # (num_classes + 1, C)
+        return F.embedding(labels, table)  # (B, C)
+
+    def forward(self, labels, codes=None, targets=None, start_pos=None):
+        """labels (B,); codes (B, L) long or None. Without start_pos: the inputs are [class, codes] at positions
+        0..L, causal attention, returns logits (B, L+1, K) (and the mean cross-entropy against targets (B, L+1) if
+        given). With start_pos (generation, after setup_kv_cache): start_pos == 0 prefills the class token (and any
+        codes); start_pos > 0 feeds codes at positions start_pos.. through the KV cache; logits for those inputs."""
+        cond = self.embed_classes(labels)  # (B, C)
+        x = self.tok_embeddings(codes) if codes is not None else cond[:, None][:, :0]  # (B, L, C)
+        if start_pos is None or start_pos == 0:
+            x = torch.cat([cond[:, None], x], dim=1)  # the class token is input 0
+        first = start_pos or 0
+        if first + x.shape[1] > self.seq_len:
+            raise ValueError(f"{first + x.shape[1]} inputs exceed the model's sequence length {self.seq_len}")
+        cos, sin = self.rope_cos[first:first + x.shape[1]], self.rope_sin[first:first + x.shape[1]]
+        x = self.token_dropout(x)
+        for block in self.layers:
+            x = block(x, cond, cos, sin, start_pos)
+        x = self.norm(x)
+        if self.final_adaln is not None:
+            shift, scale = self.final_adaln(cond)[:, None].chunk(2, dim=-1)
+            x = x * (1 + scale) + shift
+        logits = self.output(x).float()  # (B, L', K)
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def setup_kv_cache(self, batch_size, dtype=None, device=None):
+        """Preallocates a static (B, H, T, head_dim) key and value cache in every layer for one generation."""
+        param = self.output.weight
+        device = torch.device(device or param.device)
+        if dtype is None:  # the dtype the keys come out in: autocast's when it is on
+            on = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if on else param.dtype
+        for block in self.layers:
+            shape = (batch_size, self.n_head, self.seq_len, self.n_embd // self.n_head)
+            block.attention.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            block.attention.v_cache = torch.zeros_like(block.attention.k_cache)
+
+    def clear_kv_cache(self):
+        for block in self.layers:
+            block.attention.k_cache = block.attention.v_cache = None
+
+    def flops_per_token(self):
+        """nanoGPT's estimate for training (forward + backward): 6N + 12 L H Q T."""
+        N = sum(p.numel() for p in self.parameters())
+        return 6 * N + 12 * self.n_layer * self.n_head * (self.n_embd // self.n_head) * self.seq_len
+
+
+def gpt_model_args(codebook_size, num_classes, grid_h, grid_w, ar_model, n_layer=0, n_head=0, n_embd=0, **options):
+    """GPT(**args) for a preset name, with depth / heads / width overridden where given (0 = the preset's)."""
+    if ar_model not in GPT_PRESETS:
+        raise ValueError(f"unknown ar_model '{ar_model}'; expected one of {sorted(GPT_PRESETS)}")
+    preset = GPT_PRESETS[ar_model]
+    return dict(codebook_size=codebook_size, num_classes=num_classes, grid_h=grid_h, grid_w=grid_w,
+                n_layer=n_layer or preset['n_layer'], n_head=n_head or preset['n_head'],
+                n_embd=n_embd or preset['n_embd'], **options)
+
+
+def peak_bf16_flops(device):
+    """Dense bf16 peak of the GPU (for MFU), or 0 where unknown (CPU, other GPUs)."""
+    if not str(device).startswith('cuda'):
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (('H100', 989e12), ('H200', 989e12), ('H800', 989e12), ('A100', 312e12), ('A800', 312e12),
+                       ('L40S', 362e12), ('4090', 165e12), ('A10', 125e12)):
+        if key in name:
+            return flops
+    return 0.0
+
+
+if __name__ == '__main__':
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from tqdm import tqdm
+
+    from tokenizer import load_tokenizer, make_dataset, lr_multiplier, atomic_save
+
+    _before_config = set(globals())
+    # -----------------------------------------------------------------------------
+    # default config: LlamaGen GPT-B on ImageNet 256 codes (config/ar_gpt_b.py); override with files / --key=value
+    # I/O
+    out_dir = 'out-ar'
+    ckpt_interval = 5000
+    log_interval = 50
+    init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    seed = 1337
+    # codes
+    tokenizer_ckpt = ''  # tokenizer checkpoint (train_tokenizer.py's out_dir/ckpt.pt); required
+    codes_dir = ''  # '' = out_dir/codes; share one folder between GPT sizes trained on the same tokenizer
+    data_dir = ''  # ImageFolder root (root/<class>/*.JPEG); '' = the built-in procedural dataset, no download
+    num_images = 0  # size of the built-in dataset (0 = its default)
+    image_size = 0  # 0 = the tokenizer's training image_size
+    ten_crop = True  # LlamaGen: centre crop at 1.1x, then the ten crops (5 crops + their flips) -> 10 views per image
+    flip_augment = True  # without ten_crop: the image and its horizontal flip -> 2 views
+    extract_batch_size = 16  # images per encoder batch and rank (x views per image)
+    num_workers = 4
+    num_classes = 0  # 0 = the dataset's; a label >= num_classes is an error
+    # model
+    ar_model = 'B'  # GPT_PRESETS key: 'B', 'L', 'XL', 'XXL'
+    n_layer = 0  # 0 = the preset's
+    n_head = 0
+    n_embd = 0
+    dropout = 0.1  # residual and FFN dropout
+    token_dropout = 0.1
+    class_dropout = 0.1  # label -> null class, for CFG
+    ar_adaln = False  # IBQ: the class embedding is also the AdaLN condition of every block
+    # optimisation (FVQ Table 6, generation column)
+    batch_size = 256  # global batch, split across ranks and gradient_accumulation_steps
+    gradient_accumulation_steps = 1
+    max_iters = 300 * 1281167 // 256  # 300 ImageNet epochs
+    learning_rate = 1e-4  # at base_batch_size; scaled by batch_size / base_batch_size
+    base_batch_size = 256
+    beta1 = 0.9
+    beta2 = 0.95
+    weight_decay = 0.05  # on weight matrices only (not norms, biases, the null class, AdaLN layers)
+    lr_schedule = 'annealing'  # tokenizer.lr_multiplier: 'annealing', 'cosine' or 'constant'
+    warmup_frac = 0.0
+    constant_frac = 0.05
+    grad_clip = 1.0  # 0 = off
+    # system
+    device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    dtype = 'bfloat16'  # autocast dtype on GPU ('bfloat16' or 'float32'); the CPU always runs float32
+    compile = False
+    # -----------------------------------------------------------------------------
+    config_keys = [k for k, v in globals().items() if k not in _before_config and not k.startswith('_')
+                   and isinstance(v, (bool, int, float, str, tuple, list, dict))]
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    config = {k: globals()[k] for k in config_keys}
+    # -----------------------------------------------------------------------------
+
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if ddp:
+        rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+        world_size = int(os.environ['WORLD_SIZE'])
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    master = rank == 0
+    if batch_size % (world_size * gradient_accumulation_steps) != 0:
+        raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x "
+                         f"gradient_accumulation_steps {gradient_accumulation_steps}")
+    micro_batch = batch_size // (world_size * gradient_accumulation_steps)
+    lr = learning_rate * batch_size / base_batch_size
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16)
+                if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"config: {config}")
+        print(f"world_size {world_size}, micro batch {micro_batch}/rank, lr {lr:.3e}, device {device}")
+
+    # -----------------------------------------------------------------------------
+    # codes: encode the training images once (every view of every image), reuse on later runs
+
+    if not tokenizer_ckpt:
+        raise ValueError("tokenizer_ckpt is required (the checkpoint of a train_tokenizer.py run)")
+    if not os.path.isfile(tokenizer_ckpt):
+        raise FileNotFoundError(f"tokenizer_ckpt '{tokenizer_ckpt}' does not exist")
+    codes_dir = codes_dir or os.path.join(out_dir, 'codes')
+    tok_ckpt = torch.load(tokenizer_ckpt, map_location='cpu', mmap=True, weights_only=False)
+    image_size = image_size or tok_ckpt['config']['image_size']
+    views_per_image = 10 if ten_crop else (2 if flip_augment else 1)
+    extraction = dict(tokenizer_ckpt=os.path.abspath(tokenizer_ckpt), tokenizer_iter=tok_ckpt.get('iter_num', -1),
+                      data_dir=data_dir, num_images=num_images, image_size=image_size, views_per_image=views_per_image)
+    del tok_ckpt
+    meta_path = os.path.join(codes_dir, 'meta.json')
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        differing = [k for k in extraction if meta[k] != extraction[k]]
+        if differing:
+            raise ValueError(f"{codes_dir} holds codes extracted with different settings: "
+                             + ", ".join(f"{k} (codes {meta[k]!r}, now {extraction[k]!r})" for k in differing)
+                             + "; delete that folder or set codes_dir to another one")
+        if master:
+            print(f"reusing {meta['num_images']} x {views_per_image} code sequences in {codes_dir}")
+    else:
+        tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device)
+        # train=False: deterministic resize + centre crop (for the built-in data: its deterministic split);
+        # ten_crop reads at 1.1x and takes the crops here, on the tensor
+        dataset = make_dataset(data_dir, round(1.1 * image_size) if ten_crop else image_size, train=False,
+                               num_images=num_images)
+        N, K = len(dataset), tokenizer.quantizer.codebook_size
+        grid = image_size // tokenizer.downsample
+        T = grid * grid
+        code_dtype = np.uint16 if K <= 65536 else np.int32
+        os.makedirs(codes_dir, exist_ok=True)
+        codes_path, labels_path = os.path.join(codes_dir, 'codes.npy'), os.path.join(codes_dir, 'labels.npy')
+        if master:  # rank 0 creates the files, every rank fills its own images' rows
+            np.lib.format.open_memmap(codes_path, mode='w+', dtype=code_dtype, shape=(N * views_per_image, T)).flush()
+            np.lib.format.open_memmap(labels_path, mode='w+', dtype=np.int64, shape=(N * views_per_image,)).flush()
+        if ddp:
+            dist.barrier()
+        codes_mm = np.lib.format.open_memmap(codes_path, mode='r+')
+        labels_mm = np.lib.format.open_memmap(labels_path, mode='r+')
+
+        def views_of(images):
+            # (B, 3, S', S') -> (B * views, 3, S, S), views of one image adjacent
+            S = image_size
+            if ten_crop:
+                S1 = images.shape[-1]
+                c = (S1 - S) // 2
+                crops = [images[..., :S, :S], images[..., :S, S1 - S:], images[..., S1 - S:, :S],
+                         images[..., S1 - S:, S1 - S:], images[..., c:c + S, c:c + S]]
+                crops = crops + [crop.flip(-1) for crop in crops]  # torchvision TenCrop order
+            else:
+                crops = [images] + ([images.flip(-1)] if flip_augment else [])
+            return torch.stack(crops, dim=1).reshape(-1, 3, S, S)
+
+        my_images = list(range(rank, N, world_size))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=extract_batch_size, sampler=my_images,
+                                             collate_fn=list, num_workers=num_workers)
+        position, skipped = 0, 0
+        for batch in tqdm(loader, desc=f'encoding views (rank {rank})', disable=not master):
+            keys = my_images[position:position + len(batch)]
+            position += len(batch)
+            kept = [(key, item) for key, item in zip(keys, batch) if item is not None]
+            for key, item in zip(keys, batch):
+                if item is None:  # unreadable image (warned by the dataset): label -1 excludes its rows
+                    labels_mm[key * views_per_image:(key + 1) * views_per_image] = -1
+                    skipped += 1
+            if not kept:
+                continue
+            images = torch.stack([item[0] for _, item in kept]).to(device)
+            with torch.no_grad(), autocast:
+                codes = tokenizer.encode(views_of(images)).reshape(len(kept), views_per_image, T)
+            codes = codes.cpu().numpy().astype(code_dtype)
+            for (key, (_, label)), image_codes in zip(kept, codes):  # one row block per image
+                codes_mm[key * views_per_image:(key + 1) * views_per_image] = image_codes
+                labels_mm[key * views_per_image:(key + 1) * views_per_image] = label
+        codes_mm.flush()
+        labels_mm.flush()
+        del codes_mm, labels_mm
+        if ddp:
+            dist.barrier()
+        if master:
+            codebook_sizes = tokenizer.quantizer.codebook_sizes
+            if codebook_sizes is not None:  # VCQ: K_t travels with the codes, to the checkpoint and the sampler
+                if codebook_sizes.numel() != T:
+                    raise ValueError(f"the tokenizer's VCQ schedule has {codebook_sizes.numel()} positions, "
+                                     f"but {image_size}px images give {T} tokens")
+                np.save(os.path.join(codes_dir, 'codebook_sizes.npy'), codebook_sizes.cpu().numpy().astype(np.int64))
+            meta = dict(extraction, grid_h=grid, grid_w=grid, codebook_size=K, dataset_classes=dataset.num_classes,
+                        vcq=codebook_sizes is not None)
+            with open(meta_path + '.tmp', 'w') as f:
+                json.dump(meta, f, indent=1)
+            os.replace(meta_path + '.tmp', meta_path)  # written last: its presence marks complete codes
+            print(f"encoded {N} images x {views_per_image} views into {codes_dir}"
+                  + (f" (rank 0 skipped {skipped} unreadable images)" if skipped else ''))
+        if ddp:
+            dist.barrier()
+        with open(meta_path) as f:
+            meta = json.load(f)
+        del tokenizer
+        if device_type == 'cuda':
+            torch.cuda.empty_cache()
+
+    codes_mm = np.load(os.path.join(codes_dir, 'codes.npy'), mmap_mode='r')  # (N * views, T)
+    labels_all = np.load(os.path.join(codes_dir, 'labels.npy'))  # (N * views,)
+    codebook_sizes = (np.load(os.path.join(codes_dir, 'codebook_sizes.npy')).tolist() if meta['vcq'] else None)
+    num_classes = num_classes or meta['dataset_classes']
+    image_labels = labels_all[::views_per_image]  # (N,)
+    valid_images = torch.from_numpy(np.flatnonzero(image_labels >= 0))  # unreadable images are left out
+    if len(valid_images) == 0:
+        raise ValueError(f"{codes_dir} has no readable images")
+    bad = image_labels[(image_labels >= num_classes)]
+    if len(bad):
+        raise ValueError(f"class id {int(bad.max())} in {codes_dir}/labels.npy is out of range for num_classes="
+                         f"{num_classes} (valid ids 0..{num_classes - 1}; the null class {num_classes} is reserved)")
+
+    # the data order depends only on the micro-step: a resumed run continues exactly where it stopped
+    @lru_cache(maxsize=2)
+    def epoch_order(epoch):
+        g = torch.Generator().manual_seed(seed + epoch)
+        order = valid_images[torch.randperm(len(valid_images), generator=g)]  # (N_valid,) image indices
+        views = torch.randint(views_per_image, (len(image_labels),), generator=g)  # (N,) this epoch's view per image
+        return order, views
+
+    def get_batch(step):
+        """Micro-batch `step` of the endless shuffled stream (a random view of every image per epoch), this rank's
+        slice of it: codes (B, T) long, labels (B,) long on the device."""
+        positions = step * micro_batch * world_size + rank * micro_batch + torch.arange(micro_batch)
+        epochs = positions // len(valid_images)
+        rows = torch.empty(micro_batch, dtype=torch.long)
+        for epoch in epochs.unique().tolist():  # at most two epochs meet in one batch
+            order, views = epoch_order(epoch)
+            here = epochs == epoch
+            images = order[positions[here] % len(valid_images)]
+            rows[here] = images * views_per_image + views[images]
+        rows = rows.numpy()
+        codes = torch.from_numpy(codes_mm[rows].astype(np.int64))
+        labels = torch.from_numpy(labels_all[rows])
+        if device_type == 'cuda':
+            return codes.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True)
+        return codes, labels
+
+    # -----------------------------------------------------------------------------
+    # model and optimiser
+
+    torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    model_args = gpt_model_args(meta['codebook_size'], num_classes, meta['grid_h'], meta['grid_w'], ar_model, n_layer,
+                                n_head, n_embd, dropout=dropout, token_dropout=token_dropout,
+                                class_dropout=class_dropout, adaln=ar_adaln)
+    model = GPT(**model_args).to(device)
+    decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and 'adaln' not in name]
+    no_decay = [p for name, p in model.named_parameters() if p.dim() < 2 or 'adaln' in name]
+    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
+                                   {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=(beta1, beta2),
+                                  fused=device_type == 'cuda')
+    if master:
+        print(f"GPT-{ar_model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+              f"({model.n_layer} layers, {model.n_head} heads, width {model.n_embd}), {model.seq_len} tokens, "
+              f"K = {model.codebook_size}{' (VCQ)' if codebook_sizes else ''}, {num_classes} classes, "
+              f"{len(valid_images)} images x {views_per_image} views")
+
+    iter_num, rng_states = 0, None
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'resume':
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"init_from='resume' but {ckpt_path} does not exist")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        differing = sorted(k for k in set(model_args) | set(ckpt['model_args'])
+                           if model_args.get(k) != ckpt['model_args'].get(k))
+        if differing:
+            raise ValueError(f"{ckpt_path} does not match the current config; differing model keys: "
+                             + ", ".join(f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, config {model_args.get(k)!r})"
+                                         for k in differing))
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num = ckpt['iter_num']
+        rng_states = ckpt['rng_states'][rank] if len(ckpt['rng_states']) == world_size else None
+        if master:
+            print(f"resumed from {ckpt_path} at iter {iter_num}")
+        del ckpt
+    elif init_from != 'scratch':
+        raise ValueError(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+
+    raw_model = model  # un-compiled, un-wrapped: what checkpoints hold
+    if compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    if rng_states is not None:
+        torch.set_rng_state(rng_states['torch'])
+        np.random.set_state(rng_states['numpy'])
+        random.setstate(rng_states['python'])
+        if device_type == 'cuda' and rng_states['cuda'] is not None:
+            torch.cuda.set_rng_state(rng_states['cuda'])
+    else:
+        torch.manual_seed(seed + rank + iter_num)  # per-rank streams (dropout), fresh after an elastic resume
+
+    def save_checkpoint():
+        states = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+                  'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+        all_states = [None] * world_size
+        if ddp:
+            dist.all_gather_object(all_states, states)
+        else:
+            all_states = [states]
+        if master:
+            atomic_save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                         'model_args': model_args, 'config': config, 'iter_num': iter_num,
+                         'data_step': iter_num * gradient_accumulation_steps, 'rng_states': all_states,
+                         'tokenizer_ckpt': os.path.abspath(tokenizer_ckpt), 'codebook_sizes': codebook_sizes,
+                         'image_size': image_size}, ckpt_path)
+            print(f"saved checkpoint to {ckpt_path} at iter {iter_num}", flush=True)
+
+    # -----------------------------------------------------------------------------
+    # training loop
+
+    flops_per_iter = raw_model.flops_per_token() * raw_model.seq_len * batch_size
+    peak_flops = peak_bf16_flops(device) * world_size
+    t0, start_iter = time.time(), iter_num
+    while True:
+        if iter_num > start_iter and (iter_num % ckpt_interval == 0 or iter_num == max_iters):
+            save_checkpoint()
+        if iter_num >= max_iters:
+            break
+        step_lr = lr * lr_multiplier(iter_num, max_iters, lr_schedule, warmup_frac, constant_frac)
+        for group in optimizer.param_groups:
+            group['lr'] = step_lr
+        loss_sum = torch.zeros((), device=device)  # read (a GPU sync) only when logging
+        for micro_step in range(gradient_accumulation_steps):
+            codes, labels = get_batch(iter_num * gradient_accumulation_steps + micro_step)
+            last = micro_step == gradient_accumulation_steps - 1
+            with (model.no_sync() if ddp and not last else nullcontext()), autocast:
+                _, loss = model(labels, codes[:, :-1], targets=codes)  # inputs [class, x_0..x_{T-2}] -> x_0..x_{T-1}
+                (loss / gradient_accumulation_steps).backward()
+            loss_sum += loss.detach() / gradient_accumulation_steps
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        if iter_num % log_interval == 0 and master:
+            if device_type == 'cuda':
+                torch.cuda.synchronize()
+            dt = (time.time() - t0) / (iter_num - max(start_iter, iter_num - log_interval))
+            t0 = time.time()
+            mfu = f"{100 * flops_per_iter / dt / peak_flops:.2f}%" if peak_flops else 'n/a'
+            print(f"iter {iter_num}: loss {loss_sum.item():.6f}, lr {step_lr:.3e}, "
+                  f"{batch_size * raw_model.seq_len / dt:.0f} tok/s, {1000 * dt:.1f} ms/iter, MFU {mfu}", flush=True)
+
+    if ddp:
+        dist.destroy_process_group()
