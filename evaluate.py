@@ -13,7 +13,6 @@ Every mode prints a short table and writes out_dir/eval_<mode>.json. Images are 
 (the reconstructions are rounded to uint8 first, as if saved to disk), like the ADM/LlamaGen evaluation code.
 """
 import os
-import sys
 import json
 import math
 import time
@@ -83,7 +82,7 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
 def tf_avg_pool_3x3(x):
@@ -525,7 +524,8 @@ def conditional_entropies(codes):
     H = np.zeros(T)
     prefix = np.zeros(N, dtype=np.int64)  # id of x_<t for each sequence; a single empty prefix at t = 1
     for t in range(T):
-        pair_ids, next_prefix, pair_counts = np.unique(prefix * K + codes[:, t], return_inverse=True, return_counts=True)
+        pair_keys = prefix * K + codes[:, t]  # (N,) one integer per (x_<t, x_t)
+        pair_ids, next_prefix, pair_counts = np.unique(pair_keys, return_inverse=True, return_counts=True)
         prefix_counts = np.bincount(prefix)[pair_ids // K]  # occurrences of each pair's prefix
         H[t] = -(pair_counts / N * np.log2(pair_counts / prefix_counts)).sum()
         prefix = next_prefix.reshape(N)

@@ -295,7 +295,7 @@ def split_key(key):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    def __init__(self, root, image_size, train):
+    def __init__(self, root, image_size, augment):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data_dir '{root}' is not a directory (expected root/<class>/<image files>)")
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
@@ -303,7 +303,7 @@ class ImageFolder(torch.utils.data.Dataset):
                         for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.samples:
             raise FileNotFoundError(f"data_dir '{root}' has no images in class folders ({', '.join(IMAGE_EXTENSIONS)})")
-        self.num_classes, self.image_size, self.train = len(classes), image_size, train
+        self.num_classes, self.image_size, self.augment = len(classes), image_size, augment
 
     def __len__(self):
         return len(self.samples)
@@ -317,7 +317,7 @@ class ImageFolder(torch.utils.data.Dataset):
         except Exception as e:  # unreadable or corrupt: skipped by collate, counted by the caller
             warnings.warn(f"skipping unreadable image {path}: {e}")
             return None
-        if self.train:
+        if self.augment:
             rng = np.random.default_rng(aug_seed)
             arr = random_crop_arr(img, self.image_size, rng)
             if rng.random() < 0.5:
@@ -333,8 +333,8 @@ class ProceduralImages(torch.utils.data.Dataset):
     classes = ('circle', 'square', 'triangle', 'ring', 'hstripes', 'vstripes', 'checker', 'gradient',
                'radial', 'waves')
 
-    def __init__(self, image_size, train, num_images=None):
-        self.image_size, self.train = image_size, train
+    def __init__(self, image_size, train, num_images=None, augment=None):
+        self.image_size, self.train, self.augment = image_size, train, train if augment is None else augment
         self.num_images = num_images or (10000 if train else 500)
         self.num_classes = len(self.classes)
 
@@ -379,16 +379,19 @@ class ProceduralImages(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, aug_seed = split_key(key)
         arr, label = self.draw(index)
-        if self.train and np.random.default_rng(aug_seed).random() < 0.5:
+        if self.augment and np.random.default_rng(aug_seed).random() < 0.5:
             arr = arr[:, ::-1]
         return to_tensor(arr), label
 
 
-def make_dataset(data_dir, image_size, train, num_images=0):
-    """data_dir '' is the built-in procedural dataset (num_images: its size, 0 = default)."""
+def make_dataset(data_dir, image_size, train, num_images=0, augment=None):
+    """data_dir '' is the built-in procedural dataset: train picks its training or held-out split, num_images its
+    size (0 = default). augment (default: = train) is the random crop + flip; without it, images are
+    deterministic (resize + center crop)."""
+    augment = train if augment is None else augment
     if data_dir == '':
-        return ProceduralImages(image_size, train, num_images or None)
-    return ImageFolder(data_dir, image_size, train)
+        return ProceduralImages(image_size, train, num_images or None, augment)
+    return ImageFolder(data_dir, image_size, augment)
 
 
 def collate(batch):
@@ -427,12 +430,14 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 # -----------------------------------------------------------------------------
 # shared by the training scripts: learning-rate schedule, atomic writes, image grids
 
-def lr_multiplier(it, max_iters, schedule, warmup_frac, constant_frac, warmup_start=0.005, final_ratio=0.01):
+def lr_multiplier(it, max_iters, schedule, warmup_frac, constant_frac, warmup_start=0.005, final_ratio=0.01,
+                  milestones=(), step_factor=0.1):
     """FVQ's "learning annealing" (Table 6): warmup from warmup_start to 1 over warmup_frac of training,
     constant for constant_frac, then linear decay to final_ratio. 'cosine' decays to final_ratio after the
-    same warmup; 'constant' is the baselines' flat schedule."""
-    if schedule not in ('annealing', 'cosine', 'constant'):
-        raise ValueError(f"unknown lr_schedule '{schedule}' (expected 'annealing', 'cosine' or 'constant')")
+    same warmup; 'step' multiplies by step_factor at each milestone (fractions of max_iters: IBQ's multi-step
+    decay); 'constant' is the baselines' flat schedule."""
+    if schedule not in ('annealing', 'cosine', 'step', 'constant'):
+        raise ValueError(f"unknown lr_schedule '{schedule}' (expected 'annealing', 'cosine', 'step' or 'constant')")
     if schedule == 'constant':
         return 1.0
     warmup_iters = warmup_frac * max_iters
@@ -444,6 +449,8 @@ def lr_multiplier(it, max_iters, schedule, warmup_frac, constant_frac, warmup_st
             return 1.0
         progress = min(1.0, (it - decay_start) / max(1.0, max_iters - decay_start))
         return 1.0 + (final_ratio - 1.0) * progress
+    if schedule == 'step':
+        return step_factor ** sum(it >= m * max_iters for m in milestones)
     progress = min(1.0, (it - warmup_iters) / max(1.0, max_iters - warmup_iters))
     return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 

@@ -366,10 +366,10 @@ if __name__ == '__main__':
             print(f"reusing {meta['num_images']} x {views_per_image} code sequences in {codes_dir}")
     else:
         tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device)
-        # train=False: deterministic resize + centre crop (for the built-in data: its deterministic split);
+        # the training images, without random augmentation: deterministic resize + centre crop;
         # ten_crop reads at 1.1x and takes the crops here, on the tensor
-        dataset = make_dataset(data_dir, round(1.1 * image_size) if ten_crop else image_size, train=False,
-                               num_images=num_images)
+        dataset = make_dataset(data_dir, round(1.1 * image_size) if ten_crop else image_size, train=True,
+                               num_images=num_images, augment=False)
         N, K = len(dataset), tokenizer.quantizer.codebook_size
         grid = image_size // tokenizer.downsample
         T = grid * grid

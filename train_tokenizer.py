@@ -67,9 +67,11 @@ base_batch_size = 128
 beta1 = 0.9
 beta2 = 0.95
 weight_decay = 0.0
-lr_schedule = 'constant'  # 'annealing' (FVQ), 'cosine' or 'constant'
+lr_schedule = 'constant'  # 'annealing' (FVQ), 'cosine', 'step' (IBQ) or 'constant'
 warmup_frac = 0.0
-constant_frac = 0.0
+constant_frac = 0.0  # 'annealing': the constant part after warmup, then linear decay to 0.01x
+lr_milestones = ()  # 'step': fractions of max_iters at which the lr is multiplied by lr_step_factor
+lr_step_factor = 0.1
 grad_clip = 1.0  # 0 = off
 # system
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
@@ -97,6 +99,9 @@ if batch_size % (world_size * gradient_accumulation_steps) != 0:
     raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x "
                      f"gradient_accumulation_steps {gradient_accumulation_steps}")
 micro_batch = batch_size // (world_size * gradient_accumulation_steps)
+if image_size % 2 ** (len(ch_mult) - 1) != 0:
+    raise ValueError(f"image_size {image_size} is not divisible by the downsampling factor {2 ** (len(ch_mult) - 1)} "
+                     f"of ch_mult {ch_mult}")
 lr = learning_rate * batch_size / base_batch_size
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cuda':
@@ -119,8 +124,9 @@ use_disc = disc_weight > 0
 model = Tokenizer(**model_args).to(device)
 disc = PatchDiscriminator(3, disc_ch, disc_layers).to(device) if use_disc else None
 lpips_model = make_lpips(lpips_random_backbone).to(device) if perceptual_weight > 0 else None
-optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
-disc_optimizer = torch.optim.Adam(disc.parameters(), lr=lr, betas=(beta1, beta2)) if use_disc else None
+fused = device_type == 'cuda'  # one kernel for the whole update instead of one per tensor
+optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, fused=fused)
+disc_optimizer = torch.optim.Adam(disc.parameters(), lr=lr, betas=(beta1, beta2), fused=fused) if use_disc else None
 if master:
     print(f"tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{model.downsample}x downsampling, {image_size // model.downsample}^2 tokens per image")
@@ -254,7 +260,8 @@ while True:
     if iter_num >= max_iters:
         break
 
-    step_lr = lr * lr_multiplier(iter_num, max_iters, lr_schedule, warmup_frac, constant_frac)
+    step_lr = lr * lr_multiplier(iter_num, max_iters, lr_schedule, warmup_frac, constant_frac,
+                                 milestones=lr_milestones, step_factor=lr_step_factor)
     for opt in (optimizer, disc_optimizer):
         if opt is not None:
             for group in opt.param_groups:

@@ -12,9 +12,8 @@ learning_rate = 1e-4
 base_batch_size = 256
 beta1 = 0.5
 beta2 = 0.9
-# The release multiplies the lr by 0.1 at epochs 250 and 300 (lr_drop_epoch); lr_multiplier has no step schedule,
-# so this runs the flat 1e-4 of the first 250 epochs throughout.
-lr_schedule = 'constant'
+lr_schedule = 'step'  # the release multiplies the lr by 0.1 at epochs 250 and 300 (lr_drop_epoch)
+lr_milestones = (250 / 330, 300 / 330)
 warmup_frac = 0.0
 constant_frac = 0.0
 grad_clip = 0.0  # the release trains without gradient clipping (gradient_clip_val 0)

@@ -13,12 +13,19 @@ import torch.nn as nn
 from conftest import ROOT
 import evaluate
 from evaluate import (FIDInceptionV3, load_inception, inception_forward, npz_image_header, npz_image_batches,
-                      feature_statistics, frechet_distance, fid_from_features, inception_score, manifold_radii, precision_recall,
-                      psnr, ssim, code_usage, conditional_entropies, entropy_cliff, probe_features, linear_probe)
+                      feature_statistics, frechet_distance, fid_from_features, inception_score, manifold_radii,
+                      precision_recall, psnr, ssim, code_usage, conditional_entropies, entropy_cliff, probe_features,
+                      linear_probe)
 
 
 def run_script(args, cwd=ROOT):
     return subprocess.run([sys.executable, 'evaluate.py'] + args, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def default_config(**overrides):
+    config = {k: getattr(evaluate, k) for k in evaluate.config_keys}
+    config.update(overrides)
+    return config
 
 
 def read_json(path):
@@ -333,16 +340,16 @@ def test_npz_reader_streams_and_rejects_bad_files(tmp_path):
 
 def test_cli_gen_mode_with_reference_cache(tmp_path, random_inception_file):
     rng = np.random.default_rng(0)
-    ref = save_images_npz(tmp_path / 'ref.npz', rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
-    samples = save_images_npz(tmp_path / 'samples.npz', rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8))
+    ref = save_images_npz(tmp_path / 'ref.npz', rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    samples = save_images_npz(tmp_path / 'samples.npz', rng.integers(0, 256, (2, 24, 24, 3), dtype=np.uint8))
     args = ['--mode=gen', f'--samples={samples}', f'--ref={ref}', f'--inception_weights={random_inception_file}',
-            f'--out_dir={tmp_path}', '--is_splits=2', '--batch_size=3', '--device=cpu']
+            f'--out_dir={tmp_path}', '--is_splits=2', '--pr_k=1', '--batch_size=2', '--device=cpu']
     first = run_script(args)
     assert first.returncode == 0, first.stderr
     cache_path = str(tmp_path / 'ref.fid_stats.npz')
     assert os.path.isfile(cache_path) and 'cached reference statistics' in first.stdout
     result = read_json(tmp_path / 'eval_gen.json')
-    assert result['num_samples'] == 4 and result['num_ref'] == 4
+    assert result['num_samples'] == 2 and result['num_ref'] == 3
     assert math.isfinite(result['fid']) and result['fid'] > 0
     assert 0 <= result['precision'] <= 1 and 0 <= result['recall'] <= 1 and 1 <= result['inception_score'] <= 2
     second = run_script(args)  # the reference comes from the cache now
@@ -352,25 +359,26 @@ def test_cli_gen_mode_with_reference_cache(tmp_path, random_inception_file):
     for key in ('fid', 'inception_score', 'precision', 'recall'):
         assert again[key] == pytest.approx(result[key], rel=1e-9), key
     # the cache file is itself a valid reference, but only for the network that wrote it
-    config = {'ref': cache_path, 'ref_cache': True, 'inception_weights': random_inception_file, 'batch_size': 3}
+    config = default_config(ref=cache_path, inception_weights=random_inception_file)
     model = load_inception(random_inception_file, 'cpu')
     mu, sigma, features = evaluate.reference_statistics(config, model, 'cpu')
-    assert features.shape == (4, 2048) and np.allclose(mu, features.mean(0)) and sigma.shape == (2048, 2048)
+    assert features.shape == (3, 2048) and np.allclose(mu, features.mean(0)) and sigma.shape == (2048, 2048)
     with torch.no_grad():
         model.fc.bias.add_(1.0)
     with pytest.raises(ValueError, match='different Inception network'):
         evaluate.reference_statistics(config, model, 'cpu')
 
 
-def test_cli_gen_mode_clear_errors(tmp_path):
+def test_gen_mode_clear_errors(tmp_path):
     rng = np.random.default_rng(0)
     bad = save_images_npz(tmp_path / 'bad.npz', rng.random((4, 8, 8, 3)).astype(np.float32))
     ref = save_images_npz(tmp_path / 'ref.npz', rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
-    out = run_script(['--mode=gen', f'--samples={bad}', f'--ref={ref}', f'--out_dir={tmp_path}'])
-    assert out.returncode != 0 and 'expected uint8 N x H x W x 3' in out.stderr
-    out = run_script(['--mode=gen', f'--samples={ref}', f'--ref={ref}', f'--out_dir={tmp_path}',
-                      f'--inception_weights={tmp_path / "missing.pth"}'])
-    assert out.returncode != 0 and 'FID Inception weights file' in out.stderr
+    with pytest.raises(ValueError, match='expected uint8 N x H x W x 3'):
+        evaluate.run_gen(default_config(samples=bad, ref=ref, out_dir=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match='FID Inception weights file'):
+        evaluate.run_gen(default_config(samples=ref, ref=ref, inception_weights=str(tmp_path / 'missing.pth')))
+    with pytest.raises(ValueError, match='needs --samples'):
+        evaluate.run_gen(default_config(ref=ref))
     out = run_script(['--mode=nope'])
     assert out.returncode != 0 and "unknown mode 'nope'" in out.stderr
 
@@ -393,8 +401,10 @@ def test_cli_entropy_mode(tmp_path):
     assert rows[0] == 't,H_t_bits,remaining_budget_bits,codebook_size' and len(rows) == 17
     assert float(rows[1].split(',')[2]) == pytest.approx(9.0)  # remaining budget at t = 1 is log2 N
     np.save(tmp_path / 'float.npy', codes.astype(np.float32))
-    out = run_script(['--mode=entropy', f'--codes={tmp_path / "float.npy"}', f'--out_dir={tmp_path}'])
-    assert out.returncode != 0 and 'expected integer codes' in out.stderr
+    with pytest.raises(ValueError, match='expected integer codes'):
+        evaluate.run_entropy(default_config(codes=str(tmp_path / 'float.npy'), out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match='position 1 reach 15 but the codebook there has 8 codes'):
+        evaluate.run_entropy(default_config(codes=str(tmp_path / 'codes.npy'), codebook_size=8, out_dir=str(tmp_path)))
 
 
 TINY_TOKENIZER = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, quantizer='vq', codebook_size=64,
@@ -426,11 +436,14 @@ def test_cli_probe_mode(tmp_path, tiny_tokenizer_ckpt):
     assert out.returncode == 0, out.stderr
     result = read_json(tmp_path / 'eval_probe.json')
     assert result['top1'] == 1.0 and result['num_val'] == 60 and result['feature_dim'] == 16
-    out = run_script(base)  # no tokenizer: no code vectors to probe
-    assert out.returncode != 0 and '--ckpt' in out.stderr
+    config = default_config(codes=str(tmp_path / 'codes.npy'), labels=str(tmp_path / 'labels.npy'))
+    with pytest.raises(ValueError, match='--ckpt'):  # no tokenizer: no code vectors to probe
+        evaluate.run_probe(config)
     np.save(tmp_path / 'short.npy', labels[:10])
-    out = run_script(base[:2] + [f'--labels={tmp_path / "short.npy"}'] + base[3:] + [f'--ckpt={tiny_tokenizer_ckpt}'])
-    assert out.returncode != 0 and 'has 10 labels but the codes file has 300' in out.stderr
+    with pytest.raises(ValueError, match='has 10 labels but the codes file has 300'):
+        evaluate.run_probe({**config, 'labels': str(tmp_path / 'short.npy'), 'ckpt': tiny_tokenizer_ckpt})
+    with pytest.raises(ValueError, match='first_k = 17'):
+        evaluate.run_probe({**config, 'ckpt': tiny_tokenizer_ckpt, 'first_k': 17})
 
 
 def test_cli_recon_mode(tmp_path, tiny_tokenizer_ckpt, random_inception_file):

@@ -13,6 +13,15 @@ from sample import cfg_weights, sample_from_logits, sample_tokens, generate
 from test_train_ar import save_tiny_tokenizer, tiny_gpt
 
 
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+    """The models here are tiny: one intra-op thread is faster than two fighting over CI's 2 cores. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -----------------------------------------------------------------------------
 # CFG schedules
 
@@ -120,7 +129,7 @@ def test_ddp_vcq_chain(tmp_path):
     # each rank wrote its own images' rows: image 5 (rank 1) equals a direct encode
     from tokenizer import load_tokenizer, make_dataset
     tokenizer = load_tokenizer(tok)
-    image = make_dataset('', 32, train=False, num_images=7)[5][0][None]
+    image = make_dataset('', 32, train=True, num_images=7, augment=False)[5][0][None]
     codes = np.load(out / 'codes' / 'codes.npy')
     np.testing.assert_array_equal(codes[10:12], tokenizer.encode(torch.cat([image, image.flip(-1)])).reshape(2, 256))
     sizes = tokenizer.quantizer.codebook_sizes

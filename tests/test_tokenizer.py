@@ -100,8 +100,10 @@ def test_lr_annealing_matches_fvq_table6():
     assert f(100, 'cosine') == pytest.approx(1.0) and f(1000, 'cosine') == pytest.approx(0.01)
     assert f(550, 'cosine') == pytest.approx(0.505)
     assert f(123, 'constant') == 1.0
-    with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
-        f(1, 'step')
+    step = lambda it: lr_multiplier(it, 330, 'step', 0.0, 0.0, milestones=(250 / 330, 300 / 330))
+    assert step(249) == 1.0 and step(250) == pytest.approx(0.1) and step(300) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="unknown lr_schedule 'exponential'"):
+        f(1, 'exponential')
 
 
 def test_procedural_dataset_is_deterministic_and_labelled():
