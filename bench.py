@@ -5,6 +5,11 @@ Micro-benchmarks. Pick one with --what:
       last line: quantizer kind=ibq K=262144 D=256 N=8192 device=cuda: fwd+bwd <ms> ms, peak <MB> MB
   bridge_flops: FLOPs of one forward of the FVQ projector (FVQ Table 10), counted by torch.utils.flop_counter
       python bench.py --what=bridge_flops --codebook_size=262144 --dim=256 --projector=vqbridge
+  tokenizer:    one steady-state tokenizer training step (generator with LPIPS + GAN loss, then the discriminator)
+      for the model of a train_tokenizer.py config, on random images: img/s, ms/iter, peak memory
+      python bench.py --what=tokenizer --tokenizer_config=config/vq_16k.py --tokenizer_batch=32 --device=cuda \
+          --dtype=bfloat16 --compile=True
+      last line: tokenizer config=config/vq_16k.py batch=32 256px device=cuda: <img/s> img/s, <ms> ms/iter, peak <MB> MB
   ar:           GPT training step (fwd+bwd+AdamW) on random codes: tok/s, ms/iter and MFU (train_ar.py's FLOPs estimate)
       python bench.py --what=ar --ar_model=B --ar_batch=64 --device=cuda --dtype=bfloat16
       last line: ar preset=B batch=64 device=cuda: <tok/s> tok/s, <ms> ms/iter, MFU <x>%
@@ -14,12 +19,14 @@ Config values are globals below, overridden by config files / --key=value (confi
 """
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 
 # -----------------------------------------------------------------------------
-what = 'quantizer'  # 'quantizer', 'bridge_flops', 'ar' or 'sample'
+what = 'quantizer'  # 'quantizer', 'bridge_flops', 'tokenizer', 'ar' or 'sample'
+# tokenizer: one full training step of the model that a train_tokenizer.py config describes
+tokenizer_config = 'config/vq_16k.py'
+tokenizer_batch = 8  # images per step (per GPU)
 # quantizer
 kind = 'vq'  # 'vq', 'ibq' or 'fvq'
 codebook_size = 16384
@@ -50,6 +57,25 @@ config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
 from quantizers import make_quantizer  # noqa: E402
+from tokenizer import setup_device, autocast_context  # noqa: E402
+
+device = setup_device(device)[0]  # resolves 'auto'; TF32 on CUDA as in the training scripts
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+
+
+def time_steps(step):
+    """Mean seconds per call of step() after warmup_steps untimed calls; resets the CUDA peak-memory counter."""
+    for _ in range(warmup_steps):
+        step()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
 
 
 def make_bench_quantizer():
@@ -61,18 +87,12 @@ def make_bench_quantizer():
 
 def bench_quantizer():
     torch.manual_seed(seed)
-    if dtype not in ('float32', 'bfloat16'):
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got '{dtype}'")
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True  # as train_tokenizer.py
     quantizer = make_bench_quantizer().to(device)
     # (B, D, h, w) latent grid: 16x16 tokens per image when possible (256px images at 16x downsampling)
     shape = (tokens // 256, dim, 16, 16) if tokens % 256 == 0 else (1, dim, 1, tokens)
     z = torch.randn(shape, device=device, requires_grad=True)
     upstream = torch.randn(shape, device=device)
-    autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16)
-                if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+    autocast = autocast_context(device, dtype)
     forward = torch.compile(quantizer) if compile else quantizer
 
     def step():
@@ -83,17 +103,7 @@ def bench_quantizer():
         z.grad = None
         quantizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup_steps):
-        step()
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-    ms = (time.perf_counter() - t0) / steps * 1000
+    ms = time_steps(step) * 1000
     peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB" if device_type == 'cuda' else 'n/a'
     print(f"quantizer kind={kind} K={codebook_size} D={dim} N={tokens} device={device}: fwd+bwd {ms:.1f} ms, peak {peak}")
 
@@ -111,6 +121,48 @@ def bench_bridge_flops():
     print(f"bridge projector={projector} K={codebook_size} D={dim}: {flops} FLOPs = {flops / 2e9:.2f} GMACs")
 
 
+def bench_tokenizer():
+    from tokenizer import Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn
+    cfg = {}
+    exec(open(tokenizer_config).read(), cfg)  # the config's keys; train_tokenizer.py's defaults for the rest
+    model_keys = ('ch', 'ch_mult', 'num_res_blocks', 'z_channels', 'quantizer', 'codebook_size', 'code_dim',
+                  'quantizer_args')
+    torch.manual_seed(seed)
+    model = Tokenizer(**{k: cfg[k] for k in model_keys if k in cfg}).to(device)
+    disc = PatchDiscriminator(3, cfg.get('disc_ch', 64), cfg.get('disc_layers', 3)).to(device)
+    lpips_model = make_lpips(random_backbone=True).to(device)  # same cost as the pretrained one, no download
+    fused = device_type == 'cuda'
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
+    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
+    forward, disc_forward = (torch.compile(model), torch.compile(disc)) if compile else (model, disc)
+    autocast = autocast_context(device, dtype)
+    size = cfg.get('image_size', 256)
+    images = torch.rand(tokenizer_batch, 3, size, size, device=device) * 2 - 1
+
+    def step():
+        for p in disc.parameters():
+            p.requires_grad_(False)
+        with autocast:
+            recon, quant_loss, _ = forward(images)
+            loss = ((recon.float() - images).pow(2).mean() + lpips_model(recon, images).mean() + quant_loss
+                    + 0.5 * gen_loss_fn('hinge', disc_forward(recon)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for p in disc.parameters():
+            p.requires_grad_(True)
+        with autocast:
+            d_loss = disc_loss_fn('hinge', disc_forward(images).float(), disc_forward(recon.detach()).float())
+        d_loss.backward()
+        disc_optimizer.step()
+        disc_optimizer.zero_grad(set_to_none=True)
+
+    dt = time_steps(step)
+    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB" if device_type == 'cuda' else 'n/a'
+    print(f"tokenizer config={tokenizer_config} batch={tokenizer_batch} {size}px device={device}: "
+          f"{tokenizer_batch / dt:.2f} img/s, {1000 * dt:.1f} ms/iter, peak {peak}")
+
+
 def make_bench_gpt():
     from train_ar import GPT, gpt_model_args
     grid = int(ar_tokens ** 0.5)
@@ -122,15 +174,11 @@ def make_bench_gpt():
 
 def bench_ar():
     from train_ar import peak_bf16_flops
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True  # as train_ar.py
     model = make_bench_gpt()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
                                   fused=device_type == 'cuda')
     forward = torch.compile(model) if compile else model
-    autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16)
-                if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+    autocast = autocast_context(device, dtype)
     codes = torch.randint(0, codebook_size, (ar_batch, ar_tokens), device=device)
     labels = torch.randint(0, 1000, (ar_batch,), device=device)
 
@@ -142,16 +190,7 @@ def bench_ar():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup_steps):
-        step()
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
+    dt = time_steps(step)
     peak = peak_bf16_flops(device)
     mfu = f"{100 * model.flops_per_token() * ar_tokens * ar_batch / dt / peak:.2f}%" if peak else 'n/a'
     print(f"ar preset={ar_model} batch={ar_batch} device={device}: {ar_batch * ar_tokens / dt:.0f} tok/s, "
@@ -160,12 +199,8 @@ def bench_ar():
 
 def bench_sample():
     from sample import generate
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
     model = make_bench_gpt().eval()
-    autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16)
-                if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+    autocast = autocast_context(device, dtype)
     labels = torch.arange(ar_batch, device=device) % 1000
     generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -173,16 +208,7 @@ def bench_sample():
         with autocast:
             return generate(model, labels, cfg_scale=cfg_scale, generator=generator)
 
-    for _ in range(warmup_steps):
-        run()
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        run()
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
+    dt = time_steps(run)
     print(f"sample preset={ar_model} batch={ar_batch} cfg={cfg_scale} tokens={ar_tokens} device={device}: "
           f"{ar_batch / dt:.2f} images/s")
 
@@ -192,9 +218,11 @@ if what == 'quantizer':
     bench_quantizer()
 elif what == 'bridge_flops':
     bench_bridge_flops()
+elif what == 'tokenizer':
+    bench_tokenizer()
 elif what == 'ar':
     bench_ar()
 elif what == 'sample':
     bench_sample()
 else:
-    raise ValueError(f"unknown --what='{what}'; expected 'quantizer', 'bridge_flops', 'ar' or 'sample'")
+    raise ValueError(f"unknown --what='{what}'; expected 'quantizer', 'bridge_flops', 'tokenizer', 'ar' or 'sample'")

@@ -7,6 +7,7 @@ Evaluation, self-contained (torch, numpy, scipy; the lpips package for LPIPS):
     python evaluate.py --mode=recon --ckpt=out/ckpt.pt --data_dir=/data/imagenet/val --num_images=50000
     python evaluate.py --mode=gen --samples=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz
     python evaluate.py --mode=entropy --codes=out_eval/codes.npy --ckpt=out/ckpt.pt
+      (recon mode writes codes.npy / labels.npy; train_ar.py's codes_dir/codes.npy works as well)
     python evaluate.py --mode=probe --codes=codes.npy --labels=labels.npy --ckpt=out/ckpt.pt --first_k=10
 
 Every mode prints a short table and writes out_dir/eval_<mode>.json. Images are compared as uint8 pictures
@@ -48,7 +49,8 @@ pr_batch_size = 10000  # rows/columns per block of pairwise distances
 ckpt = ''  # tokenizer checkpoint (recon: the model; entropy: codebook sizes for the bound; probe: code vectors)
 data_dir = 'from_ckpt'  # 'from_ckpt' = the data_dir the tokenizer was trained on; '' = built-in procedural set
 image_size = 0  # 0 = the checkpoint's image_size
-num_images = 50000  # the first num_images images of the (held-out, center-cropped) dataset
+num_images = 50000  # the first num_images images of the dataset (center-cropped, no augmentation)
+split = 'val'  # 'val' (held-out) or 'train': the built-in set's training split, e.g. codes for the entropy mode
 lpips_random_backbone = False  # True: random VGG trunk, nothing downloaded (tests / offline); not a real LPIPS
 save_codes = True  # recon mode also writes out_dir/codes.npy (N, h*w) and labels.npy for the entropy/probe modes
 # entropy mode
@@ -692,7 +694,10 @@ def run_recon(config):
     size = config['image_size'] or train_config.get('image_size', 0)
     if size <= 0:
         raise ValueError(f"'{config['ckpt']}' has no config['image_size']; pass --image_size=...")
-    dataset = make_dataset(data_dir, size, train=False)
+    if config['split'] not in ('val', 'train'):
+        raise ValueError(f"split must be 'val' or 'train', got '{config['split']}'")
+    # an ImageFolder's split is its data_dir; train only picks the built-in set's split. Never augmented here.
+    dataset = make_dataset(data_dir, size, train=config['split'] == 'train', augment=False)
     n = min(config['num_images'], len(dataset))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=config['batch_size'],
                                          shuffle=False, num_workers=config['num_workers'], collate_fn=collate)
@@ -725,7 +730,8 @@ def run_recon(config):
                'psnr': torch.cat(psnrs).mean().item(), 'ssim': torch.cat(ssims).mean().item(),
                'lpips': torch.cat(lpipses).mean().item(), 'codebook_usage': usage, 'perplexity': perplexity,
                'codebook_size': K, 'num_images': int(sum(len(f) for f in real_feats)), 'num_skipped': skipped,
-               'image_size': size, 'data_dir': data_dir, 'lpips_random_backbone': config['lpips_random_backbone']}
+               'image_size': size, 'data_dir': data_dir, 'split': config['split'],
+               'lpips_random_backbone': config['lpips_random_backbone']}
     if config['save_codes']:
         os.makedirs(config['out_dir'], exist_ok=True)
         codes_array = torch.cat(all_codes).numpy().astype(np.int32 if K < 2 ** 31 else np.int64)  # (N, h*w)
@@ -792,7 +798,9 @@ def run_entropy(config):
     shown = min(T, 8)
     print_table(f"entropy: {config['codes']} ({N} sequences of {T} tokens)",
                 [(f"H_{t + 1} (bits)", float(H[t])) for t in range(shown)]
-                + [('log2 N', results['log2_N']), ('t* (last position >= threshold)', results['t_star']),
+                + [('log2 N', results['log2_N']),
+                   (f"first t with H_t < {config['entropy_threshold']:g}", results['first_position_below_threshold']),
+                   ('t* (paper convention)', results['t_star']),
                    ('t* bound (Proposition 1)', results.get('t_star_bound', 'unknown K'))])
     return results
 

@@ -19,7 +19,6 @@ For VCQ models (checkpoints with codebook_sizes) logits of codes >= K_t are mask
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -135,7 +134,7 @@ if __name__ == '__main__':
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from tokenizer import load_tokenizer, save_image_grid
+    from tokenizer import load_tokenizer, save_image_grid, setup_device, autocast_context
 
     # -----------------------------------------------------------------------------
     ckpt = 'out-ar/ckpt.pt'  # train_ar.py checkpoint
@@ -163,24 +162,10 @@ if __name__ == '__main__':
     # -----------------------------------------------------------------------------
 
     ddp = int(os.environ.get('RANK', -1)) != -1
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if ddp:
-        rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-        world_size = int(os.environ['WORLD_SIZE'])
-        if device.startswith('cuda'):
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    else:
-        rank, local_rank, world_size = 0, 0, 1
+    device, rank, local_rank, world_size = setup_device(device)
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16)
-                if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+    autocast = autocast_context(device, dtype)
     out_dir = out_dir or os.path.dirname(os.path.abspath(ckpt))
     os.makedirs(out_dir, exist_ok=True)
     if master:

@@ -4,6 +4,7 @@ the PatchGAN discriminator with its GAN/LeCAM losses and LPIPS, and the pieces e
 the image datasets, the learning-rate schedule, atomic checkpoint writes and checkpoint loading.
 Images are float tensors in [-1, 1], shape (B, 3, H, W).
 """
+import contextlib
 import math
 import os
 import warnings
@@ -453,6 +454,34 @@ def lr_multiplier(it, max_iters, schedule, warmup_frac, constant_frac, warmup_st
         return step_factor ** sum(it >= m * max_iters for m in milestones)
     progress = min(1.0, (it - warmup_iters) / max(1.0, max_iters - warmup_iters))
     return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def setup_device(device):
+    """Resolves device 'auto' and, under torchrun, joins the process group (nccl on GPU, gloo on CPU) with one GPU
+    per local rank. TF32 for CUDA matmuls and convolutions. -> (device, rank, local_rank, world_size)"""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    rank, local_rank, world_size = 0, 0, 1
+    if int(os.environ.get('RANK', -1)) != -1:
+        import torch.distributed as dist
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    if device.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device, rank, local_rank, world_size
+
+
+def autocast_context(device, dtype):
+    """bf16 autocast on GPU when dtype is 'bfloat16'; the CPU always runs float32."""
+    if dtype not in ('bfloat16', 'float32'):
+        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got '{dtype}'")
+    if str(device).startswith('cuda') and dtype == 'bfloat16':
+        return torch.autocast(device_type='cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def atomic_save(obj, path):

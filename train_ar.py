@@ -255,7 +255,8 @@ if __name__ == '__main__':
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
 
-    from tokenizer import load_tokenizer, make_dataset, lr_multiplier, atomic_save
+    from tokenizer import (load_tokenizer, make_dataset, lr_multiplier, setup_device, autocast_context,
+                           atomic_save)
 
     _before_config = set(globals())
     # -----------------------------------------------------------------------------
@@ -311,17 +312,7 @@ if __name__ == '__main__':
     # -----------------------------------------------------------------------------
 
     ddp = int(os.environ.get('RANK', -1)) != -1
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if ddp:
-        rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-        world_size = int(os.environ['WORLD_SIZE'])
-        if device.startswith('cuda'):
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    else:
-        rank, local_rank, world_size = 0, 0, 1
+    device, rank, local_rank, world_size = setup_device(device)
     master = rank == 0
     if batch_size % (world_size * gradient_accumulation_steps) != 0:
         raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x "
@@ -329,11 +320,7 @@ if __name__ == '__main__':
     micro_batch = batch_size // (world_size * gradient_accumulation_steps)
     lr = learning_rate * batch_size / base_batch_size
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16)
-                if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+    autocast = autocast_context(device, dtype)
     if master:
         os.makedirs(out_dir, exist_ok=True)
         print(f"config: {config}")

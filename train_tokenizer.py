@@ -12,13 +12,12 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, lecam_loss,
                        adaptive_gan_weight, make_dataset, collate, ShardedBatchSampler, lr_multiplier,
-                       atomic_save, save_image_grid)
+                       setup_device, autocast_context, atomic_save, save_image_grid)
 
 # -----------------------------------------------------------------------------
 # default config: LlamaGen VQ-16 on ImageNet 256 (config/vq_16k.py); override with config files / --key=value
@@ -84,16 +83,7 @@ config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get('RANK', -1)) != -1
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-if ddp:
-    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-else:
-    rank, local_rank, world_size = 0, 0, 1
+device, rank, local_rank, world_size = setup_device(device)
 master = rank == 0
 if batch_size % (world_size * gradient_accumulation_steps) != 0:
     raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x "
@@ -104,11 +94,7 @@ if image_size % 2 ** (len(ch_mult) - 1) != 0:
                      f"of ch_mult {ch_mult}")
 lr = learning_rate * batch_size / base_batch_size
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16)
-            if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+autocast = autocast_context(device, dtype)
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"config: {config}")

@@ -1,6 +1,7 @@
-# Smoke run (no paper row): a tiny VQGAN + plain VQ on the built-in procedural data, 64x64 images, CPU.
-# Finishes in a few minutes on 2 cores and visibly lowers the reconstruction loss (rec ~0.2 -> well under 0.05).
-# LPIPS is off so nothing is downloaded; the GAN starts for the last 100 iterations to exercise its path.
+# Smoke run (no paper row): a tiny VQGAN + plain VQ (LlamaGen-style, l2-normalised 8-dim codes) on the built-in
+# procedural data, 64x64 images, CPU: about 3 minutes on 2 cores. The held-out PSNR rises from ~10 dB to ~15 dB.
+# LPIPS and the GAN are off: LPIPS would need a download, and at this size and length the GAN only slows the
+# reconstruction down (tried: disc_weight 0.1 from iter 200 doubled the reconstruction loss).
 out_dir = 'out-smoke'
 device = 'cpu'
 image_size = 64
@@ -21,9 +22,7 @@ lr_schedule = 'annealing'  # FVQ's learning annealing, Table 6 fractions
 warmup_frac = 0.1
 constant_frac = 0.3
 perceptual_weight = 0.0
-disc_weight = 0.1
-disc_start = 200
-disc_ch = 32
+disc_weight = 0.0
 log_interval = 25
 eval_interval = 100
 eval_images = 32

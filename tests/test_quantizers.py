@@ -172,7 +172,7 @@ class RecordShapes(TorchDispatchMode):
 @pytest.mark.parametrize('kind', ['vq', 'ibq', 'fvq'])
 def test_no_tokens_by_codes_matrix_beyond_chunk(kind):
     torch.manual_seed(0)
-    N, K, D, chunk_size = 600, 320, 16, 64  # K*D, N*D are both smaller than chunk_size*K
+    K, D, chunk_size = 320, 16, 64  # 600 tokens; K*D and N*D are both smaller than chunk_size*K
     extra = {'bridge_group_size': 16, 'bridge_dim': 32} if kind == 'fvq' else {}
     q = Q.make_quantizer(kind, K, D, chunk_size=chunk_size, usage_window=128, **extra)
     z = torch.randn(1, D, 20, 30, requires_grad=True)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -126,12 +125,12 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 
 
 def test_smoke_config_lowers_the_reconstruction_loss(tmp_path):
-    """config/smoke.py as written, shortened to its first 100 iterations (the schedule compresses with it):
-    the held-out PSNR rises and the logged reconstruction loss falls."""
-    result = run([sys.executable, 'train_tokenizer.py', 'config/smoke.py', f'--out_dir={tmp_path}',
-                  '--max_iters=100', '--log_interval=10'])
+    """config/smoke.py exactly as written (the README's main job, ~3 minutes on 2 cores): the held-out PSNR rises
+    by several dB (measured: 10.3 -> 15.2) and the logged reconstruction loss falls (0.27 -> 0.11)."""
+    result = run([sys.executable, 'train_tokenizer.py', 'config/smoke.py', f'--out_dir={tmp_path}'])
     psnr = {int(i): float(p) for i, p in re.findall(r'^eval iter (\d+): psnr ([\d.]+) dB', result.stdout, re.M)}
-    assert sorted(psnr) == [0, 100]
-    assert psnr[100] > psnr[0] + 3.0, psnr
+    assert sorted(psnr) == [0, 100, 200, 300]
+    assert psnr[300] > psnr[0] + 3.0, psnr
     rec = [float(x) for x in re.findall(r'^iter \d+: .*?rec ([\d.]+)', result.stdout, re.M)]
-    assert len(rec) == 10 and np.mean(rec[-3:]) < np.mean(rec[:3]), rec
+    assert len(rec) == 12 and np.mean(rec[-3:]) < 0.6 * np.mean(rec[:3]), rec
+    assert os.path.exists(tmp_path / 'ckpt.pt') and os.path.exists(tmp_path / 'recon_0000300.png')
