@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import quantizers as Q  # noqa: E402
+from conftest import ROOT
+import quantizers as Q
 
 
 def grid(z_flat, H, W):

@@ -13,13 +13,7 @@ from sample import cfg_weights, sample_from_logits, sample_tokens, generate
 from test_train_ar import save_tiny_tokenizer, tiny_gpt
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    """The models here are tiny: one intra-op thread is faster than two fighting over CI's 2 cores. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 # -----------------------------------------------------------------------------

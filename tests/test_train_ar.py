@@ -36,13 +36,7 @@ def run_script(*args, check=True):
     return result
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    """The models here are tiny: one intra-op thread is faster than two fighting over CI's 2 cores. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def tiny_gpt(adaln=False, K=64, grid=4, seed=0):
