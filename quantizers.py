@@ -93,8 +93,9 @@ def _perplexity(indices, K):
 
 class UsageWindow(nn.Module):
     """Ring buffer of the most recent `size` indices; usage = distinct codes in it / K (as the FVQ code does).
-    Every forward (training or eval) writes its indices. Not saved in checkpoints (persistent=False): usage is a
-    running statistic, and it is per rank under DDP."""
+    Only training forwards write their indices (record=True); eval forwards (held-out evaluation, code extraction)
+    read the window without changing it. Not saved in checkpoints (persistent=False): usage is a running
+    statistic, and it is per rank under DDP."""
 
     def __init__(self, K, size):
         super().__init__()
@@ -103,8 +104,13 @@ class UsageWindow(nn.Module):
         self.position = 0  # next slot to write
 
     @torch.no_grad()
-    def update(self, indices):
-        indices = indices.reshape(-1)
+    def update(self, indices, record=True):
+        if record:
+            self.record(indices.reshape(-1))
+        seen = self.recent[self.recent >= 0]
+        return torch.bincount(seen, minlength=self.K).count_nonzero().item() / self.K
+
+    def record(self, indices):
         size = self.recent.numel()
         if indices.numel() >= size:
             self.recent.copy_(indices[-size:])
@@ -113,8 +119,6 @@ class UsageWindow(nn.Module):
             slots = (self.position + torch.arange(indices.numel(), device=indices.device)) % size
             self.recent[slots] = indices
             self.position = (self.position + indices.numel()) % size
-        seen = self.recent[self.recent >= 0]
-        return torch.bincount(seen, minlength=self.K).count_nonzero().item() / self.K
 
 
 def _check_common(chunk_size, vcq_schedule):
@@ -144,7 +148,7 @@ def _token_codebook_sizes(codebook_sizes, B, H, W):
 
 
 def _info(module, indices, B, H, W, **losses):
-    info = {'indices': indices.reshape(B, H, W), 'usage': module.usage.update(indices),
+    info = {'indices': indices.reshape(B, H, W), 'usage': module.usage.update(indices, record=module.training),
             'perplexity': _perplexity(indices, module.codebook_size)}
     info.update({name: value.item() for name, value in losses.items()})
     if module.codebook_sizes is not None:

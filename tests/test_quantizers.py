@@ -281,6 +281,10 @@ def test_info_usage_and_perplexity():
     assert isinstance(info['usage'], float) and info['usage'] == pytest.approx(0.5)
     assert info['perplexity'] == pytest.approx(4.0, rel=1e-5)
     assert info['indices'].dtype == torch.long and info['indices'].shape == (1, 4, 4)
+    window = q.usage.recent.clone()
+    q.eval()  # eval forwards (held-out evaluation, code extraction) read the window but do not write it
+    _, _, info = q(grid(torch.tensor([[7.0, 0.0]]).repeat(16, 1), 4, 4))
+    assert torch.equal(q.usage.recent, window) and info['usage'] == pytest.approx(0.5)
 
 
 def test_unknown_options_are_errors():
