@@ -5,6 +5,9 @@ Micro-benchmarks. Pick one with --what:
       last line: quantizer kind=ibq K=262144 D=256 N=8192 device=cuda: fwd+bwd <ms> ms, peak <MB> MB
   bridge_flops: FLOPs of one forward of the FVQ projector (FVQ Table 10), counted by torch.utils.flop_counter
       python bench.py --what=bridge_flops --codebook_size=262144 --dim=256 --projector=vqbridge
+  inception:    features/s of evaluate.py's FID Inception-v3 on 256x256 uint8 images (float32, as FID needs)
+      python bench.py --what=inception --inception_batch=200 --device=cuda
+      last line: inception batch=200 device=cuda: <n> features/s
   tokenizer:    one steady-state tokenizer training step (generator with LPIPS + GAN loss, then the discriminator)
       for the model of a train_tokenizer.py config, on random images: img/s, ms/iter, peak memory
       python bench.py --what=tokenizer --tokenizer_config=config/vq_16k.py --tokenizer_batch=32 --device=cuda \
@@ -23,7 +26,9 @@ import time
 import torch
 
 # -----------------------------------------------------------------------------
-what = 'quantizer'  # 'quantizer', 'bridge_flops', 'tokenizer', 'ar' or 'sample'
+what = 'quantizer'  # 'quantizer', 'bridge_flops', 'inception', 'tokenizer', 'ar' or 'sample'
+# inception: the FID Inception-v3 of evaluate.py (random weights: same cost as the real ones)
+inception_batch = 50  # 256x256 uint8 images per forward
 # tokenizer: one full training step of the model that a train_tokenizer.py config describes
 tokenizer_config = 'config/vq_16k.py'
 tokenizer_batch = 8  # images per step (per GPU)
@@ -119,6 +124,18 @@ def bench_bridge_flops():
     flops = counter.get_total_flops()
     # FVQ Table 10 counts multiply-accumulates (one per weight use), i.e. half of these FLOPs
     print(f"bridge projector={projector} K={codebook_size} D={dim}: {flops} FLOPs = {flops / 2e9:.2f} GMACs")
+
+
+def bench_inception():
+    import numpy as np
+    from evaluate import FIDInceptionV3, inception_forward
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # evaluate.py's strict float32
+    torch.manual_seed(seed)
+    model = FIDInceptionV3().to(device).eval()
+    images = np.random.default_rng(seed).integers(0, 256, (inception_batch, 256, 256, 3), dtype=np.uint8)
+    with torch.no_grad():
+        dt = time_steps(lambda: inception_forward(model, images, device))
+    print(f"inception batch={inception_batch} device={device}: {inception_batch / dt:.2f} features/s")
 
 
 def bench_tokenizer():
@@ -218,6 +235,8 @@ if what == 'quantizer':
     bench_quantizer()
 elif what == 'bridge_flops':
     bench_bridge_flops()
+elif what == 'inception':
+    bench_inception()
 elif what == 'tokenizer':
     bench_tokenizer()
 elif what == 'ar':
@@ -225,4 +244,4 @@ elif what == 'ar':
 elif what == 'sample':
     bench_sample()
 else:
-    raise ValueError(f"unknown --what='{what}'; expected 'quantizer', 'bridge_flops', 'tokenizer', 'ar' or 'sample'")
+    raise ValueError(f"unknown --what='{what}'; expected 'quantizer', 'bridge_flops', 'inception', 'tokenizer', 'ar' or 'sample'")

@@ -64,3 +64,10 @@ def test_tokenizer_bench_last_line(capsys, monkeypatch):
     match = re.fullmatch(r'tokenizer config=config/smoke.py batch=2 64px device=cpu: (\d+\.\d\d) img/s, '
                          r'(\d+\.\d) ms/iter, peak n/a', line)
     assert match and float(match.group(1)) > 0, line
+
+
+def test_inception_bench_last_line(capsys, monkeypatch):
+    line = run_bench_in_process(['--what=inception', '--inception_batch=2', '--warmup_steps=0', '--steps=1'],
+                                capsys, monkeypatch)
+    match = re.fullmatch(r'inception batch=2 device=cpu: (\d+\.\d\d) features/s', line)
+    assert match and float(match.group(1)) > 0, line
