@@ -37,9 +37,14 @@ kind = 'vq'  # 'vq', 'ibq' or 'fvq'
 codebook_size = 16384
 dim = 256
 tokens = 1024  # N = batch * h * w tokens per step; laid out as (tokens // 256, dim, 16, 16) when divisible
+# quantizer options (named as make_quantizer's; one that has no effect for `kind` is an error)
 chunk_size = 1024  # tokens per chunk of the (tokens x K) distance / logit computation
 projector = 'vqbridge'  # FVQ projector: 'vqbridge', 'linear' or 'mlp5'
-quantizer_args = {}  # any further make_quantizer options
+bridge_group_size = 0  # 0 = quantizers.bridge_group_size_for(K)
+bridge_dim = 256
+bridge_depth = 2
+bridge_heads = 4
+entropy_weight = 0.05  # ibq
 # ar / sample: a train_ar.GPT preset with K = codebook_size and 1000 classes, on random codes
 ar_model = 'B'  # 'B', 'L', 'XL', 'XXL'
 n_layer = 0  # 0 = the preset's
@@ -57,11 +62,12 @@ compile = False
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
+default_config = {k: globals()[k] for k in config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
-from quantizers import make_quantizer  # noqa: E402
+from quantizers import make_quantizer, options_from_config, quantizer_options  # noqa: E402
 from tokenizer import setup_device, autocast_context  # noqa: E402
 
 device = setup_device(device)[0]  # resolves 'auto'; TF32 on CUDA as in the training scripts
@@ -83,16 +89,16 @@ def time_steps(step):
     return (time.perf_counter() - t0) / steps
 
 
-def make_bench_quantizer():
-    options = dict(quantizer_args, chunk_size=chunk_size)
-    if kind == 'fvq':
-        options.setdefault('projector', projector)
+def make_bench_quantizer(kind):
+    options = options_from_config(kind, config, default_config)
+    if options.get('bridge_group_size') == 0:
+        del options['bridge_group_size']  # the preset for K
     return make_quantizer(kind, codebook_size, dim, **options)
 
 
 def bench_quantizer():
     torch.manual_seed(seed)
-    quantizer = make_bench_quantizer().to(device)
+    quantizer = make_bench_quantizer(kind).to(device)
     # (B, D, h, w) latent grid: 16x16 tokens per image when possible (256px images at 16x downsampling)
     shape = (tokens // 256, dim, 16, 16) if tokens % 256 == 0 else (1, dim, 1, tokens)
     z = torch.randn(shape, device=device, requires_grad=True)
@@ -116,7 +122,7 @@ def bench_quantizer():
 def bench_bridge_flops():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    quantizer = make_quantizer('fvq', codebook_size, dim, projector=projector, **quantizer_args)
+    quantizer = make_bench_quantizer('fvq')
     counter = FlopCounterMode(display=False)
     # the math attention kernel is made of matmuls the counter sees; the fused CPU kernel is not counted
     with sdpa_kernel(SDPBackend.MATH), counter:
@@ -142,10 +148,13 @@ def bench_tokenizer():
     from tokenizer import Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn
     cfg = {}
     exec(open(tokenizer_config).read(), cfg)  # the config's keys; train_tokenizer.py's defaults for the rest
-    model_keys = ('ch', 'ch_mult', 'num_res_blocks', 'z_channels', 'quantizer', 'codebook_size', 'code_dim',
-                  'quantizer_args')
+    model_keys = ('ch', 'ch_mult', 'num_res_blocks', 'z_channels', 'quantizer', 'codebook_size', 'code_dim')
+    model_args = {k: cfg[k] for k in model_keys if k in cfg}
+    q_kind = cfg.get('quantizer', 'vq')
+    q_options = quantizer_options(q_kind, cfg.get('projector', 'vqbridge'), cfg.get('vcq_schedule', ''))
+    model_args['quantizer_args'] = {k: cfg[k] for k in q_options if k in cfg}
     torch.manual_seed(seed)
-    model = Tokenizer(**{k: cfg[k] for k in model_keys if k in cfg}).to(device)
+    model = Tokenizer(**model_args).to(device)
     disc = PatchDiscriminator(3, cfg.get('disc_ch', 64), cfg.get('disc_layers', 3)).to(device)
     lpips_model = make_lpips(random_backbone=True).to(device)  # same cost as the pretrained one, no download
     fused = device_type == 'cuda'

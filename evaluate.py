@@ -2,13 +2,16 @@
 Evaluation, self-contained (torch, numpy, scipy; the lpips package for LPIPS):
 - the FID Inception-v3 of pytorch-fid (TF-ported weights), features for FID / IS / precision-recall;
 - reconstruction metrics of a tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity;
-- the VCQ entropy-cliff analysis of token sequences and the VCQ §4.4 linear probe on the first k tokens.
+- the VCQ entropy-cliff analysis of token sequences and the VCQ §4.4 linear probe on the first k tokens;
+- training curves of several runs (their out_dir/log.jsonl) and entropy cliffs side by side (matplotlib).
 
     python evaluate.py --mode=recon --ckpt=out/ckpt.pt --data_dir=/data/imagenet/val --num_images=50000
     python evaluate.py --mode=gen --samples=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz
     python evaluate.py --mode=entropy --codes=out_eval/codes.npy --ckpt=out/ckpt.pt
       (recon mode writes codes.npy / labels.npy; train_ar.py's codes_dir/codes.npy works as well)
     python evaluate.py --mode=probe --codes=codes.npy --labels=labels.npy --ckpt=out/ckpt.pt --first_k=10
+    python evaluate.py --mode=curves --logs=out-study-vq,out-study-fvq --entropy_dirs=eval-fvq,eval-vcq \
+        --out_dir=plots
 
 Every mode prints a short table and writes out_dir/eval_<mode>.json. Images are compared as uint8 pictures
 (the reconstructions are rounded to uint8 first, as if saved to disk), like the ADM/LlamaGen evaluation code.
@@ -30,7 +33,7 @@ from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # default config; override with config files / --key=value
-mode = 'gen'  # 'recon', 'gen', 'entropy' or 'probe'
+mode = 'gen'  # 'recon', 'gen', 'entropy', 'probe' or 'curves'
 out_dir = 'out_eval'
 seed = 0
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
@@ -50,7 +53,10 @@ ckpt = ''  # tokenizer checkpoint (recon: the model; entropy: codebook sizes for
 data_dir = 'from_ckpt'  # 'from_ckpt' = the data_dir the tokenizer was trained on; '' = built-in procedural set
 image_size = 0  # 0 = the checkpoint's image_size
 num_images = 50000  # the first num_images images of the dataset (center-cropped, no augmentation)
-split = 'val'  # 'val' (held-out) or 'train': the built-in set's training split, e.g. codes for the entropy mode
+split = 'val'  # 'val': data_dir as it is (the built-in set's held-out split); 'train': the built-in set's training
+#               split; 'heldout': the eval_images images that train_tokenizer.py held out of its own data_dir
+rfid = True  # False: no Inception network (no weights needed): PSNR, SSIM, LPIPS, usage and perplexity only
+lpips = True  # False: no LPIPS (no VGG weights needed)
 lpips_random_backbone = False  # True: random VGG trunk, nothing downloaded (tests / offline); not a real LPIPS
 save_codes = True  # recon mode also writes out_dir/codes.npy (N, h*w) and labels.npy for the entropy/probe modes
 # entropy mode
@@ -65,6 +71,10 @@ probe_val_frac = 0.2
 first_k = 10  # the probe sees the first k tokens
 probe_steps = 200  # L-BFGS iterations (full batch)
 probe_weight_decay = 1e-4
+# curves mode
+logs = ''  # comma-separated run folders (train_tokenizer.py / train_ar.py out_dir with log.jsonl)
+entropy_dirs = ''  # comma-separated out_dirs of entropy-mode runs (eval_entropy.json), on one figure
+names = ''  # comma-separated legend names (default: the folder names), logs first, then entropy
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
 
@@ -684,7 +694,7 @@ def run_gen(config):
 
 def run_recon(config):
     """rFID (reconstructions vs originals), PSNR, SSIM, LPIPS, codebook usage of a tokenizer on an image set."""
-    from tokenizer import load_tokenizer, make_dataset, collate, make_lpips
+    from tokenizer import load_tokenizer, make_dataset, split_held_out, collate, make_lpips
     if config['ckpt'] == '':
         raise ValueError("recon mode needs --ckpt=<tokenizer checkpoint>")
     dev = resolve_device(config['device'])
@@ -694,15 +704,20 @@ def run_recon(config):
     size = config['image_size'] or train_config.get('image_size', 0)
     if size <= 0:
         raise ValueError(f"'{config['ckpt']}' has no config['image_size']; pass --image_size=...")
-    if config['split'] not in ('val', 'train'):
-        raise ValueError(f"split must be 'val' or 'train', got '{config['split']}'")
+    if config['split'] not in ('val', 'train', 'heldout'):
+        raise ValueError(f"split must be 'val', 'train' or 'heldout', got '{config['split']}'")
     # an ImageFolder's split is its data_dir; train only picks the built-in set's split. Never augmented here.
     dataset = make_dataset(data_dir, size, train=config['split'] == 'train', augment=False)
+    if config['split'] == 'heldout':
+        if data_dir == '' or train_config.get('eval_data_dir', ''):
+            raise ValueError("split='heldout' is for a tokenizer that held images out of its own ImageFolder data_dir "
+                             "(train_tokenizer.py with data_dir set and eval_data_dir '')")
+        dataset.samples = split_held_out(dataset.samples, train_config['eval_images'])[1]
     n = min(config['num_images'], len(dataset))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=config['batch_size'],
                                          shuffle=False, num_workers=config['num_workers'], collate_fn=collate)
-    inception = load_inception(config['inception_weights'], dev)
-    lpips_model = make_lpips(config['lpips_random_backbone']).to(dev)
+    inception = load_inception(config['inception_weights'], dev) if config['rfid'] else None
+    lpips_model = make_lpips(config['lpips_random_backbone']).to(dev) if config['lpips'] else None
     K = tokenizer.quantizer.codebook_size
     counts = torch.zeros(K, dtype=torch.long, device=dev)
     real_feats, fake_feats, psnrs, ssims, lpipses, all_codes, all_labels, skipped = [], [], [], [], [], [], [], 0
@@ -716,30 +731,34 @@ def run_recon(config):
             real = to_uint8_levels(images)  # (B, 3, S, S) in [0, 1]
             fake = to_uint8_levels(tokenizer.decode(indices))
             counts += torch.bincount(indices.flatten(), minlength=K)
-            real_feats.append(inception(real)[0].cpu())
-            fake_feats.append(inception(fake)[0].cpu())
+            if inception is not None:
+                real_feats.append(inception(real)[0].cpu())
+                fake_feats.append(inception(fake)[0].cpu())
             psnrs.append(psnr(fake, real).cpu())
             ssims.append(ssim(fake, real).cpu())
-            lpipses.append(lpips_model(fake * 2 - 1, real * 2 - 1).flatten().cpu())
+            if lpips_model is not None:
+                lpipses.append(lpips_model(fake * 2 - 1, real * 2 - 1).flatten().cpu())
             all_codes.append(indices.flatten(1).cpu())
             all_labels.append(labels_batch)
-    if not real_feats:
+    if not psnrs:
         raise ValueError(f"no readable images in '{data_dir}'")
     usage, perplexity = code_usage(counts.cpu().numpy())
-    results = {'rfid': fid_from_features(torch.cat(fake_feats).numpy(), torch.cat(real_feats).numpy()),
-               'psnr': torch.cat(psnrs).mean().item(), 'ssim': torch.cat(ssims).mean().item(),
-               'lpips': torch.cat(lpipses).mean().item(), 'codebook_usage': usage, 'perplexity': perplexity,
-               'codebook_size': K, 'num_images': int(sum(len(f) for f in real_feats)), 'num_skipped': skipped,
-               'image_size': size, 'data_dir': data_dir, 'split': config['split'],
-               'lpips_random_backbone': config['lpips_random_backbone']}
+    results = {'psnr': torch.cat(psnrs).mean().item(), 'ssim': torch.cat(ssims).mean().item(),
+               'codebook_usage': usage, 'perplexity': perplexity, 'codebook_size': K,
+               'usage_tokens': int(counts.sum()), 'num_images': int(sum(len(c) for c in all_codes)),
+               'num_skipped': skipped, 'image_size': size, 'data_dir': data_dir, 'split': config['split']}
+    if inception is not None:
+        results['rfid'] = fid_from_features(torch.cat(fake_feats).numpy(), torch.cat(real_feats).numpy())
+    if lpips_model is not None:
+        results.update(lpips=torch.cat(lpipses).mean().item(), lpips_random_backbone=config['lpips_random_backbone'])
     if config['save_codes']:
         os.makedirs(config['out_dir'], exist_ok=True)
         codes_array = torch.cat(all_codes).numpy().astype(np.int32 if K < 2 ** 31 else np.int64)  # (N, h*w)
         np.save(os.path.join(config['out_dir'], 'codes.npy'), codes_array)
         np.save(os.path.join(config['out_dir'], 'labels.npy'), torch.cat(all_labels).numpy())
         results['codes_file'] = os.path.join(config['out_dir'], 'codes.npy')
-    print_table(f"recon: {config['ckpt']} on {data_dir or 'the built-in procedural set'} at {size}px",
-                list(results.items()))
+    print_table(f"recon: {config['ckpt']} on {data_dir or 'the built-in procedural set'} ({config['split']}) at "
+                f"{size}px", list(results.items()))
     return results
 
 
@@ -780,21 +799,7 @@ def run_entropy(config):
             row = f"{t + 1},{H[t]:.6f},{results['remaining_budget_bits'][t]:.6f}"
             f.write(row + (f",{int(codebook_sizes[t])}" if codebook_sizes is not None else '') + '\n')
     results['csv'] = csv_path
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(range(1, T + 1), H, label='H(x_t | x_<t)')
-        ax.plot(range(1, T + 1), results['remaining_budget_bits'], label='log2 N - sum_{s<t} H_s')
-        ax.set_xscale('log')
-        ax.set_xlabel('position t')
-        ax.set_ylabel('bits')
-        ax.legend()
-        fig.savefig(os.path.join(config['out_dir'], 'entropy.png'), dpi=120, bbox_inches='tight')
-        results['png'] = os.path.join(config['out_dir'], 'entropy.png')
-    except ImportError:
-        pass  # the plot is optional; the CSV has the numbers
+    results['png'] = plot_entropy([(config['codes'], H, results)], os.path.join(config['out_dir'], 'entropy.png'))
     shown = min(T, 8)
     print_table(f"entropy: {config['codes']} ({N} sequences of {T} tokens)",
                 [(f"H_{t + 1} (bits)", float(H[t])) for t in range(shown)]
@@ -802,6 +807,106 @@ def run_entropy(config):
                    (f"first t with H_t < {config['entropy_threshold']:g}", results['first_position_below_threshold']),
                    ('t* (paper convention)', results['t_star']),
                    ('t* bound (Proposition 1)', results.get('t_star_bound', 'unknown K'))])
+    return results
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_entropy(runs, path):
+    """runs: [(name, H (T,), entropy_cliff result)] -> one PNG of H_t and the remaining budget log2 N - sum_{s<t} H_s
+    (VCQ Fig. 2a), with each run's t* of eq. (2) where its codebook sizes are known."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for i, (name, H, result) in enumerate(runs):
+        t = np.arange(1, len(H) + 1)
+        color = f'C{i}'
+        ax.plot(t, H, color=color, label=f'{name}: H(x_t | x_<t)')
+        ax.plot(t, result['remaining_budget_bits'], color=color, linestyle='--', label=f'{name}: remaining budget')
+        if result.get('t_star_bound') is not None:
+            ax.axvline(result['t_star_bound'], color=color, linestyle=':', label=f"{name}: t* = {result['t_star_bound']}")
+    ax.set_xscale('log')
+    ax.set_xlabel('position t')
+    ax.set_ylabel('bits')
+    ax.set_title('entropy cliff: ' + ', '.join(f"{name} N = {result['num_sequences']}" for name, _, result in runs))
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches='tight')
+    plt.close(fig)
+    return path
+
+
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"'{path}' does not exist (expected a training run's log.jsonl)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_curves(config):
+    """Codebook usage, held-out PSNR and reconstruction loss against iteration for several tokenizer runs (one PNG
+    per metric; loss only for GPT runs), a final-value table, and the entropy cliffs of several code sets on one
+    figure."""
+    logs = [d for d in config['logs'].split(',') if d]
+    entropy_dirs = [d for d in config['entropy_dirs'].split(',') if d]
+    if not logs and not entropy_dirs:
+        raise ValueError("curves mode needs --logs=<run dir>,<run dir>,... and/or "
+                         "--entropy_dirs=<entropy-mode out_dir>,...")
+    names = [n for n in config['names'].split(',') if n] or [os.path.basename(os.path.normpath(d))
+                                                             for d in logs + entropy_dirs]
+    if len(names) != len(logs) + len(entropy_dirs):
+        raise ValueError(f"names has {len(names)} entries for {len(logs) + len(entropy_dirs)} folders")
+    os.makedirs(config['out_dir'], exist_ok=True)
+    plt = pyplot()
+    records = {name: read_jsonl(os.path.join(d, 'log.jsonl')) for name, d in zip(names, logs)}
+    # (file name, y label, split, key): train lines every log interval, eval lines every evaluation
+    metrics = [('usage', 'codebook usage (%)', 'train', 'usage'), ('psnr', 'held-out PSNR (dB)', 'eval', 'psnr'),
+               ('rec_loss', 'reconstruction loss', 'train', 'rec'), ('loss', 'training loss', 'train', 'loss')]
+    results, table = {'png': []}, []
+    for file_name, label, split, key in metrics:
+        series = {name: [(r['iter'], r[key]) for r in rows if r.get('split') == split and key in r]
+                  for name, rows in records.items()}
+        series = {name: points for name, points in series.items() if points}
+        if not series or (key == 'loss' and any('rec' in r for rows in records.values() for r in rows)):
+            continue  # nothing logged; the total loss only for GPT runs (tokenizers: usage, PSNR, rec)
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for name, points in series.items():
+            x, y = zip(*points)
+            ax.plot(x, [100 * v for v in y] if key == 'usage' else y, label=name)
+        if key == 'usage':
+            ax.set_ylim(0, 102)
+        ax.set_xlabel('iteration')
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        path = os.path.join(config['out_dir'], f'{file_name}.png')
+        fig.savefig(path, dpi=100, bbox_inches='tight')
+        plt.close(fig)
+        results['png'].append(path)
+    for name, rows in records.items():
+        train = [r for r in rows if r.get('split') == 'train']
+        evals = [r for r in rows if r.get('split') == 'eval']
+        final = {'iter': rows[-1]['iter'] if rows else 0}
+        if train:
+            final.update({k: train[-1][k] for k in ('usage', 'usage_tokens', 'rec', 'loss') if k in train[-1]})
+        if evals:
+            final.update({f'eval_{k}': evals[-1][k] for k in ('psnr', 'usage', 'usage_tokens') if k in evals[-1]})
+        results[name] = final
+        table.append((name, ', '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in final.items())))
+    if entropy_dirs:
+        runs = []
+        for name, d in zip(names[len(logs):], entropy_dirs):
+            with open(os.path.join(d, 'eval_entropy.json')) as f:
+                result = json.load(f)
+            runs.append((name, np.asarray(result['H_bits']), result))
+            table.append((name, f"N {result['num_sequences']}, log2 N {result['log2_N']:.2f}, "
+                                f"t* (eq. 2) {result.get('t_star_bound')}, H_1..4 "
+                                + ' '.join(f'{h:.2f}' for h in result['H_bits'][:4])))
+        results['png'].append(plot_entropy(runs, os.path.join(config['out_dir'], 'entropy_cliff.png')))
+    print_table('final values', table)
     return results
 
 
@@ -859,7 +964,7 @@ if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     config = {k: globals()[k] for k in config_keys}
     print(config)
-    runs = {'recon': run_recon, 'gen': run_gen, 'entropy': run_entropy, 'probe': run_probe}
+    runs = {'recon': run_recon, 'gen': run_gen, 'entropy': run_entropy, 'probe': run_probe, 'curves': run_curves}
     if mode not in runs:
         raise ValueError(f"unknown mode '{mode}' (expected one of {', '.join(runs)})")
     torch.manual_seed(seed)

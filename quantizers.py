@@ -5,12 +5,12 @@ All vector quantizers of nanoVQ in one file:
   - IBQ (Index Backpropagation Quantization): straight-through on the one-hot index over softmax(z . C^T), so
     every code gets a gradient.
   - VCQ: any of them with a per-position codebook size K_t (token t may only use the first K_t codes).
-Every quantizer maps z (B, D, H, W) -> (z_q (B, D, H, W), loss scalar, info dict) and keeps a sliding window of
-recent indices to report codebook usage. The (tokens x K) distance / logit matrices only ever exist for
+Every quantizer maps z (B, D, H, W) -> (z_q (B, D, H, W), loss scalar, info dict) and counts the codes of its recent
+training tokens to report codebook usage; info holds tensors (no host sync inside the training step: read them once
+per log interval). The (tokens x K) distance / logit matrices only ever exist for
 `chunk_size` tokens at a time, so K = 262,144 with 8,192 tokens never materialises the whole (8192 x 262144) matrix.
 The quantization arithmetic runs in float32 with autocast off: bf16 distances cannot separate 262k codes.
 """
-import inspect
 import math
 
 import torch
@@ -86,39 +86,45 @@ def nearest_codes(z_flat, codebook, chunk_size, token_codebook_sizes=None):
 
 
 def _perplexity(indices, K):
-    counts = torch.bincount(indices.reshape(-1), minlength=K).float()
+    # exp(entropy) of the batch's code histogram, as a tensor (index_add_ rather than bincount: no host sync on GPU)
+    counts = torch.zeros(K, device=indices.device).index_add_(0, indices.reshape(-1), torch.ones(indices.numel(),
+                                                                                                  device=indices.device))
     p = counts / counts.sum()
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()).item()
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())
 
 
-class UsageWindow(nn.Module):
-    """Ring buffer of the most recent `size` indices; usage = distinct codes in it / K (as the FVQ code does).
-    Only training forwards write their indices (record=True); eval forwards (held-out evaluation, code extraction)
-    read the window without changing it. Not saved in checkpoints (persistent=False): usage is a running
-    statistic, and it is per rank under DDP."""
+class RecentCodes(nn.Module):
+    """Histogram of the codes of the most recent `size` training tokens: a ring buffer of indices plus a running (K,)
+    count, both updated in place (no host sync). usage() = fraction of the K codes seen at least once in them.
+    Only training forwards record (record=True); eval forwards (held-out evaluation, code extraction) leave it alone.
+    Not saved in checkpoints (persistent=False): usage is a running statistic, and it is per rank under DDP."""
 
     def __init__(self, K, size):
         super().__init__()
-        self.K = K
-        self.register_buffer('recent', torch.full((size,), -1, dtype=torch.long), persistent=False)
+        self.K, self.size = K, size
+        # slot value K marks an empty slot; its count lives in the extra last bin and is never read
+        self.register_buffer('recent', torch.full((size,), K, dtype=torch.long), persistent=False)
+        self.register_buffer('counts', torch.zeros(K + 1, dtype=torch.long), persistent=False)
+        self.register_buffer('tokens_seen', torch.zeros((), dtype=torch.long), persistent=False)
         self.position = 0  # next slot to write
 
     @torch.no_grad()
-    def update(self, indices, record=True):
-        if record:
-            self.record(indices.reshape(-1))
-        seen = self.recent[self.recent >= 0]
-        return torch.bincount(seen, minlength=self.K).count_nonzero().item() / self.K
-
     def record(self, indices):
-        size = self.recent.numel()
-        if indices.numel() >= size:
-            self.recent.copy_(indices[-size:])
-            self.position = 0
-        else:
-            slots = (self.position + torch.arange(indices.numel(), device=indices.device)) % size
-            self.recent[slots] = indices
-            self.position = (self.position + indices.numel()) % size
+        indices = indices.reshape(-1)[-self.size:]  # a batch longer than the window: only its last `size` count
+        n = indices.numel()
+        slots = (self.position + torch.arange(n, device=indices.device)) % self.size
+        ones = torch.ones(n, dtype=torch.long, device=indices.device)
+        self.counts.index_add_(0, self.recent[slots], -ones)  # the tokens that fall out of the window
+        self.counts.index_add_(0, indices, ones)
+        self.recent[slots] = indices
+        self.tokens_seen += n
+        self.position = (self.position + n) % self.size
+
+    def usage(self):
+        return (self.counts[:-1] > 0).sum() / self.K  # 0-d float tensor
+
+    def window_tokens(self):
+        return self.tokens_seen.clamp(max=self.size)  # tokens the usage is counted over
 
 
 def _check_common(chunk_size, vcq_schedule):
@@ -147,10 +153,22 @@ def _token_codebook_sizes(codebook_sizes, B, H, W):
     return codebook_sizes.repeat(B)
 
 
+def _setup_usage(module, K, usage_window, usage_tokens):
+    # window_usage: the release's statistic (distinct codes among the last max(65536, K + 1) tokens), which cannot
+    # exceed 1 - 1/e ~ 63% for a perfectly uniform code distribution once K >= 65,536; usage: counted over the last
+    # usage_tokens tokens (default 10 K), where a uniform distribution shows ~100% (1 - e^-10)
+    module.window = RecentCodes(K, usage_window or max(65536, K + 1))
+    module.recent_codes = RecentCodes(K, usage_tokens or 10 * K)
+
+
 def _info(module, indices, B, H, W, **losses):
-    info = {'indices': indices.reshape(B, H, W), 'usage': module.usage.update(indices, record=module.training),
+    if module.training:
+        module.window.record(indices)
+        module.recent_codes.record(indices)
+    info = {'indices': indices.reshape(B, H, W), 'usage': module.recent_codes.usage(),
+            'usage_tokens': module.recent_codes.window_tokens(), 'window_usage': module.window.usage(),
             'perplexity': _perplexity(indices, module.codebook_size)}
-    info.update({name: value.item() for name, value in losses.items()})
+    info.update({name: value.detach() for name, value in losses.items()})
     if module.codebook_sizes is not None:
         info['codebook_sizes'] = module.codebook_sizes
     return info
@@ -159,11 +177,26 @@ def _info(module, indices, B, H, W, **losses):
 # -----------------------------------------------------------------------------
 # VQBridge (FVQ paper section 3.2): compress groups of codes -> ViT blocks -> expand back
 
-def sincos_1d(num_positions, dim):
-    # fixed 1D sin-cos position embedding (num_positions, dim), as MAE/DiT's get_1d_sincos_pos_embed_from_grid
+def sincos_1d(positions, dim):
+    # fixed sin-cos embedding (P, dim) of float positions (P,), as MAE/DiT's get_1d_sincos_pos_embed_from_grid
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * omega[None, :]  # (P, dim/2)
+    angles = positions.double()[:, None] * omega[None, :]  # (P, dim/2)
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()
+
+
+def sincos_2d(grid_h, grid_w, dim):
+    # MAE/DiT's get_2d_sincos_pos_embed over a grid_h x grid_w grid, raster order: the first half of the channels
+    # encodes the column, the second half the row (the release's order) -> (grid_h * grid_w, dim)
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing='ij')
+    return torch.cat([sincos_1d(cols.flatten(), dim // 2), sincos_1d(rows.flatten(), dim // 2)], dim=1)
+
+
+def bridge_group_size_for(K):
+    """The release's presets: p x p = 16 codes per bridge token at K = 16,384 (QBridge-L/4), 64 at 65,536 and 262,144
+    (QBridge-L/8). Both 16k and 65k give 1,024 tokens; below 16k (no preset) we keep those 1,024 tokens, so a smaller
+    codebook gets smaller groups (K = 4,096 -> 4, K <= 1,024 -> 1 code per token), as FVQ section 4.2 scales the
+    patch with the codebook."""
+    return 64 if K > 65536 else max(1, K // 1024)
 
 
 class BridgeBlock(nn.Module):
@@ -195,23 +228,30 @@ class BridgeBlock(nn.Module):
 
 
 class VQBridge(nn.Module):
-    """Maps the raw codebook (K, D) to the codebook used for quantization (K, D).
-    Groups of group_size consecutive codes -> linear to dim + LayerNorm (eq. 8) -> depth ViT blocks (eq. 9) ->
-    LayerNorm + linear back to group_size*D (eq. 10) -> reshape (eq. 11). The official release uses 2D p x p patches
-    of a sqrt(K) x sqrt(K) code grid; 1D runs of p*p codes are the same up to a permutation of code indices.
-    We implement the released adaLN-Zero blocks conditioned on one learned vector (not plain ViT blocks) so that the
-    initialisation (blocks start as the identity, final layer zero) and the optimisation match the released bridge."""
+    """Maps the raw codebook (K, D) to the codebook used for quantization (K, D): groups of group_size consecutive
+    codes -> linear to dim (eq. 8) -> depth adaLN-Zero ViT blocks (eq. 9) -> LayerNorm + linear back to
+    group_size*D (eq. 10) -> reshape (eq. 11).
+    As released (yfChang-cv/FVQ qbridge.py, the code behind Table 3): the codebook is a sqrt(K) x sqrt(K) image of
+    D channels cut into p x p patches (p*p = group_size); our 1D groups of p*p consecutive codes are those patches up
+    to a fixed permutation of code indices, so group t gets the 2D sin-cos embedding of patch t's grid position.
+    The release's patch embedding has no LayerNorm; eq. 8 as printed has one (compress_norm=True).
+    The blocks are DiT's, conditioned on one learned vector; the final layer is zero-initialised, so every mapped
+    code starts at 0 and the codes separate as the expand layer learns."""
 
-    def __init__(self, K, D, group_size, dim=256, depth=2, heads=4, mlp_ratio=2.0):
+    def __init__(self, K, D, group_size, dim=256, depth=2, heads=4, mlp_ratio=2.0, compress_norm=False,
+                 zero_init=True):
         super().__init__()
         if group_size < 1 or K % group_size != 0:
-            raise ValueError(f"VQBridge: codebook size K={K} is not divisible by the group size g={group_size}")
-        if dim % heads != 0 or dim % 2 != 0:
-            raise ValueError(f"VQBridge: bridge_dim={dim} must be even and divisible by bridge_heads={heads}")
+            raise ValueError(f"VQBridge: codebook size K={K} is not divisible by the group size g={group_size} "
+                             f"(bridge_group_size); pick a g that divides K, e.g. a power of two for K = 2^n")
+        if dim % heads != 0 or dim % 4 != 0:
+            raise ValueError(f"VQBridge: bridge_dim={dim} must be divisible by 4 and by bridge_heads={heads}")
         self.K, self.D, self.group_size = K, D, group_size
         self.compress = nn.Linear(group_size * D, dim)
-        self.compress_norm = nn.LayerNorm(dim)
-        self.register_buffer('pos_embed', sincos_1d(K // group_size, dim), persistent=False)  # (K/g, dim)
+        self.compress_norm = nn.LayerNorm(dim) if compress_norm else nn.Identity()
+        T = K // group_size
+        grid_h = max(h for h in range(1, math.isqrt(T) + 1) if T % h == 0)  # square when T is (the release's Ks)
+        self.register_buffer('pos_embed', sincos_2d(grid_h, T // grid_h, dim), persistent=False)  # (T, dim)
         self.condition = nn.Parameter(torch.randn(dim) * 0.02)  # DiT's label embedding with a single class
         self.blocks = nn.ModuleList([BridgeBlock(dim, heads, mlp_ratio) for _ in range(depth)])
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -222,9 +262,16 @@ class VQBridge(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for linear in [block.modulation for block in self.blocks] + [self.final_modulation, self.expand]:
+        for linear in [block.modulation for block in self.blocks] + [self.final_modulation] + (
+                [self.expand] if zero_init else []):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
+
+    @torch.no_grad()
+    def live_slots(self):
+        # slot s of every group is row block s of the expand layer; a block still at its zero init maps every group's
+        # slot-s code to 0, and it gets a gradient only once some token picks such a zero code: usage <= live / g
+        return (self.expand.weight.reshape(self.group_size, -1).abs().amax(1) > 0).sum()
 
     def forward(self, codes):
         # codes (K, D) -> mapped codes (K, D)
@@ -243,25 +290,29 @@ class VQBridge(nn.Module):
 
 class VectorQuantizer(nn.Module):
     """Nearest-code VQ with a straight-through estimator; loss = |z_q - sg z|^2 + beta |sg z_q - z|^2 (means).
-    With projector != '' (FVQ) the codes used are projector(raw codebook), computed once per forward; the raw
-    codebook then gets gradients only through the projector. projector: 'vqbridge' (FVQ), 'linear' (SimVQ's single
-    D -> D layer) or 'mlp5' (5 linear layers with ReLU), the baselines of FVQ Tables 5 and 10."""
+    The raw codebook starts uniform(-1/K, 1/K) and, with l2_norm, is l2-normalised once at init (LlamaGen, FVQ).
+    Without a projector (plain VQ, LlamaGen) l2_norm also normalises z and the codes in every forward.
+    With projector != '' (FVQ) the codes used are projector(raw codebook), computed once per forward, and are never
+    normalised (the release's --codebook-l2-norm is init-time only, and its scripts leave it off); the raw codebook
+    then gets gradients only through the projector. projector: 'vqbridge' (FVQ), 'linear' (SimVQ's single D -> D
+    layer) or 'mlp5' (5 linear layers with ReLU), the baselines of FVQ Tables 5 and 10."""
 
     def __init__(self, codebook_size, dim, *, beta=0.25, l2_norm=False, projector='', chunk_size=1024,
-                 usage_window=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5,
-                 bridge_group_size=0, bridge_dim=256, bridge_depth=2, bridge_heads=4, bridge_mlp_ratio=2.0):
+                 usage_window=0, usage_tokens=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5,
+                 bridge_group_size=0, bridge_dim=256, bridge_depth=2, bridge_heads=4, bridge_mlp_ratio=2.0,
+                 bridge_compress_norm=False, bridge_zero_init=True):
         super().__init__()
         K, D = codebook_size, dim
         _check_common(chunk_size, vcq_schedule)
         self.codebook_size, self.dim = K, D
         self.beta, self.l2_norm, self.chunk_size = beta, l2_norm, chunk_size
-        self.embedding = nn.Parameter(torch.empty(K, D).uniform_(-1 / K, 1 / K))  # raw codebook
+        embedding = torch.empty(K, D).uniform_(-1 / K, 1 / K)  # raw codebook
+        self.embedding = nn.Parameter(F.normalize(embedding, dim=-1) if l2_norm else embedding)
         if projector == '':
             self.projector = None
         elif projector == 'vqbridge':
-            # FVQ presets: groups of 16 codes at K = 16,384 (QBridge-L/4), 64 at 65,536 and 262,144 (QBridge-L/8)
-            group_size = bridge_group_size or (16 if K <= 16384 else 64)
-            self.projector = VQBridge(K, D, group_size, bridge_dim, bridge_depth, bridge_heads, bridge_mlp_ratio)
+            self.projector = VQBridge(K, D, bridge_group_size or bridge_group_size_for(K), bridge_dim, bridge_depth,
+                                      bridge_heads, bridge_mlp_ratio, bridge_compress_norm, bridge_zero_init)
         elif projector == 'linear':
             self.projector = nn.Linear(D, D)
         elif projector == 'mlp5':
@@ -269,13 +320,15 @@ class VectorQuantizer(nn.Module):
                                            nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D))
         else:
             raise ValueError(f"unknown projector '{projector}'; expected '', 'vqbridge', 'linear' or 'mlp5'")
-        self.usage = UsageWindow(K, usage_window or max(65536, K + 1))
+        self.normalize_forward = l2_norm and self.projector is None  # never behind a projector
+        _setup_usage(self, K, usage_window, usage_tokens)
         _setup_schedule(self, K, vcq_schedule, vcq_k_min, vcq_seq_len, vcq_gamma)
 
     def codebook(self):
         # (K, D) codes used for lookup
-        codes = self.embedding if self.projector is None else self.projector(self.embedding).float()
-        return F.normalize(codes, dim=-1) if self.l2_norm else codes
+        if self.projector is not None:
+            return self.projector(self.embedding).float()
+        return F.normalize(self.embedding, dim=-1) if self.normalize_forward else self.embedding
 
     def lookup(self, indices):
         # (B, H, W) long -> (B, D, H, W)
@@ -287,7 +340,7 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook()  # (K, D), once per forward (the bridge is not cheap)
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_flat = _tokens_first(z.float())  # (N, D)
-            if self.l2_norm:
+            if self.normalize_forward:
                 z_flat = F.normalize(z_flat, dim=-1)
             indices = nearest_codes(z_flat, codebook.detach(), self.chunk_size,
                                     _token_codebook_sizes(self.codebook_sizes, B, H, W))  # (N,)
@@ -297,30 +350,39 @@ class VectorQuantizer(nn.Module):
             loss = codebook_loss + self.beta * commit_loss
             z_q = z_flat + (z_q - z_flat).detach()  # straight-through: dz = dz_q
         info = _info(self, indices, B, H, W, codebook_loss=codebook_loss, commit_loss=commit_loss)
+        if isinstance(self.projector, VQBridge):
+            info['bridge_live_slots'] = self.projector.live_slots()
         return _channels_first(z_q, B, H, W), loss, info
 
 
 def fvq_to_vq_checkpoint(ckpt):
     """FVQ tokenizer checkpoint -> plain-VQ tokenizer checkpoint whose codebook is the mapped codebook, so the bridge
-    is not needed at inference. Optimiser entries are dropped (they refer to the bridge's parameters)."""
+    is not needed at inference. Optimiser entries are dropped (they refer to the bridge's parameters); the EMA
+    weights, when present, are exported the same way."""
     args = ckpt['model_args']
     if args.get('quantizer') != 'fvq':
         raise ValueError(f"fvq_to_vq_checkpoint needs an FVQ checkpoint, got quantizer={args.get('quantizer')!r}")
     options = dict(args.get('quantizer_args') or {})
     fvq = make_quantizer('fvq', args['codebook_size'], args['code_dim'], **options)
     prefix = 'quantizer.'
-    fvq.load_state_dict({k[len(prefix):]: v for k, v in ckpt['model'].items() if k.startswith(prefix)})
-    with torch.no_grad():
-        mapped = fvq.codebook().float().clone()  # (K, D), l2-normalised already when l2_norm
-    state = {k: v for k, v in ckpt['model'].items() if not k.startswith(prefix)}
-    state[prefix + 'embedding'] = mapped
-    kept = ('beta', 'chunk_size', 'usage_window', 'vcq_schedule', 'vcq_k_min', 'vcq_seq_len', 'vcq_gamma')
-    vq_options = {k: v for k, v in options.items() if k in kept}
-    vq_options['l2_norm'] = fvq.l2_norm  # plain 'vq' defaults to l2_norm=True; keep FVQ's choice
-    if fvq.codebook_sizes is not None:
-        state[prefix + 'codebook_sizes'] = fvq.codebook_sizes.clone()
-    out = {k: v for k, v in ckpt.items() if k not in ('model', 'model_args') and 'optim' not in k}
-    out['model'] = state
+
+    def export(state):
+        fvq.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        with torch.no_grad():
+            mapped = fvq.codebook().float().clone()  # (K, D)
+        exported = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        exported[prefix + 'embedding'] = mapped
+        if fvq.codebook_sizes is not None:
+            exported[prefix + 'codebook_sizes'] = fvq.codebook_sizes.clone()
+        return exported
+
+    vq_options = {k: v for k, v in options.items()
+                  if k in quantizer_options('vq', vcq_schedule=options.get('vcq_schedule', ''))}
+    vq_options['l2_norm'] = False  # the mapped codes are used as they are (no forward normalisation)
+    out = {k: v for k, v in ckpt.items() if k not in ('model', 'model_args', 'ema') and 'optim' not in k}
+    out['model'] = export(ckpt['model'])
+    if ckpt.get('ema') is not None:
+        out['ema'] = export(ckpt['ema'])
     out['model_args'] = {**args, 'quantizer': 'vq', 'quantizer_args': vq_options}
     return out
 
@@ -412,25 +474,30 @@ def _tempered_softmax(logits, temperature, too_big):
 
 class IndexBackpropQuantizer(nn.Module):
     """IBQ. logits = z C^T; Ind = onehot(argmax) - sg(softmax) + softmax; z_q = Ind C (no straight-through on z: the
-    encoder gets the decoder's gradient through the softmax). Double quantization loss (eq. 12, means):
-    |z_q - z|^2 + |sg z - z_q'|^2 + beta |z - sg z_q'|^2 with z_q' = onehot C, plus the MAGVIT-v2 entropy penalty
-    entropy_weight * (mean_n H(p_n) - H(mean_n p_n)), p = softmax(logits / entropy_temperature).
-    Note: SEED-Voken's code puts beta on the codebook term instead (|sg z - z_q'|^2 weighted by beta); we follow eq. 12."""
+    encoder gets the decoder's gradient through the softmax). Double quantization loss with z_q' = onehot C (means):
+    ibq_beta_term='codebook' (TencentARC/SEED-Voken, the code behind IBQ Tables 1-5; the default):
+        |z_q - z|^2 + |z - sg z_q'|^2 + beta |sg z - z_q'|^2
+    ibq_beta_term='commit' (eq. 12 as printed): |z_q - z|^2 + |sg z - z_q'|^2 + beta |z - sg z_q'|^2
+    plus the MAGVIT-v2 entropy penalty entropy_weight * (mean_n H(p_n) - H(mean_n p_n)), p = softmax(logits / T).
+    The readable (N, K) formula is ibq_reference() below; this module computes the same in chunks of tokens."""
 
     # defaults from TencentARC/SEED-Voken configs/IBQ/gpu/imagenet_ibqgan_{16384,262144}.yaml: beta 0.25,
     # entropy_loss_weight 0.05, entropy_temperature 0.01, l2_normalize False
-    def __init__(self, codebook_size, dim, *, beta=0.25, l2_norm=False, entropy_weight=0.05, entropy_temperature=0.01,
-                 chunk_size=1024, usage_window=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5):
+    def __init__(self, codebook_size, dim, *, beta=0.25, ibq_beta_term='codebook', l2_norm=False, entropy_weight=0.05,
+                 entropy_temperature=0.01, chunk_size=1024, usage_window=0, usage_tokens=0, vcq_schedule='',
+                 vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5):
         super().__init__()
         K, D = codebook_size, dim
         _check_common(chunk_size, vcq_schedule)
         if entropy_temperature <= 0:
             raise ValueError(f"entropy_temperature must be > 0, got {entropy_temperature}")
+        if ibq_beta_term not in ('codebook', 'commit'):
+            raise ValueError(f"ibq_beta_term must be 'codebook' (SEED-Voken) or 'commit' (eq. 12), got {ibq_beta_term!r}")
         self.codebook_size, self.dim = K, D
-        self.beta, self.l2_norm, self.chunk_size = beta, l2_norm, chunk_size
+        self.beta, self.ibq_beta_term, self.l2_norm, self.chunk_size = beta, ibq_beta_term, l2_norm, chunk_size
         self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
         self.embedding = nn.Parameter(torch.randn(K, D))  # N(0, 1): SEED-Voken keeps nn.Embedding's default init
-        self.usage = UsageWindow(K, usage_window or max(65536, K + 1))
+        _setup_usage(self, K, usage_window, usage_tokens)
         _setup_schedule(self, K, vcq_schedule, vcq_k_min, vcq_seq_len, vcq_gamma)
 
     def codebook(self):
@@ -457,38 +524,107 @@ class IndexBackpropQuantizer(nn.Module):
             codebook_loss = F.mse_loss(z_q_hard, z_flat.detach())
             commit_loss = F.mse_loss(z_flat, z_q_hard.detach())
             entropy_loss = sample_entropy - avg_entropy
-            loss = soft_loss + codebook_loss + self.beta * commit_loss + self.entropy_weight * entropy_loss
+            if self.ibq_beta_term == 'codebook':
+                loss = soft_loss + commit_loss + self.beta * codebook_loss
+            else:
+                loss = soft_loss + codebook_loss + self.beta * commit_loss
+            loss = loss + self.entropy_weight * entropy_loss
         info = _info(self, indices, B, H, W, soft_loss=soft_loss, codebook_loss=codebook_loss, commit_loss=commit_loss,
                      entropy_loss=entropy_loss, sample_entropy=sample_entropy, avg_entropy=avg_entropy)
         return _channels_first(z_q, B, H, W), loss, info
 
 
+def ibq_reference(z, codebook, beta=0.25, ibq_beta_term='codebook', entropy_weight=0.05, temperature=0.01,
+                  codebook_sizes=None):
+    """IBQ written as the paper writes it, with whole (N, K) matrices: the formula IndexBackpropQuantizer computes in
+    chunks (tests check both give the same values and gradients). z (N, D), codebook (K, D), codebook_sizes (N,) or
+    None. -> z_q (N, D), loss, indices (N,)"""
+    K = codebook.shape[0]
+    logits = z @ codebook.t()  # (N, K), eq. 3
+    masked = None if codebook_sizes is None else torch.arange(K, device=z.device)[None, :] >= codebook_sizes[:, None]
+    if masked is not None:  # VCQ: token n may only use the first K_n codes
+        logits = logits.masked_fill(masked, float('-inf'))
+    soft = logits.softmax(1)  # eq. 4
+    indices = logits.argmax(1)
+    hard = F.one_hot(indices, K).to(z.dtype)  # eq. 5
+    z_q = (hard - soft.detach() + soft) @ codebook  # eq. 6-7
+    z_q_hard = hard @ codebook  # eq. 11
+    codebook_term = ((z.detach() - z_q_hard) ** 2).mean()
+    commit_term = ((z - z_q_hard.detach()) ** 2).mean()
+    loss = ((z_q - z) ** 2).mean() + (commit_term + beta * codebook_term if ibq_beta_term == 'codebook'
+                                      else codebook_term + beta * commit_term)
+    log_probs = torch.log_softmax(logits / temperature, 1)  # MAGVIT-v2 entropy penalty
+    probs = log_probs.exp()
+    if masked is not None:
+        log_probs = log_probs.masked_fill(masked, 0.0)
+    sample_entropy = -(probs * log_probs).sum(1).mean()
+    avg = probs.mean(0)
+    avg_entropy = -(avg * torch.log(avg + _ENTROPY_EPS)).sum()
+    return z_q, loss + entropy_weight * (sample_entropy - avg_entropy), indices
+
+
 # -----------------------------------------------------------------------------
+# options, and the one constructor every script uses
+
+# every make_quantizer option: the kinds it applies to (the projector and VCQ options apply conditionally, below)
+QUANTIZER_OPTIONS = {
+    'beta': ('vq', 'fvq', 'ibq'), 'l2_norm': ('vq', 'fvq', 'ibq'), 'chunk_size': ('vq', 'fvq', 'ibq'),
+    'usage_window': ('vq', 'fvq', 'ibq'), 'usage_tokens': ('vq', 'fvq', 'ibq'),
+    'ibq_beta_term': ('ibq',), 'entropy_weight': ('ibq',), 'entropy_temperature': ('ibq',),
+    'projector': ('fvq',), 'bridge_group_size': ('fvq',), 'bridge_dim': ('fvq',), 'bridge_depth': ('fvq',),
+    'bridge_heads': ('fvq',), 'bridge_mlp_ratio': ('fvq',), 'bridge_compress_norm': ('fvq',),
+    'bridge_zero_init': ('fvq',),
+    'vcq_schedule': ('vq', 'fvq', 'ibq'), 'vcq_k_min': ('vq', 'fvq', 'ibq'), 'vcq_seq_len': ('vq', 'fvq', 'ibq'),
+    'vcq_gamma': ('vq', 'fvq', 'ibq'),
+}
+
+
+def quantizer_options(kind, projector='vqbridge', vcq_schedule=''):
+    """Names of the make_quantizer options that take effect for this kind: the bridge_* options only with
+    projector='vqbridge', vcq_k_min / vcq_seq_len only with a VCQ schedule, vcq_gamma only with 'power'."""
+    if kind not in ('vq', 'fvq', 'ibq'):
+        raise ValueError(f"unknown quantizer kind '{kind}'; expected 'vq', 'ibq' or 'fvq'")
+    names = [name for name, kinds in QUANTIZER_OPTIONS.items() if kind in kinds]
+    if kind == 'fvq' and projector != 'vqbridge':
+        names = [name for name in names if not name.startswith('bridge_')]
+    if vcq_schedule == '':
+        names = [name for name in names if name not in ('vcq_k_min', 'vcq_seq_len', 'vcq_gamma')]
+    elif vcq_schedule != 'power':
+        names.remove('vcq_gamma')
+    return names
+
+
+def options_from_config(kind, config, defaults):
+    """make_quantizer options from a script's flat config dict (keys named like the options): those that take effect
+    for `kind`. A key that would have no effect but differs from the script's default is an error naming it (it
+    would be silently ignored otherwise, e.g. vcq_k_min without a vcq_schedule)."""
+    applicable = quantizer_options(kind, config.get('projector', 'vqbridge'), config.get('vcq_schedule', ''))
+    ignored = [k for k in QUANTIZER_OPTIONS if k in config and k not in applicable and config[k] != defaults[k]]
+    if ignored:
+        raise ValueError(f"config key(s) {ignored} have no effect with quantizer='{kind}'"
+                         + (f", projector={config['projector']!r}" if kind == 'fvq' else '')
+                         + f", vcq_schedule={config.get('vcq_schedule', '')!r}; remove them or change the quantizer")
+    return {k: config[k] for k in applicable if k in config}
+
 
 def make_quantizer(kind, codebook_size, dim, **options):
     """kind 'vq' (LlamaGen: l2-normalised codes by default), 'fvq' (VQBridge-mapped codebook; options projector=
-    'linear' | 'mlp5' give the FVQ Table 5 baselines) or 'ibq'. options: keyword arguments of the quantizer class."""
+    'linear' | 'mlp5' give the FVQ Table 5 baselines) or 'ibq'. options: any of quantizer_options(kind, ...);
+    one that would have no effect for this kind is an error naming it."""
     if not (isinstance(codebook_size, int) and codebook_size >= 2 and isinstance(dim, int) and dim >= 1):
         raise ValueError(f"codebook_size must be an int >= 2 and dim an int >= 1, got {codebook_size!r}, {dim!r}")
-    if kind == 'vq':
-        cls, defaults = VectorQuantizer, {'l2_norm': True}
-        valid = [name for name in inspect.signature(cls).parameters
-                 if not name.startswith('bridge_') and name not in ('projector', 'codebook_size', 'dim')]
-    elif kind == 'fvq':
-        cls, defaults = VectorQuantizer, {'projector': 'vqbridge'}
-        valid = [name for name in inspect.signature(cls).parameters if name not in ('codebook_size', 'dim')]
-    elif kind == 'ibq':
-        cls, defaults = IndexBackpropQuantizer, {}
-        valid = [name for name in inspect.signature(cls).parameters if name not in ('codebook_size', 'dim')]
-    else:
-        raise ValueError(f"unknown quantizer kind '{kind}'; expected 'vq', 'ibq' or 'fvq'")
+    valid = quantizer_options(kind, options.get('projector', 'vqbridge'), options.get('vcq_schedule', ''))
     unknown = [name for name in options if name not in valid]
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for quantizer '{kind}'; valid options: {valid}")
-    if kind == 'fvq' and options.get('projector', 'vqbridge') == '':
-        raise ValueError("quantizer 'fvq' needs a projector ('vqbridge', 'linear' or 'mlp5'); use 'vq' for none")
-    if kind == 'fvq' and options.get('projector', 'vqbridge') != 'vqbridge':
-        unused = [name for name in options if name.startswith('bridge_')]
-        if unused:
-            raise TypeError(f"option(s) {unused} only apply to projector='vqbridge', not '{options['projector']}'")
-    return cls(codebook_size, dim, **{**defaults, **options})
+        raise TypeError(f"option(s) {unknown} do not apply to quantizer '{kind}'"
+                        + (f" with projector={options['projector']!r}" if 'projector' in options else '')
+                        + (f" with vcq_schedule={options.get('vcq_schedule', '')!r}" if any(
+                            name.startswith('vcq_') for name in unknown) else '')
+                        + f"; options that apply: {valid}")
+    if kind == 'vq':
+        return VectorQuantizer(codebook_size, dim, **{'l2_norm': True, **options})
+    if kind == 'fvq':
+        if options.get('projector', 'vqbridge') == '':
+            raise ValueError("quantizer 'fvq' needs a projector ('vqbridge', 'linear' or 'mlp5'); use 'vq' for none")
+        return VectorQuantizer(codebook_size, dim, **{'projector': 'vqbridge', **options})
+    return IndexBackpropQuantizer(codebook_size, dim, **options)

@@ -5,6 +5,7 @@ the image datasets, the learning-rate schedule, atomic checkpoint writes and che
 Images are float tensors in [-1, 1], shape (B, 3, H, W).
 """
 import contextlib
+import json
 import math
 import os
 import warnings
@@ -180,8 +181,9 @@ class Tokenizer(nn.Module):
         return self.decoder.conv_out.weight
 
 
-def load_tokenizer(path, map_location='cpu'):
-    """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py."""
+def load_tokenizer(path, map_location='cpu', ema=True):
+    """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py: its EMA weights when the run kept
+    them (ema_decay > 0; what IBQ's release evaluates and extracts codes with) unless ema=False, else its weights."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer checkpoint '{path}' does not exist")
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
@@ -189,8 +191,9 @@ def load_tokenizer(path, map_location='cpu'):
         if key not in ckpt:
             raise ValueError(f"'{path}' is not a tokenizer checkpoint: it has no '{key}' entry")
     model = Tokenizer(**ckpt['model_args'])
-    model.load_state_dict(ckpt['model'])
+    model.load_state_dict(ckpt['ema'] if ema and ckpt.get('ema') is not None else ckpt['model'])
     return model.to(map_location).eval()
+
 
 # -----------------------------------------------------------------------------
 # PatchGAN discriminator (taming/LlamaGen N-layer), GAN losses, LeCAM, LPIPS
@@ -227,11 +230,16 @@ def disc_loss_fn(kind, logits_real, logits_fake):
 
 
 def gen_loss_fn(kind, logits_fake):
+    """The generator's adversarial loss on D's patch logits (B, 1, h, w): 'hinge' -mean(l) (LlamaGen, FVQ);
+    'non_saturating' mean softplus(-l) over patches; 'non_saturating_per_image' softplus(-mean_patches(l)) averaged
+    over images (TencentARC/SEED-Voken, IBQ's release: BCE of each image's mean logit)."""
     if kind == 'hinge':
         return -logits_fake.mean()
     if kind == 'non_saturating':
         return F.softplus(-logits_fake).mean()
-    raise ValueError(f"unknown gen_loss '{kind}' (expected 'hinge' or 'non_saturating')")
+    if kind == 'non_saturating_per_image':
+        return F.softplus(-logits_fake.flatten(1).mean(1)).mean()
+    raise ValueError(f"unknown gen_loss '{kind}' (expected 'hinge', 'non_saturating' or 'non_saturating_per_image')")
 
 
 def lecam_loss(logits_real, logits_fake, ema_real, ema_fake):
@@ -244,6 +252,34 @@ def adaptive_gan_weight(rec_loss, gen_loss, last_layer):
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gen_grad = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
     return (rec_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def diff_augment(x):
+    """DiffAugment (Zhao et al. 2020; policy color, translation, cutout) on images in [-1, 1]: the same random,
+    differentiable transform family for D's real and fake inputs, so D cannot overfit the training images. Our
+    reading of VCQ Appendix A's "adversarial augmentation"."""
+    B, _, H, W = x.shape
+    rand = lambda *shape: torch.rand(B, *shape, device=x.device, dtype=x.dtype)  # noqa: E731
+    x = x + (rand(1, 1, 1) - 0.5)  # brightness
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (rand(1, 1, 1) * 2) + mean  # saturation
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * (rand(1, 1, 1) + 0.5) + mean  # contrast
+    # translation by up to 1/8 of the size, zero fill
+    sy, sx = int(H * 0.125 + 0.5), int(W * 0.125 + 0.5)
+    ty = torch.randint(-sy, sy + 1, (B, 1, 1), device=x.device)
+    tx = torch.randint(-sx, sx + 1, (B, 1, 1), device=x.device)
+    rows = (torch.arange(H, device=x.device)[None, :, None] + ty + 1).clamp(0, H + 1)  # (B, H, 1), +1: the zero pad
+    cols = (torch.arange(W, device=x.device)[None, None, :] + tx + 1).clamp(0, W + 1)  # (B, 1, W)
+    padded = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)  # (B, H+2, W+2, C)
+    x = padded[torch.arange(B, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+    # cutout: a zeroed box of half the height and width, centred at a random pixel (clipped at the border)
+    cy, cx = (H + 1) // 2, (W + 1) // 2
+    top = torch.randint(0, H, (B, 1, 1), device=x.device) - cy // 2
+    left = torch.randint(0, W, (B, 1, 1), device=x.device) - cx // 2
+    r, c = torch.arange(H, device=x.device)[None, :, None], torch.arange(W, device=x.device)[None, None, :]
+    keep = ~((r >= top) & (r < top + cy) & (c >= left) & (c < left + cx))  # (B, H, W)
+    return x * keep[:, None].to(x.dtype)
 
 
 def make_lpips(random_backbone=False):
@@ -395,6 +431,16 @@ def make_dataset(data_dir, image_size, train, num_images=0, augment=None):
     return ImageFolder(data_dir, image_size, augment)
 
 
+def split_held_out(samples, n):
+    """An ImageFolder's samples -> (training samples, n held-out samples): a fixed random choice (seed 0), so
+    train_tokenizer.py and evaluate.py --split=heldout agree on which images were never trained on."""
+    if not 0 < n < len(samples):
+        raise ValueError(f"eval_images = {n} must be between 1 and the number of images minus one ({len(samples)} "
+                         f"images in the folder); lower eval_images or give a separate eval_data_dir")
+    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
+    return [samples[i] for i in sorted(perm[n:])], [samples[i] for i in sorted(perm[:n])]
+
+
 def collate(batch):
     """Drops unreadable images: -> (images (B,3,S,S), labels (B,), number skipped)."""
     kept = [item for item in batch if item is not None]
@@ -490,6 +536,24 @@ def atomic_save(obj, path):
     tmp = path + '.tmp'
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def truncate_log(path, iter_num):
+    """Keeps the lines of a JSON-lines log up to iteration iter_num: a resumed run drops what its killed
+    predecessor logged after its last checkpoint, so the file has each iteration once."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['iter'] <= iter_num]
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(kept)
+    os.replace(path + '.tmp', path)
+
+
+def append_log(path, record):
+    """One JSON line per log interval or evaluation (out_dir/log.jsonl; evaluate.py --mode=curves plots them)."""
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
 
 
 def save_image_grid(images, path, nrow):

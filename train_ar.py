@@ -256,7 +256,7 @@ if __name__ == '__main__':
     from tqdm import tqdm
 
     from tokenizer import (load_tokenizer, make_dataset, lr_multiplier, setup_device, autocast_context,
-                           atomic_save)
+                           atomic_save, truncate_log, append_log)
 
     _before_config = set(globals())
     # -----------------------------------------------------------------------------
@@ -492,6 +492,7 @@ if __name__ == '__main__':
 
     iter_num, rng_states = 0, None
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    log_path = os.path.join(out_dir, 'log.jsonl')  # one JSON line per log interval (evaluate.py --mode=curves)
     if init_from == 'resume':
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"init_from='resume' but {ckpt_path} does not exist")
@@ -507,10 +508,13 @@ if __name__ == '__main__':
         iter_num = ckpt['iter_num']
         rng_states = ckpt['rng_states'][rank] if len(ckpt['rng_states']) == world_size else None
         if master:
+            truncate_log(log_path, iter_num)  # what the killed run logged after this checkpoint is logged again
             print(f"resumed from {ckpt_path} at iter {iter_num}")
         del ckpt
     elif init_from != 'scratch':
         raise ValueError(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+    elif master and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
 
     raw_model = model  # un-compiled, un-wrapped: what checkpoints hold
     if compile:
@@ -574,9 +578,13 @@ if __name__ == '__main__':
                 torch.cuda.synchronize()
             dt = (time.time() - t0) / (iter_num - max(start_iter, iter_num - log_interval))
             t0 = time.time()
-            mfu = f"{100 * flops_per_iter / dt / peak_flops:.2f}%" if peak_flops else 'n/a'
-            print(f"iter {iter_num}: loss {loss_sum.item():.6f}, lr {step_lr:.3e}, "
-                  f"{batch_size * raw_model.seq_len / dt:.0f} tok/s, {1000 * dt:.1f} ms/iter, MFU {mfu}", flush=True)
+            record = {'iter': iter_num, 'split': 'train', 'loss': loss_sum.item(), 'lr': step_lr,
+                      'tok_per_s': batch_size * raw_model.seq_len / dt, 'ms_per_iter': 1000 * dt,
+                      'mfu': flops_per_iter / dt / peak_flops if peak_flops else None}
+            append_log(log_path, record)
+            mfu = f"{100 * record['mfu']:.2f}%" if peak_flops else 'n/a'
+            print(f"iter {iter_num}: loss {record['loss']:.6f}, lr {step_lr:.3e}, {record['tok_per_s']:.0f} tok/s, "
+                  f"{record['ms_per_iter']:.1f} ms/iter, MFU {mfu}", flush=True)
 
     if ddp:
         dist.destroy_process_group()

@@ -4,7 +4,9 @@ GAN and LeCAM losses. One GPU or CPU:
     python train_tokenizer.py config/smoke.py
 DDP on one node (global batch split across ranks):
     torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/fvq_262k.py
+Writes out_dir/ckpt.pt, out_dir/log.jsonl (one JSON line per log interval and evaluation) and reconstruction grids.
 """
+import copy
 import os
 import time
 import random
@@ -15,9 +17,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from quantizers import options_from_config, bridge_group_size_for
 from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, lecam_loss,
-                       adaptive_gan_weight, make_dataset, collate, ShardedBatchSampler, lr_multiplier,
-                       setup_device, autocast_context, atomic_save, save_image_grid)
+                       adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate, ShardedBatchSampler,
+                       lr_multiplier, setup_device, autocast_context, atomic_save, save_image_grid, truncate_log,
+                       append_log)
 
 # -----------------------------------------------------------------------------
 # default config: LlamaGen VQ-16 on ImageNet 256 (config/vq_16k.py); override with config files / --key=value
@@ -43,21 +47,48 @@ dropout = 0.0
 quantizer = 'vq'  # 'vq', 'ibq' or 'fvq'
 codebook_size = 16384
 code_dim = 8
-quantizer_args = {'l2_norm': True, 'beta': 0.25}  # passed to quantizers.make_quantizer
+# quantizer options (quantizers.make_quantizer's): each takes effect for some quantizers only, and changing one that
+# has no effect for `quantizer` is an error. All resolved values are recorded in the checkpoint's model_args.
+beta = 0.25  # commitment weight
+l2_norm = True  # vq: l2-normalised codes and z (LlamaGen); fvq: the raw codes normalised once at init (the
+#                 release's flag; its scripts leave it off); ibq: cosine logits (off in the release)
+chunk_size = 1024  # tokens per (chunk, K) distance / logit block
+usage_window = 0  # window_usage: distinct codes among the last max(65536, K + 1) tokens (the release's; 0 = that)
+usage_tokens = 0  # usage: distinct codes among the last usage_tokens training tokens (0 = 10 K)
+ibq_beta_term = 'codebook'  # ibq: beta on the codebook term (SEED-Voken) or 'commit' (IBQ eq. 12 as printed)
+entropy_weight = 0.05  # ibq: MAGVIT-v2 entropy penalty
+entropy_temperature = 0.01
+projector = 'vqbridge'  # fvq: 'vqbridge', 'linear' or 'mlp5'
+bridge_group_size = 0  # codes per bridge token (0 = quantizers.bridge_group_size_for(K): 16 at 16,384)
+bridge_dim = 256
+bridge_depth = 2
+bridge_heads = 4
+bridge_mlp_ratio = 2.0
+bridge_compress_norm = False  # FVQ eq. 8's LayerNorm after the compress layer (not in the release)
+bridge_zero_init = True  # the release zero-initialises the expand layer (DiT's output layer): every code starts at 0
+vcq_schedule = ''  # VCQ codebook-size schedule over the token positions: '', 'linear', 'cosine', 'power'
+vcq_k_min = 2
+vcq_seq_len = 0  # 0 = the latent grid's token count
+vcq_gamma = 2.5  # 'power' only
+ema_decay = 0.0  # weight EMA (IBQ's release: 0.999); eval, evaluate.py and code extraction then use the EMA weights
 # losses
 rec_loss = 'l2'  # 'l1' or 'l2'
 perceptual_weight = 1.0  # LPIPS-VGG; 0 = no LPIPS
 lpips_random_backbone = False  # True: random VGG trunk, nothing downloaded (tests, offline smoke runs)
-disc_weight = 0.5  # 0 = no discriminator
+disc_weight = 0.5  # weight of the generator's adversarial loss; 0 = no discriminator
+disc_loss_weight = 0.0  # weight of the discriminator's loss; 0 = disc_weight, as LlamaGen / FVQ (IBQ, VCQ: 1.0)
 disc_start = 20000
 disc_loss = 'hinge'  # 'hinge' or 'non_saturating'
-gen_loss = 'hinge'
+gen_loss = 'hinge'  # 'hinge', 'non_saturating' or 'non_saturating_per_image' (IBQ's release)
 adaptive_disc_weight = False  # taming's gradient-norm balance of the GAN loss
 lecam_weight = 0.0  # IBQ uses LeCAM
 lecam_decay = 0.999
 disc_layers = 3
 disc_ch = 64
+disc_first = False  # step D before G in each iteration (IBQ's release); LlamaGen and FVQ step G first
+disc_augment = False  # DiffAugment on D's inputs (our reading of VCQ's "adversarial augmentation")
 # optimisation
+optimizer = 'adam'  # 'adam' (LlamaGen, FVQ, IBQ) or 'adamw' (VCQ)
 batch_size = 128  # global batch, split across ranks and gradient_accumulation_steps
 gradient_accumulation_steps = 1
 max_iters = 40 * 1281167 // 128  # 40 ImageNet epochs
@@ -78,6 +109,7 @@ dtype = 'bfloat16'  # autocast dtype on GPU ('bfloat16' or 'float32'); the CPU a
 compile = False
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
+default_config = {k: globals()[k] for k in config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
@@ -89,17 +121,25 @@ if batch_size % (world_size * gradient_accumulation_steps) != 0:
     raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x "
                      f"gradient_accumulation_steps {gradient_accumulation_steps}")
 micro_batch = batch_size // (world_size * gradient_accumulation_steps)
-if image_size % 2 ** (len(ch_mult) - 1) != 0:
-    raise ValueError(f"image_size {image_size} is not divisible by the downsampling factor {2 ** (len(ch_mult) - 1)} "
+downsample = 2 ** (len(ch_mult) - 1)
+if image_size % downsample != 0:
+    raise ValueError(f"image_size {image_size} is not divisible by the downsampling factor {downsample} "
                      f"of ch_mult {ch_mult}")
 lr = learning_rate * batch_size / base_batch_size
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 autocast = autocast_context(device, dtype)
+torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+
+# the quantizer options that take effect for this quantizer; automatic values resolved, so checkpoints record them
+quantizer_args = options_from_config(quantizer, config, default_config)
+if quantizer_args.get('vcq_seq_len') == 0:
+    quantizer_args['vcq_seq_len'] = (image_size // downsample) ** 2
+if quantizer_args.get('bridge_group_size') == 0:
+    quantizer_args['bridge_group_size'] = bridge_group_size_for(codebook_size)
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"config: {config}")
     print(f"world_size {world_size}, micro batch {micro_batch}/rank, lr {lr:.3e}, device {device}")
-torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
 
 # -----------------------------------------------------------------------------
 # model, discriminator, perceptual loss, optimisers
@@ -108,17 +148,26 @@ model_args = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_chann
                   quantizer=quantizer, codebook_size=codebook_size, code_dim=code_dim, quantizer_args=quantizer_args)
 use_disc = disc_weight > 0
 model = Tokenizer(**model_args).to(device)
+# IBQ's release evaluates with an EMA of the weights (LitEma, constant decay)
+ema_model = copy.deepcopy(model).requires_grad_(False).eval() if ema_decay > 0 else None
 disc = PatchDiscriminator(3, disc_ch, disc_layers).to(device) if use_disc else None
 lpips_model = make_lpips(lpips_random_backbone).to(device) if perceptual_weight > 0 else None
+if optimizer not in ('adam', 'adamw'):
+    raise ValueError(f"optimizer must be 'adam' or 'adamw', got '{optimizer}'")
+Optimizer = torch.optim.AdamW if optimizer == 'adamw' else torch.optim.Adam
 fused = device_type == 'cuda'  # one kernel for the whole update instead of one per tensor
-optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, fused=fused)
-disc_optimizer = torch.optim.Adam(disc.parameters(), lr=lr, betas=(beta1, beta2), fused=fused) if use_disc else None
+gen_optimizer = Optimizer(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, fused=fused)
+disc_optimizer = Optimizer(disc.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
+                           fused=fused) if use_disc else None
 if master:
     print(f"tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{model.downsample}x downsampling, {image_size // model.downsample}^2 tokens per image")
+          f"{downsample}x downsampling, {image_size // downsample}^2 tokens per image, quantizer {quantizer} "
+          f"{quantizer_args}")
 
-iter_num, lecam_ema, skipped_images, rng_states = 0, [0.0, 0.0], 0, None
+iter_num, skipped_images, rng_states = 0, 0, None
+lecam_ema = torch.zeros(2, device=device)  # EMA of D's mean logits on real and on reconstructed images
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+log_path = os.path.join(out_dir, 'log.jsonl')
 if init_from == 'resume':
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"init_from='resume' but {ckpt_path} does not exist")
@@ -132,18 +181,27 @@ if init_from == 'resume':
     if (ckpt['disc'] is not None) != use_disc:
         raise ValueError(f"{ckpt_path} was trained with disc_weight {ckpt['config']['disc_weight']}; "
                          f"the current disc_weight {disc_weight} {'needs' if use_disc else 'drops'} a discriminator")
+    if (ckpt.get('ema') is not None) != (ema_model is not None):
+        raise ValueError(f"{ckpt_path} was trained with ema_decay {ckpt['config'].get('ema_decay', 0.0)}; the current "
+                         f"ema_decay {ema_decay} {'needs' if ema_model is not None else 'drops'} its EMA weights")
     model.load_state_dict(ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
+    gen_optimizer.load_state_dict(ckpt['optimizer'])
+    if ema_model is not None:
+        ema_model.load_state_dict(ckpt['ema'])
     if use_disc:
         disc.load_state_dict(ckpt['disc'])
         disc_optimizer.load_state_dict(ckpt['disc_optimizer'])
-    iter_num, lecam_ema, skipped_images = ckpt['iter_num'], ckpt['lecam_ema'], ckpt['skipped_images']
+    iter_num, skipped_images = ckpt['iter_num'], ckpt['skipped_images']
+    lecam_ema = torch.as_tensor(ckpt['lecam_ema'], dtype=torch.float32, device=device)
     rng_states = ckpt['rng_states'][rank] if len(ckpt['rng_states']) == world_size else None
     if master:
+        truncate_log(log_path, iter_num)  # what the killed run logged after this checkpoint is logged again
         print(f"resumed from {ckpt_path} at iter {iter_num}")
     del ckpt
 elif init_from != 'scratch':
     raise ValueError(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+elif master and os.path.exists(log_path):
+    os.remove(log_path)  # a fresh run starts a fresh log
 
 raw_model, raw_disc = model, disc  # un-compiled, un-wrapped: what checkpoints hold
 if compile:
@@ -151,17 +209,9 @@ if compile:
     disc = torch.compile(disc) if use_disc else None
 gen_disc = disc  # the generator's GAN loss goes through D without DDP (its D-gradients are not wanted)
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    # broadcast_buffers=False: the tokenizer has no BatchNorm, and its usage buffers are per-rank statistics
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
     disc = DDP(disc, device_ids=[local_rank] if device_type == 'cuda' else None) if use_disc else None
-
-if rng_states is not None:
-    torch.set_rng_state(rng_states['torch'])
-    np.random.set_state(rng_states['numpy'])
-    random.setstate(rng_states['python'])
-    if device_type == 'cuda' and rng_states['cuda'] is not None:
-        torch.cuda.set_rng_state(rng_states['cuda'])
-else:
-    torch.manual_seed(seed + rank + iter_num)  # per-rank streams (dropout), fresh after an elastic resume
 
 # -----------------------------------------------------------------------------
 # data: the order depends only on the step, so a resumed run sees exactly what it would have seen
@@ -169,9 +219,7 @@ else:
 train_set = make_dataset(data_dir, image_size, train=True, num_images=num_images)
 if data_dir and not eval_data_dir:  # hold out eval_images images of the training folder
     eval_set = make_dataset(data_dir, image_size, train=False)
-    perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
-    eval_set.samples = [train_set.samples[i] for i in sorted(perm[:eval_images])]
-    train_set.samples = [train_set.samples[i] for i in sorted(perm[eval_images:])]
+    train_set.samples, eval_set.samples = split_held_out(train_set.samples, eval_images)
 else:
     eval_set = make_dataset(eval_data_dir or data_dir, image_size, train=False, num_images=num_images and eval_images)
 sampler = ShardedBatchSampler(len(train_set), micro_batch, rank, world_size, seed,
@@ -179,6 +227,16 @@ sampler = ShardedBatchSampler(len(train_set), micro_batch, rank, world_size, see
 loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                                      pin_memory=device_type == 'cuda', persistent_workers=num_workers > 0)
 batches = iter(loader)
+# after iter(loader), which draws a seed from the global generator: a resumed run continues the very stream
+if rng_states is not None:
+    torch.set_rng_state(rng_states['torch'])
+    np.random.set_state(rng_states['numpy'])
+    random.setstate(rng_states['python'])
+    if device_type == 'cuda' and rng_states['cuda'] is not None:
+        torch.cuda.set_rng_state(rng_states['cuda'])
+else:
+    torch.manual_seed(seed + rank + iter_num)  # per-rank streams (dropout, DiffAugment), fresh after an elastic resume
+
 if master:
     print(f"data: {len(train_set)} training images in {train_set.num_classes} classes"
           f" ({'built-in procedural' if not data_dir else data_dir}), {min(eval_images, len(eval_set))} held out")
@@ -186,18 +244,22 @@ if master:
 
 @torch.no_grad()
 def evaluate():
-    """PSNR and codebook usage on the held-out images, and a PNG of inputs (odd rows) vs reconstructions."""
-    raw_model.eval()
+    """Held-out PSNR, reconstruction loss and codebook usage (over every held-out token), and a PNG of inputs
+    (odd rows) vs reconstructions; with ema_decay > 0, of the EMA weights."""
+    eval_model = ema_model if ema_model is not None else raw_model
+    eval_model.eval()
     keys = list(range(min(eval_images, len(eval_set))))
-    mse, indices, shown = [], [], None
+    mse, rec, indices, shown = [], [], [], None
     for start in range(0, len(keys), micro_batch):
         images, _, _ = collate([eval_set[k] for k in keys[start: start + micro_batch]])
         if len(images) == 0:
             continue
         images = images.to(device)
         with autocast:
-            recon, _, info = raw_model(images)
-        recon = recon.float().clamp(-1, 1)
+            recon, _, info = eval_model(images)
+        recon = recon.float()
+        rec.append(((recon - images).abs() if rec_loss == 'l1' else (recon - images).pow(2)).flatten(1).mean(1))
+        recon = recon.clamp(-1, 1)
         mse.append(((recon - images) / 2).pow(2).flatten(1).mean(1))  # per image, on the [0, 1] scale
         indices.append(info['indices'].flatten())
         if shown is None:
@@ -205,10 +267,10 @@ def evaluate():
             shown = torch.cat([images[:n], recon[:n]])
     raw_model.train()
     mse, indices = torch.cat(mse), torch.cat(indices)
-    psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
-    usage = indices.unique().numel() / raw_model.quantizer.codebook_size
     save_image_grid(shown, os.path.join(out_dir, f'recon_{iter_num:07d}.png'), nrow=len(shown) // 2)
-    return psnr, usage
+    return {'psnr': (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item(), 'rec': torch.cat(rec).mean().item(),
+            'usage': indices.unique().numel() / codebook_size, 'usage_tokens': indices.numel(),
+            'images': len(mse)}
 
 
 def save_checkpoint():
@@ -220,11 +282,11 @@ def save_checkpoint():
     else:
         all_states = [states]
     if master:
-        atomic_save({'model': raw_model.state_dict(), 'disc': raw_disc.state_dict() if use_disc else None,
-                     'optimizer': optimizer.state_dict(),
+        atomic_save({'model': raw_model.state_dict(), 'ema': ema_model.state_dict() if ema_model else None,
+                     'disc': raw_disc.state_dict() if use_disc else None, 'optimizer': gen_optimizer.state_dict(),
                      'disc_optimizer': disc_optimizer.state_dict() if use_disc else None,
                      'model_args': model_args, 'config': config, 'iter_num': iter_num,
-                     'data_step': iter_num * gradient_accumulation_steps, 'lecam_ema': lecam_ema,
+                     'data_step': iter_num * gradient_accumulation_steps, 'lecam_ema': lecam_ema.cpu(),
                      'skipped_images': skipped_images, 'rng_states': all_states}, ckpt_path)
         print(f"saved checkpoint to {ckpt_path} at iter {iter_num}", flush=True)
 
@@ -233,36 +295,77 @@ def set_requires_grad(module, flag):
     for p in module.parameters():
         p.requires_grad_(flag)
 
+
+def discriminator_step(pairs):
+    """One D update on the (real, reconstructed) images of every micro-step -> D's loss (a tensor)."""
+    global lecam_ema
+    set_requires_grad(raw_disc, True)
+    total = torch.zeros((), device=device)
+    for micro_step, (images, recon) in enumerate(pairs):
+        last = micro_step == len(pairs) - 1
+        with (disc.no_sync() if ddp and not last else nullcontext()), autocast:
+            real, fake = (diff_augment(images), diff_augment(recon)) if disc_augment else (images, recon)
+            logits_real, logits_fake = disc(real).float(), disc(fake.detach()).float()
+            d_loss = disc_loss_fn(disc_loss, logits_real, logits_fake)
+            if lecam_weight > 0:  # the EMA takes this batch's logits first, then regularises (SEED-Voken's order)
+                batch_means = torch.stack([logits_real.mean(), logits_fake.mean()]).detach()
+                lecam_ema = lecam_decay * lecam_ema + (1 - lecam_decay) * batch_means
+                d_loss = d_loss + lecam_weight * lecam_loss(logits_real, logits_fake, lecam_ema[0], lecam_ema[1])
+            d_loss = (disc_loss_weight or disc_weight) * d_loss
+            (d_loss / len(pairs)).backward()
+        total += d_loss.detach() / len(pairs)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_disc.parameters(), grad_clip)
+    disc_optimizer.step()
+    disc_optimizer.zero_grad(set_to_none=True)
+    set_requires_grad(raw_disc, False)
+    return total
+
 # -----------------------------------------------------------------------------
 # training loop
 
+if use_disc:
+    set_requires_grad(raw_disc, False)  # only discriminator_step trains D
 t0, start_iter = time.time(), iter_num
 while True:
-    if master and (iter_num == 0 or iter_num > start_iter and (iter_num % eval_interval == 0 or iter_num == max_iters)):
-        psnr, eval_usage = evaluate()
-        print(f"eval iter {iter_num}: psnr {psnr:.2f} dB, held-out usage {100 * eval_usage:.2f}%", flush=True)
-    if iter_num > start_iter and (iter_num % eval_interval == 0 or iter_num == max_iters):
-        save_checkpoint()
+    if iter_num == 0 or iter_num > start_iter and (iter_num % eval_interval == 0 or iter_num == max_iters):
+        if master:
+            result = evaluate()
+            print(f"eval iter {iter_num}: psnr {result['psnr']:.2f} dB, rec {result['rec']:.5f}, held-out usage "
+                  f"{100 * result['usage']:.2f}% ({result['usage_tokens']} tokens of {result['images']} images)",
+                  flush=True)
+            append_log(log_path, {'iter': iter_num, 'split': 'eval', **result})
+        if iter_num > start_iter:
+            save_checkpoint()
     if iter_num >= max_iters:
         break
 
     step_lr = lr * lr_multiplier(iter_num, max_iters, lr_schedule, warmup_frac, constant_frac,
                                  milestones=lr_milestones, step_factor=lr_step_factor)
-    for opt in (optimizer, disc_optimizer):
+    for opt in (gen_optimizer, disc_optimizer):
         if opt is not None:
             for group in opt.param_groups:
                 group['lr'] = step_lr
     gan_active = use_disc and iter_num >= disc_start
-    stats = {k: 0.0 for k in ('loss', 'rec', 'lpips', 'quant', 'gan', 'disc')}
+    micro_batches = []
+    for _ in range(gradient_accumulation_steps):
+        images, _, n_skipped = next(batches)
+        skipped_images += n_skipped
+        micro_batches.append(images.to(device, non_blocking=True))
+    stats = {}
+    if gan_active and disc_first:
+        # IBQ's release steps D first, on this iteration's reconstructions, and G's GAN loss then sees the updated
+        # D. They are recomputed without a graph here (one extra forward) so that DDP and gradient accumulation
+        # keep their one forward-backward per micro-step; eval mode: the same weights, no usage recorded.
+        raw_model.eval()
+        with torch.no_grad(), autocast:
+            pairs = [(images, raw_model(images)[0]) for images in micro_batches]
+        raw_model.train()
+        stats['disc'] = discriminator_step(pairs)
 
     # generator: reconstruction + perceptual + quantizer (+ GAN) losses, accumulated over micro-steps
     stash = []
-    if use_disc:
-        set_requires_grad(raw_disc, False)
-    for micro_step in range(gradient_accumulation_steps):
-        images, _, n_skipped = next(batches)
-        skipped_images += n_skipped
-        images = images.to(device, non_blocking=True)
+    for micro_step, images in enumerate(micro_batches):
         last = micro_step == gradient_accumulation_steps - 1
         with (model.no_sync() if ddp and not last else nullcontext()), autocast:
             recon, quant_loss, info = model(images)
@@ -271,49 +374,46 @@ while True:
             p_loss = lpips_model(recon, images).mean() if lpips_model is not None else torch.zeros((), device=device)
             nll = rec + perceptual_weight * p_loss
             loss = nll + quant_loss
+            terms = {'rec': rec, 'lpips': p_loss, 'quant': quant_loss}
             if gan_active:
-                g_loss = gen_loss_fn(gen_loss, gen_disc(recon))
+                g_loss = gen_loss_fn(gen_loss, gen_disc(diff_augment(recon) if disc_augment else recon))
                 weight = adaptive_gan_weight(nll, g_loss, raw_model.last_layer()) if adaptive_disc_weight else 1.0
                 loss = loss + disc_weight * weight * g_loss
-                stats['gan'] += g_loss.item() / gradient_accumulation_steps
+                terms['gan'] = g_loss
             (loss / gradient_accumulation_steps).backward()
         stash.append((images, recon.detach()))
-        for k, v in (('loss', loss), ('rec', rec), ('lpips', p_loss), ('quant', quant_loss)):
-            stats[k] += v.item() / gradient_accumulation_steps
+        terms['loss'] = loss
+        for k, v in terms.items():
+            stats[k] = stats.get(k, 0.0) + v.detach() / gradient_accumulation_steps
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-    # discriminator on the same real/reconstructed pairs
-    if gan_active:
-        set_requires_grad(raw_disc, True)
-        for micro_step, (images, recon) in enumerate(stash):
-            last = micro_step == gradient_accumulation_steps - 1
-            with (disc.no_sync() if ddp and not last else nullcontext()), autocast:
-                logits_real, logits_fake = disc(images).float(), disc(recon).float()
-                d_loss = disc_loss_fn(disc_loss, logits_real, logits_fake)
-                if lecam_weight > 0:
-                    d_loss = d_loss + lecam_weight * lecam_loss(logits_real, logits_fake, *lecam_ema)
-                    lecam_ema = [lecam_decay * lecam_ema[0] + (1 - lecam_decay) * logits_real.mean().item(),
-                                 lecam_decay * lecam_ema[1] + (1 - lecam_decay) * logits_fake.mean().item()]
-                (d_loss / gradient_accumulation_steps).backward()
-            stats['disc'] += d_loss.item() / gradient_accumulation_steps
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_disc.parameters(), grad_clip)
-        disc_optimizer.step()
-        disc_optimizer.zero_grad(set_to_none=True)
+    gen_optimizer.step()
+    gen_optimizer.zero_grad(set_to_none=True)
+    if ema_model is not None:
+        with torch.no_grad():
+            for ema_p, p in zip(ema_model.parameters(), raw_model.parameters()):
+                ema_p.lerp_(p, 1 - ema_decay)
+    if gan_active and not disc_first:  # LlamaGen / FVQ: D after G, on the same real/reconstructed pairs
+        stats['disc'] = discriminator_step(stash)
 
     iter_num += 1
     if iter_num % log_interval == 0 and master:
+        # reading the stats is the one host-device sync of the step; it happens once per log interval
         if device_type == 'cuda':
             torch.cuda.synchronize()
         dt = (time.time() - t0) / log_interval
         t0 = time.time()
-        print(f"iter {iter_num}: loss {stats['loss']:.5f}, rec {stats['rec']:.5f}, lpips {stats['lpips']:.4f}, "
-              f"quant {stats['quant']:.5f}, gan {stats['gan']:.4f}, disc {stats['disc']:.4f}, "
-              f"usage {100 * float(info['usage']):.2f}%, ppl {float(info['perplexity']):.1f}, lr {step_lr:.3e}, "
-              f"{batch_size / dt:.1f} img/s, {1000 * dt:.1f} ms/iter"
+        record = {'iter': iter_num, 'split': 'train', **{k: v.item() for k, v in stats.items()},
+                  **{k: info[k].item() for k in ('usage', 'usage_tokens', 'window_usage', 'perplexity')},
+                  **{f'q_{k}': v.item() for k, v in info.items() if k.endswith(('_loss', '_entropy', '_slots'))},
+                  'lr': step_lr, 'img_per_s': batch_size / dt, 'ms_per_iter': 1000 * dt,
+                  'skipped_images': skipped_images}
+        append_log(log_path, record)
+        print(f"iter {iter_num}: loss {record['loss']:.5f}, rec {record['rec']:.5f}, lpips {record['lpips']:.4f}, "
+              f"quant {record['quant']:.5f}, gan {record.get('gan', 0.0):.4f}, disc {record.get('disc', 0.0):.4f}, "
+              f"usage {100 * record['usage']:.2f}% (last {record['usage_tokens']} tokens), window usage "
+              f"{100 * record['window_usage']:.2f}%, ppl {record['perplexity']:.1f}, lr {step_lr:.3e}, "
+              f"{record['img_per_s']:.1f} img/s, {record['ms_per_iter']:.1f} ms/iter"
               + (f", skipped {skipped_images} unreadable images" if skipped_images else ''), flush=True)
 
 if ddp:

@@ -1,6 +1,6 @@
 # Smoke run of the AR stage (no paper row): a tiny GPT (3 layers, width 96) on the codes of the smoke tokenizer
-# (config/smoke.py's out-smoke/ckpt.pt: 64px built-in procedural images -> 16x16 codes, K = 512), CPU, a few minutes.
-# 500 images x {image, flip} are encoded once into out-ar-smoke/codes/; the loss falls visibly from log(512) = 6.24.
+# (config/smoke.py's out-smoke/ckpt.pt: 32px built-in procedural images -> 8x8 FVQ codes, K = 256), CPU, about a
+# minute. 500 images x {image, flip} are encoded once into out-ar-smoke/codes/; the loss falls from log(256) = 5.55.
 # Then: python sample.py --ckpt=out-ar-smoke/ckpt.pt --num_samples=100 --batch_size=50 --cfg_scale=2.0 --device=cpu
 out_dir = 'out-ar-smoke'
 tokenizer_ckpt = 'out-smoke/ckpt.pt'

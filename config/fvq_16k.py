@@ -25,8 +25,15 @@ dropout = 0.0
 quantizer = 'fvq'
 codebook_size = 16384
 code_dim = 256
-quantizer_args = {'projector': 'vqbridge', 'bridge_group_size': 16, 'bridge_dim': 256, 'bridge_depth': 2,
-                  'bridge_heads': 4, 'bridge_mlp_ratio': 2.0, 'beta': 0.25, 'l2_norm': False, 'chunk_size': 2048}
+projector = 'vqbridge'
+bridge_group_size = 16
+bridge_dim = 256
+bridge_depth = 2
+bridge_heads = 4
+bridge_mlp_ratio = 2.0
+beta = 0.25
+l2_norm = False
+chunk_size = 2048
 # losses (Table 6: commit beta 0.25, LPIPS 1.0, GAN 0.5; LlamaGen's L2, PatchGAN hinge from iteration 20k)
 rec_loss = 'l2'
 perceptual_weight = 1.0

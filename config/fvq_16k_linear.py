@@ -25,7 +25,10 @@ dropout = 0.0
 quantizer = 'fvq'
 codebook_size = 16384
 code_dim = 256
-quantizer_args = {'projector': 'linear', 'beta': 0.25, 'l2_norm': False, 'chunk_size': 2048}
+projector = 'linear'
+beta = 0.25
+l2_norm = False
+chunk_size = 2048
 # losses (Table 6: commit beta 0.25, LPIPS 1.0, GAN 0.5; LlamaGen's L2, PatchGAN hinge from iteration 20k)
 rec_loss = 'l2'
 perceptual_weight = 1.0

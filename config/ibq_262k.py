@@ -26,22 +26,30 @@ dropout = 0.0
 quantizer = 'ibq'
 codebook_size = 262144
 code_dim = 256
-quantizer_args = {'beta': 0.25, 'entropy_weight': 0.05, 'entropy_temperature': 0.01, 'l2_norm': False,
-                  'chunk_size': 1024}  # (1024 x 262144) fp32 logits = 1 GiB per matrix
-# losses (SEED-Voken VQLPIPSWithDiscriminator): L1 + LPIPS 1.0; non-saturating generator loss at the fixed weight
-# gen_loss_weight 0.1 (its disc_weight 0.4 only feeds the adaptive weight, which a fixed gen weight bypasses);
-# hinge discriminator from step 0 with LeCAM 0.05, EMA decay 0.999
+beta = 0.25
+ibq_beta_term = 'codebook'  # SEED-Voken's placement (beta on |sg z - z_q'|^2); eq. 12 prints it on the commitment
+entropy_weight = 0.05
+entropy_temperature = 0.01
+l2_norm = False
+ema_decay = 0.999  # SEED-Voken use_ema: LitEma with a constant decay; eval and code extraction use the EMA
+chunk_size = 1024  # (1024 x 262144) fp32 logits = 1 GiB per matrix
+# losses (SEED-Voken VQLPIPSWithDiscriminator): L1 + LPIPS 1.0; the generator's non-saturating loss on each image's
+# mean patch logit at the fixed weight gen_loss_weight 0.1 (its disc_weight 0.4 only feeds the adaptive weight,
+# which a fixed gen weight bypasses); hinge discriminator from step 0, unweighted (disc_factor 1.0), LeCAM 0.05
+# with the EMA (decay 0.999) of the logits updated before the regulariser; D steps before G in each iteration
 rec_loss = 'l1'
 perceptual_weight = 1.0
 disc_weight = 0.1
+disc_loss_weight = 1.0
 disc_start = 0
 disc_loss = 'hinge'
-gen_loss = 'non_saturating'
+gen_loss = 'non_saturating_per_image'
 adaptive_disc_weight = False
 lecam_weight = 0.05
 lecam_decay = 0.999
 disc_layers = 3
 disc_ch = 64
+disc_first = True
 # system
 eval_interval = 5000
 log_interval = 100

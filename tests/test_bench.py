@@ -31,7 +31,7 @@ def test_quantizer_bench_command_line():
 
 @pytest.mark.parametrize('kind', ['vq', 'fvq'])
 def test_quantizer_bench_last_line(kind, capsys, monkeypatch):
-    extra = ["--quantizer_args={'bridge_dim': 32}"] if kind == 'fvq' else []
+    extra = ['--bridge_dim=32'] if kind == 'fvq' else []
     line = run_bench_in_process(['--what=quantizer', f'--kind={kind}', '--codebook_size=256', '--dim=16',
                                  '--tokens=512', '--chunk_size=100', '--warmup_steps=1', '--steps=1', *extra],
                                 capsys, monkeypatch)
@@ -49,7 +49,7 @@ def test_bridge_flops_counts_the_projector(capsys, monkeypatch):
     block = T * d * 3 * d + 2 * T * T * d + T * d * d + 2 * T * d * 2 * d + d * 6 * d  # qkv, attn, proj, mlp, adaLN
     macs = T * gD * d + 2 * block + d * 2 * d + T * d * gD  # compress, blocks, final adaLN, expand
     line = run_bench_in_process(['--what=bridge_flops', '--codebook_size=256', '--dim=16', '--projector=vqbridge',
-                                 "--quantizer_args={'bridge_group_size': 16, 'bridge_dim': 32}"], capsys, monkeypatch)
+                                 '--bridge_group_size=16', '--bridge_dim=32'], capsys, monkeypatch)
     assert line == f'bridge projector=vqbridge K=256 D=16: {2 * macs} FLOPs = 0.00 GMACs', line
 
 

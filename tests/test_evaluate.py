@@ -468,3 +468,62 @@ def test_cli_recon_mode(tmp_path, tiny_tokenizer_ckpt, random_inception_file):
     assert np.array_equal(codes, indices.flatten(1).numpy())
     assert result['psnr'] == pytest.approx(psnr(recon, evaluate.to_uint8_levels(images)).mean().item(), rel=1e-5)
     assert result['codebook_usage'] == len(np.unique(codes)) / 64
+
+
+def test_recon_mode_without_weights_on_the_held_out_split(tmp_path):
+    """rfid=False, lpips=False: no network weights at all; split='heldout' takes exactly the images that
+    train_tokenizer.py held out of its data_dir."""
+    from PIL import Image
+    from tokenizer import Tokenizer, make_dataset, split_held_out
+    root = tmp_path / 'data'
+    rng = np.random.default_rng(0)
+    for c in ('a', 'b'):
+        os.makedirs(root / c)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+    torch.manual_seed(0)
+    path = str(tmp_path / 'ckpt.pt')
+    torch.save({'model': Tokenizer(**TINY_TOKENIZER).state_dict(), 'model_args': TINY_TOKENIZER,
+                'config': {'image_size': 32, 'data_dir': str(root), 'eval_data_dir': '', 'eval_images': 3}}, path)
+    out = run_script(['--mode=recon', f'--ckpt={path}', '--split=heldout', '--rfid=False', '--lpips=False',
+                      '--batch_size=2', '--num_workers=0', '--device=cpu', f'--out_dir={tmp_path}'])
+    assert out.returncode == 0, out.stderr
+    result = read_json(tmp_path / 'eval_recon.json')
+    assert result['num_images'] == 3 and result['usage_tokens'] == 3 * 256 and 'rfid' not in result
+    assert 'lpips' not in result and result['psnr'] > 0 and 0 < result['codebook_usage'] <= 1
+    dataset = make_dataset(str(root), 32, train=False)
+    train, held = split_held_out(dataset.samples, 3)
+    assert len(train) == 7 and len(held) == 3 and not set(train) & set(held)
+    with pytest.raises(ValueError, match='eval_images = 10 must be between 1'):
+        split_held_out(dataset.samples, 10)
+
+
+def test_curves_mode_plots_training_logs_and_entropy_cliffs(tmp_path):
+    """Two tiny 10-iteration tokenizer runs (log.jsonl) and two entropy results -> one PNG per metric, the entropy
+    cliffs on one figure, and a final-value table."""
+    tiny = ['--image_size=16', '--ch=16', '--ch_mult=(1,2)', '--num_res_blocks=1', '--z_channels=16', '--device=cpu',
+            '--codebook_size=32', '--code_dim=8', '--perceptual_weight=0.0', '--disc_weight=0.0', '--num_workers=0',
+            '--batch_size=4', '--base_batch_size=4', '--max_iters=10', '--log_interval=2', '--eval_interval=5',
+            '--eval_images=4', '--learning_rate=1e-3']
+    runs = {'vq': [], 'fvq': ['--bridge_group_size=4', '--bridge_dim=16', '--l2_norm=False']}
+    for name, extra in runs.items():
+        result = subprocess.run([sys.executable, 'train_tokenizer.py', *tiny, f'--quantizer={name}', *extra,
+                                 f'--out_dir={tmp_path / name}'], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        assert result.returncode == 0, result.stderr[-2000:]
+    rng = np.random.default_rng(0)
+    for name, K in (('const', 16), ('vcq', 4)):
+        np.save(tmp_path / f'{name}.npy', rng.integers(0, K, (256, 8)))
+        assert run_script(['--mode=entropy', f'--codes={tmp_path / name}.npy', f'--out_dir={tmp_path / name}',
+                           f'--codebook_size={K}']).returncode == 0
+    out = run_script(['--mode=curves', f'--logs={tmp_path / "vq"},{tmp_path / "fvq"}', '--names=VQ,FVQ,const,VCQ',
+                      f'--entropy_dirs={tmp_path / "const"},{tmp_path / "vcq"}', f'--out_dir={tmp_path / "plots"}'])
+    assert out.returncode == 0, out.stderr
+    for png in ('usage', 'psnr', 'rec_loss', 'entropy_cliff'):
+        assert (tmp_path / 'plots' / f'{png}.png').stat().st_size > 1000, png
+    assert not (tmp_path / 'plots' / 'loss.png').exists()  # tokenizer runs: usage, PSNR, rec; loss is for GPTs
+    result = read_json(tmp_path / 'plots' / 'eval_curves.json')
+    assert result['VQ']['iter'] == result['FVQ']['iter'] == 10 and 0 < result['FVQ']['usage'] <= 1
+    assert 'eval_psnr' in result['VQ'] and 'FVQ' in out.stdout and 't* (eq. 2) 2' in out.stdout  # 4 + 4 bits >= 8
+    bad = run_script(['--mode=curves', f'--out_dir={tmp_path / "plots"}'])
+    assert bad.returncode != 0 and 'curves mode needs --logs' in bad.stderr

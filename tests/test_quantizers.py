@@ -86,49 +86,66 @@ def test_l2_norm():
     assert torch.equal(info['indices'], cos.argmax(-1))
 
 
+def test_llamagen_init_unit_norm_codes():
+    torch.manual_seed(0)
+    for kind, extra in (('vq', {}), ('fvq', {'bridge_group_size': 16, 'bridge_dim': 32})):
+        q = Q.make_quantizer(kind, 16384, 8, l2_norm=True, **extra)  # LlamaGen: uniform(+-1/K), then normalised
+        assert torch.allclose(q.embedding.norm(dim=1), torch.ones(16384), atol=1e-6), kind
+        raw = Q.make_quantizer(kind, 16384, 8, l2_norm=False, **extra)
+        assert raw.embedding.abs().max() <= 1 / 16384 and raw.embedding.norm(dim=1).max() < 1e-3
+
+
+def test_fvq_l2_norm_is_init_time_only_and_gradients_stay_finite():
+    """The release's --codebook-l2-norm normalises the raw codes once; the mapped codes and z are never normalised
+    in the forward (behind the zero-initialised bridge that would divide by ~0 and blow the gradients up)."""
+    torch.manual_seed(0)
+    q = Q.make_quantizer('fvq', 512, 256, l2_norm=True)
+    assert torch.allclose(q.embedding.norm(dim=1), torch.ones(512), atol=1e-6)
+    assert torch.count_nonzero(q.codebook()) == 0  # the mapped codes at step 0: not normalised
+    z = torch.randn(4, 256, 8, 8, requires_grad=True)
+    z_q, loss, _ = q(z)
+    assert torch.count_nonzero(z_q) == 0  # every token takes a (zero) mapped code at step 0
+    ((z_q * torch.randn_like(z_q)).sum() + loss).backward()
+    grads = [p.grad for p in q.parameters() if p.grad is not None] + [z.grad]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert max(g.abs().max().item() for g in grads) < 10  # was ~1e10 with normalisation in the forward
+    assert q.projector.expand.weight.grad.abs().sum() > 0  # the bridge starts learning at once
+
+
 # -----------------------------------------------------------------------------
 # IBQ: chunked custom autograd == naive autograd
 
-def naive_ibq(z, codebook, beta, entropy_weight, temperature, sizes=None):
-    """IBQ eq. 3-7 and 12 plus the MAGVIT-v2 entropy penalty, written directly with autograd."""
+def naive_ibq_loss(z, codebook, beta, ibq_beta_term):
+    """The double quantization loss transcribed term by term: SEED-Voken's quantize.py line for 'codebook',
+    IBQ eq. 12 as printed for 'commit' (no entropy term)."""
     K = codebook.shape[0]
-    logits = z @ codebook.t()
-    masked = None if sizes is None else torch.arange(K)[None, :] >= sizes[:, None]
-    if masked is not None:
-        logits = logits.masked_fill(masked, float('-inf'))
-    soft = logits.softmax(1)
-    indices = logits.argmax(1)
-    hard = F.one_hot(indices, K).float()
+    soft = (z @ codebook.t()).softmax(1)
+    hard = F.one_hot((z @ codebook.t()).argmax(1), K).float()
     z_q = (hard - soft.detach() + soft) @ codebook
-    z_q_hard = hard @ codebook
-    loss = ((z_q - z) ** 2).mean() + ((z.detach() - z_q_hard) ** 2).mean() + beta * ((z - z_q_hard.detach()) ** 2).mean()
-    probs = torch.softmax(logits / temperature, 1)
-    log_probs = torch.log_softmax(logits / temperature, 1)
-    if masked is not None:
-        log_probs = log_probs.masked_fill(masked, 0.0)
-    sample_entropy = -(probs * log_probs).sum(1).mean()
-    avg = probs.mean(0)
-    avg_entropy = -(avg * torch.log(avg + 1e-5)).sum()
-    return z_q, loss + entropy_weight * (sample_entropy - avg_entropy), indices
+    z_q_2 = hard @ codebook
+    if ibq_beta_term == 'codebook':  # torch.mean((z_q - z)**2) + torch.mean((z_q_2.detach()-z)**2) + beta * torch.mean((z_q_2 - z.detach()) ** 2)
+        return ((z_q - z) ** 2).mean() + ((z_q_2.detach() - z) ** 2).mean() + beta * ((z_q_2 - z.detach()) ** 2).mean()
+    # eq. 12: |z_q - z|^2 + |sg[z] - z_q'|^2 + beta |z - sg[z_q']|^2
+    return ((z_q - z) ** 2).mean() + ((z.detach() - z_q_2) ** 2).mean() + beta * ((z - z_q_2.detach()) ** 2).mean()
 
 
 @pytest.mark.parametrize('temperature,use_schedule', [(0.01, False), (1.0, False), (0.5, True)])
-def test_ibq_chunked_equals_naive(temperature, use_schedule):
+def test_ibq_chunked_equals_reference_formula(temperature, use_schedule):
     torch.manual_seed(0)
     N, K, D, H, W = 300, 97, 16, 10, 30
     schedule = dict(vcq_schedule='cosine', vcq_k_min=2, vcq_seq_len=H * W) if use_schedule else {}
-    for chunk_size in (7, 64, 300, 1000):
+    for chunk_size, beta_term in ((7, 'codebook'), (64, 'commit'), (300, 'codebook'), (1000, 'commit')):
         torch.manual_seed(1)
         q = Q.make_quantizer('ibq', K, D, chunk_size=chunk_size, entropy_weight=0.3,
-                             entropy_temperature=temperature, beta=0.25, **schedule)
+                             entropy_temperature=temperature, beta=0.25, ibq_beta_term=beta_term, **schedule)
         z = torch.randn(N, D, requires_grad=True)
         upstream = torch.randn(1, D, H, W)
         z_q, loss, info = q(grid(z, H, W))
         ((z_q * upstream).sum() + loss).backward()
         grad_z, grad_codebook = z.grad.clone(), q.embedding.grad.clone()
         z.grad, q.embedding.grad = None, None
-        sizes = q.codebook_sizes if use_schedule else None
-        z_q_ref, loss_ref, indices_ref = naive_ibq(z, q.embedding, 0.25, 0.3, temperature, sizes)
+        sizes = q.codebook_sizes.repeat(1) if use_schedule else None
+        z_q_ref, loss_ref, indices_ref = Q.ibq_reference(z, q.embedding, 0.25, beta_term, 0.3, temperature, sizes)
         ((grid(z_q_ref, H, W) * upstream).sum() + loss_ref).backward()
         assert torch.equal(info['indices'].reshape(-1), indices_ref)
         assert torch.allclose(z_q, grid(z_q_ref, H, W), atol=1e-6)
@@ -140,17 +157,26 @@ def test_ibq_chunked_equals_naive(temperature, use_schedule):
     assert {'soft_loss', 'codebook_loss', 'commit_loss', 'entropy_loss'} <= set(info)
 
 
-def test_ibq_without_entropy_matches_naive():
+@pytest.mark.parametrize('beta_term', ['codebook', 'commit'])
+def test_ibq_loss_equals_the_release_line_and_eq_12(beta_term):
+    """Default: SEED-Voken's weighting (beta on the codebook term); 'commit': eq. 12. Values and both gradients."""
     torch.manual_seed(0)
-    q = Q.make_quantizer('ibq', 40, 8, chunk_size=9, entropy_weight=0.0)
+    q = Q.make_quantizer('ibq', 40, 8, chunk_size=9, entropy_weight=0.0, beta=0.25,
+                         **({} if beta_term == 'codebook' else {'ibq_beta_term': 'commit'}))
+    assert q.ibq_beta_term == beta_term
     z = torch.randn(50, 8, requires_grad=True)
     z_q, loss, _ = q(grid(z, 5, 10))
     loss.backward()
-    grad_z = z.grad.clone()
-    z.grad = None
-    _, loss_ref, _ = naive_ibq(z, q.embedding, 0.25, 0.0, 1.0)
+    grad_z, grad_codebook = z.grad.clone(), q.embedding.grad.clone()
+    z.grad, q.embedding.grad = None, None
+    loss_ref = naive_ibq_loss(z, q.embedding, 0.25, beta_term)
     loss_ref.backward()
-    assert torch.allclose(loss, loss_ref, atol=1e-6) and torch.allclose(grad_z, z.grad, atol=1e-6)
+    assert torch.allclose(loss, loss_ref, atol=1e-6)
+    assert torch.allclose(grad_z, z.grad, atol=1e-6) and torch.allclose(grad_codebook, q.embedding.grad, atol=1e-6)
+    # same value (both terms are |z - z_q'|^2), different gradients: the placement decides who moves
+    z.grad = None
+    naive_ibq_loss(z, q.embedding, 0.25, 'commit' if beta_term == 'codebook' else 'codebook').backward()
+    assert not torch.allclose(grad_z, z.grad, atol=1e-4)
 
 
 class RecordShapes(TorchDispatchMode):
@@ -260,31 +286,57 @@ def test_vcq_never_returns_index_beyond_k_t(kind):
 # -----------------------------------------------------------------------------
 # usage window, perplexity, options
 
-def test_usage_window_semantics():
-    window = Q.UsageWindow(10, 8)
-    assert window.update(torch.tensor([0, 1, 2])) == pytest.approx(0.3)
-    assert window.update(torch.tensor([3, 4, 5, 6, 7])) == pytest.approx(0.8)
-    assert window.update(torch.tensor([8, 8])) == pytest.approx(0.7)  # window now 2..8, 8: 0 and 1 fell out
-    assert window.update(torch.arange(10)) == pytest.approx(0.8)  # a batch longer than the window: its last 8
+def test_recent_codes_semantics():
+    counter = Q.RecentCodes(10, 8)
+    counter.record(torch.tensor([0, 1, 2]))
+    assert counter.usage().item() == pytest.approx(0.3) and counter.window_tokens().item() == 3
+    counter.record(torch.tensor([3, 4, 5, 6, 7]))
+    assert counter.usage().item() == pytest.approx(0.8)
+    counter.record(torch.tensor([8, 8]))
+    assert counter.usage().item() == pytest.approx(0.7)  # window now 2..8: 0 and 1 fell out
+    counter.record(torch.arange(10))
+    assert counter.usage().item() == pytest.approx(0.8)  # a batch longer than the window: its last 8
+    assert counter.window_tokens().item() == 8
+    # the running histogram equals a recount of the window after many wrap-arounds
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        counter.record(torch.randint(0, 10, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g))
+        assert torch.equal(counter.counts[:10], torch.bincount(counter.recent, minlength=10)[:10])
     q = Q.make_quantizer('vq', 1000, 4)
-    assert q.usage.recent.numel() == 65536  # max(65536, K + 1), as the FVQ code
-    assert Q.make_quantizer('vq', 70000, 2).usage.recent.numel() == 70001
-    assert 'usage.recent' not in q.state_dict()
+    assert q.window.recent.numel() == 65536  # max(65536, K + 1), as the FVQ code
+    assert q.recent_codes.recent.numel() == 10000  # usage: the last 10 K tokens
+    assert Q.make_quantizer('vq', 70000, 2).window.recent.numel() == 70001
+    assert not any(k.startswith(('window.', 'recent_codes.')) for k in q.state_dict())
+
+
+def test_usage_can_reach_100_percent_where_the_window_cannot():
+    """A perfectly uniform code stream over K = 65,536 codes: the release's window (max(65536, K + 1) tokens) shows
+    ~63%, the 10 K-token count shows ~100%."""
+    K = 65536
+    counter_window, counter_10k = Q.RecentCodes(K, K + 1), Q.RecentCodes(K, 10 * K)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        codes = torch.randint(0, K, (K,), generator=g)
+        counter_window.record(codes)
+        counter_10k.record(codes)
+    assert 0.62 < counter_window.usage().item() < 0.64
+    assert counter_10k.usage().item() > 0.999
 
 
 def test_info_usage_and_perplexity():
-    q = Q.make_quantizer('vq', 8, 2, l2_norm=False, usage_window=100)
+    q = Q.make_quantizer('vq', 8, 2, l2_norm=False, usage_tokens=100)
     with torch.no_grad():
         q.embedding.copy_(torch.tensor([[float(k), 0.0] for k in range(8)]))
     tokens = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]).repeat(4, 1)  # 4 codes, equally often
     _, _, info = q(grid(tokens, 4, 4))
-    assert isinstance(info['usage'], float) and info['usage'] == pytest.approx(0.5)
-    assert info['perplexity'] == pytest.approx(4.0, rel=1e-5)
+    assert torch.is_tensor(info['usage']) and info['usage'].item() == pytest.approx(0.5)
+    assert info['usage_tokens'].item() == 16 and info['window_usage'].item() == pytest.approx(0.5)
+    assert info['perplexity'].item() == pytest.approx(4.0, rel=1e-5)
     assert info['indices'].dtype == torch.long and info['indices'].shape == (1, 4, 4)
-    window = q.usage.recent.clone()
-    q.eval()  # eval forwards (held-out evaluation, code extraction) read the window but do not write it
+    window = q.recent_codes.recent.clone()
+    q.eval()  # eval forwards (held-out evaluation, code extraction) read the counts but do not write them
     _, _, info = q(grid(torch.tensor([[7.0, 0.0]]).repeat(16, 1), 4, 4))
-    assert torch.equal(q.usage.recent, window) and info['usage'] == pytest.approx(0.5)
+    assert torch.equal(q.recent_codes.recent, window) and info['usage'].item() == pytest.approx(0.5)
 
 
 def test_unknown_options_are_errors():
@@ -336,16 +388,16 @@ def test_fvq_export_to_plain_vq_gives_identical_indices_and_reconstructions():
 # short CPU training runs through train_tokenizer.py
 
 @pytest.mark.parametrize('kind,args', [
-    ('vq', "{'l2_norm': True}"),
-    ('ibq', "{'entropy_weight': 0.05}"),
-    ('fvq', "{'bridge_group_size': 16, 'bridge_dim': 32}"),
+    ('vq', ['--l2_norm=True']),
+    ('ibq', ['--entropy_weight=0.05', '--l2_norm=False']),
+    ('fvq', ['--bridge_group_size=16', '--bridge_dim=32', '--l2_norm=False']),
 ])
 def test_train_tokenizer_runs_each_kind(kind, args, tmp_path):
     cmd = [sys.executable, 'train_tokenizer.py', '--device=cpu', '--image_size=16', '--ch=16', '--ch_mult=(1,2)',
            '--num_res_blocks=1', '--z_channels=16', '--max_iters=2', '--perceptual_weight=0.0', '--batch_size=2',
            '--base_batch_size=2', '--num_workers=0', '--num_images=8', '--eval_images=2', '--log_interval=1',
            '--eval_interval=2', '--disc_weight=0.0', f'--quantizer={kind}', '--codebook_size=64', '--code_dim=8',
-           f'--quantizer_args={args}', f'--out_dir={tmp_path}']
+           *args, f'--out_dir={tmp_path}']
     # one thread: the run is tiny, and a second process sharing the cores makes OpenMP threads spin
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})

@@ -69,10 +69,28 @@ def test_discriminator_and_gan_losses():
         0.5 * (np.mean(np.log1p(np.exp([-2.0, -0.5]))) + np.mean(np.log1p(np.exp([-2.0, 0.0])))))
     assert gen_loss_fn('hinge', fake).item() == pytest.approx(1.0)
     assert gen_loss_fn('non_saturating', fake).item() == pytest.approx(np.mean(np.log1p(np.exp([2.0, 0.0]))))
+    # SEED-Voken (IBQ): BCE(mean of each image's patch logits, 1) averaged over images, not over patches
+    patches = torch.tensor([[[[1.0, -3.0], [0.0, 2.0]]], [[[-1.0, -1.0], [-1.0, -1.0]]]])  # (2, 1, 2, 2): means 0, -1
+    assert gen_loss_fn('non_saturating_per_image', patches).item() == pytest.approx(
+        np.mean(np.log1p(np.exp([0.0, 1.0]))))
+    assert gen_loss_fn('non_saturating', patches).item() != pytest.approx(
+        gen_loss_fn('non_saturating_per_image', patches).item())
     # LeCAM: relu(real - ema_fake)^2 and relu(ema_real - fake)^2, each averaged
     assert lecam_loss(real, fake, ema_real=1.0, ema_fake=1.0).item() == pytest.approx(0.5 * 1.0 + 0.5 * (9 + 1))
     with pytest.raises(ValueError, match="unknown disc_loss 'wgan'"):
         disc_loss_fn('wgan', real, fake)
+
+
+def test_diff_augment_is_random_differentiable_and_shape_preserving():
+    from tokenizer import diff_augment
+    torch.manual_seed(0)
+    x = (torch.rand(8, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    a, b = diff_augment(x), diff_augment(x)
+    assert a.shape == x.shape and not torch.equal(a, b)  # a fresh transform per call
+    zeros = (a == 0).all(1).float().mean((1, 2))  # cutout (8x8 box, clipped) + translation fill, per image
+    assert (zeros > 0.05).all() and (zeros < 0.8).all()
+    a.sum().backward()
+    assert x.grad.abs().sum() > 0  # D's gradient reaches the generator through the augmentation
 
 
 def test_adaptive_gan_weight_is_gradient_norm_ratio():

@@ -209,6 +209,11 @@ def test_resume_equals_uninterrupted(codes_setup, tmp_path):
     assert 'resumed from' in resumed.stdout and len(losses_of(resumed.stdout)) == 3
     assert losses_of(full.stdout) == losses_of(first.stdout) + losses_of(resumed.stdout)
     assert losses_of(full.stdout)[-1] < losses_of(full.stdout)[0]  # it learns
+    # log.jsonl: the resumed run continued the file, each iteration once, with the uninterrupted run's losses
+    logs = [[json.loads(line) for line in open(tmp_path / d / 'log.jsonl')] for d in ('full', 'half')]
+    assert [r['iter'] for r in logs[0]] == [r['iter'] for r in logs[1]] == [1, 2, 3, 4, 5, 6]
+    assert [r['loss'] for r in logs[0]] == pytest.approx([r['loss'] for r in logs[1]], rel=1e-6)
+    assert {'lr', 'tok_per_s', 'ms_per_iter'} <= set(logs[0][0])
     a = torch.load(tmp_path / 'full' / 'ckpt.pt', weights_only=False)
     b = torch.load(tmp_path / 'half' / 'ckpt.pt', weights_only=False)
     assert a['iter_num'] == b['iter_num'] == 6
