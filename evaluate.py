@@ -517,6 +517,9 @@ def load_codes(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"codes file '{path}' does not exist")
     c = np.load(path)
+    if isinstance(c, np.lib.npyio.NpzFile):
+        raise ValueError(f"'{path}' is an .npz archive ({', '.join(c.files)}); codes are a single .npy array "
+                         f"(N, T) or (N, h, w), e.g. the codes.npy of evaluate.py --mode=recon or train_ar.py")
     if not np.issubdtype(c.dtype, np.integer) or c.ndim not in (2, 3) or c.shape[0] == 0:
         raise ValueError(f"'{path}' holds {c.dtype} of shape {c.shape}; expected integer codes (N, T) or (N, h, w)")
     c = c.reshape(c.shape[0], -1).astype(np.int64)
@@ -662,7 +665,8 @@ def reference_statistics(config, model, dev):
     if config['ref_cache']:
         try:
             with open(cache_path + '.tmp', 'wb') as f:
-                np.savez(f, mu=mu, sigma=sigma, features=features, weights_fingerprint=fingerprint, source=source)
+                np.savez(f, mu=mu, sigma=sigma, features=features, weights_fingerprint=fingerprint, source=source,
+                         image_shape=np.array(npz_image_header(ref_path)[1:]))
             os.replace(cache_path + '.tmp', cache_path)
             print(f"cached reference statistics in {cache_path}")
         except OSError as e:
@@ -670,11 +674,30 @@ def reference_statistics(config, model, dev):
     return mu, sigma, features
 
 
+def reference_image_size(ref_path):
+    """(H, W) of a reference batch: its arr_0 images, or the size a statistics file of this script recorded."""
+    if not (os.path.isfile(ref_path) and zipfile.is_zipfile(ref_path)):
+        return None  # reference_statistics gives the error
+    with zipfile.ZipFile(ref_path) as zf:
+        names = zf.namelist()
+    if 'arr_0.npy' in names:
+        return npz_image_header(ref_path)[1:]
+    if 'image_shape.npy' in names:
+        with np.load(ref_path) as data:
+            return tuple(int(x) for x in data['image_shape'])
+    return None
+
+
 def run_gen(config):
     """FID, IS, precision and recall of a sample batch against a reference batch (ADM's evaluator protocol)."""
     if config['samples'] == '' or config['ref'] == '':
         raise ValueError("gen mode needs --samples=<samples .npz> and --ref=<reference batch .npz>")
-    npz_image_header(config['samples'])  # fail on a malformed samples file before the reference pass
+    sample_size = npz_image_header(config['samples'])[1:]  # fail on a malformed samples file before the reference
+    ref_size = reference_image_size(config['ref'])
+    if ref_size is not None and tuple(sample_size) != tuple(ref_size):
+        raise ValueError(f"the samples are {sample_size[0]}x{sample_size[1]} images but the reference batch's are "
+                         f"{ref_size[0]}x{ref_size[1]}: the FID protocol compares images of one size (sample at the "
+                         f"reference's resolution, or make a reference batch at the samples')")
     dev = resolve_device(config['device'])
     model = load_inception(config['inception_weights'], dev)
     _, _, ref_features = reference_statistics(config, model, dev)  # (mu, sigma) are kept in the cache for other tools
@@ -694,12 +717,12 @@ def run_gen(config):
 
 def run_recon(config):
     """rFID (reconstructions vs originals), PSNR, SSIM, LPIPS, codebook usage of a tokenizer on an image set."""
-    from tokenizer import load_tokenizer, make_dataset, split_held_out, collate, make_lpips
+    from tokenizer import load_tokenizer, load_checkpoint, make_dataset, split_held_out, collate, make_lpips
     if config['ckpt'] == '':
         raise ValueError("recon mode needs --ckpt=<tokenizer checkpoint>")
     dev = resolve_device(config['device'])
     tokenizer = load_tokenizer(config['ckpt'], map_location='cpu').to(dev).float()
-    train_config = torch.load(config['ckpt'], map_location='cpu', mmap=True, weights_only=False).get('config', {})
+    train_config = load_checkpoint(config['ckpt'], 'tokenizer', mmap=True).get('config', {})
     data_dir = train_config.get('data_dir', '') if config['data_dir'] == 'from_ckpt' else config['data_dir']
     size = config['image_size'] or train_config.get('image_size', 0)
     if size <= 0:

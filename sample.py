@@ -105,9 +105,23 @@ def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1
     return codes
 
 
+def check_sampling_options(cfg_scale, temperature, top_k, top_p):
+    """Logits are u + w (c - u): w = 1.0 is no guidance and w < 1 would push away from the class, so it is refused.
+    (VCQ's tables write "cfg=0" for no guidance: the RAR convention, whose 0 is our 1.0.)"""
+    if cfg_scale < 1.0:
+        raise ValueError(f"cfg_scale must be >= 1.0 (1.0 = no guidance), got {cfg_scale}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = all codes), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1.0 = all codes), got {top_p}")
+
+
 def generate(model, labels, cfg_scale=1.0, cfg_schedule='constant', cfg_power=1.0, temperature=1.0, top_k=0,
              top_p=1.0, codebook_sizes=None, generator=None):
     """codes (B, T) for class labels (B,); cfg_scale 1.0 = no guidance (no unconditional half)."""
+    check_sampling_options(cfg_scale, temperature, top_k, top_p)
     weights = None
     if cfg_scale != 1.0:
         weights = cfg_weights(cfg_schedule, cfg_scale, cfg_power, model.seq_len, codebook_sizes)
@@ -119,11 +133,8 @@ def generate(model, labels, cfg_scale=1.0, cfg_schedule='constant', cfg_power=1.
 def load_gpt(path, device):
     """A GPT in eval mode and its checkpoint dict (without optimiser state) from a train_ar.py checkpoint."""
     from train_ar import GPT
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GPT checkpoint '{path}' does not exist")
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    if 'model_args' not in ckpt or 'codebook_size' not in ckpt.get('model_args', {}):
-        raise ValueError(f"'{path}' is not a train_ar.py checkpoint")
+    from tokenizer import load_checkpoint
+    ckpt = load_checkpoint(path, 'gpt')
     model = GPT(**ckpt['model_args'])
     model.load_state_dict(ckpt['model'])
     ckpt.pop('optimizer', None)
@@ -167,7 +178,9 @@ if __name__ == '__main__':
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     autocast = autocast_context(device, dtype)
     out_dir = out_dir or os.path.dirname(os.path.abspath(ckpt))
-    os.makedirs(out_dir, exist_ok=True)
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    check_sampling_options(cfg_scale, temperature, top_k, top_p)
     if master:
         print(f"config: {config}")
 
@@ -181,6 +194,7 @@ if __name__ == '__main__':
     bad = [c for c in grid_classes if not 0 <= c < model.num_classes]
     if bad:
         raise ValueError(f"grid_classes {bad} out of range: the model has classes 0..{model.num_classes - 1}")
+    os.makedirs(out_dir, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(seed * world_size + rank)  # per-rank streams
 
     def make_images(labels):

@@ -5,9 +5,12 @@ the image datasets, the learning-rate schedule, atomic checkpoint writes and che
 Images are float tensors in [-1, 1], shape (B, 3, H, W).
 """
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -184,15 +187,15 @@ class Tokenizer(nn.Module):
 def load_tokenizer(path, map_location='cpu', ema=True):
     """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py: its EMA weights when the run kept
     them (ema_decay > 0; what IBQ's release evaluates and extracts codes with) unless ema=False, else its weights."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer checkpoint '{path}' does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    for key in ('model', 'model_args'):
-        if key not in ckpt:
-            raise ValueError(f"'{path}' is not a tokenizer checkpoint: it has no '{key}' entry")
+    ckpt = load_checkpoint(path, 'tokenizer', map_location)
     model = Tokenizer(**ckpt['model_args'])
-    model.load_state_dict(ckpt['ema'] if ema and ckpt.get('ema') is not None else ckpt['model'])
+    model.load_state_dict(tokenizer_weights(ckpt, ema))
     return model.to(map_location).eval()
+
+
+def tokenizer_weights(ckpt, ema=True):
+    # the state_dict a tokenizer checkpoint is used with: its EMA weights when it has them
+    return ckpt['ema'] if ema and ckpt.get('ema') is not None else ckpt['model']
 
 
 # -----------------------------------------------------------------------------
@@ -511,6 +514,7 @@ def setup_device(device):
     if int(os.environ.get('RANK', -1)) != -1:
         import torch.distributed as dist
         rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+        report_errors_last(rank)
         if device.startswith('cuda'):
             device = f'cuda:{local_rank}'
             torch.cuda.set_device(device)
@@ -531,11 +535,88 @@ def autocast_context(device, dtype):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, then rename: a run killed mid-write never leaves a truncated checkpoint."""
+    """torch.save to a temp file, then rename: a run killed mid-write never leaves a truncated checkpoint, and a
+    write that fails (a full disk) removes its temp file and leaves the previous checkpoint as it was."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.tmp'
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or 'file write failed' in str(e)
+        raise OSError(f"could not write {path}: {'the disk is full' if full else e}; the partial file was removed"
+                      + (f" and the previous {os.path.basename(path)} is intact" if os.path.exists(path) else '')
+                      + " (free some space, or point out_dir elsewhere, and resume)") from e
     os.replace(tmp, path)
+
+
+CHECKPOINT_KINDS = {'tokenizer': 'written by train_tokenizer.py', 'gpt': 'written by train_ar.py'}
+
+
+def load_checkpoint(path, kind, map_location='cpu', mmap=False):
+    """torch.load of a nanoVQ checkpoint with the errors a user can act on: a missing file, a damaged one (truncated,
+    not a checkpoint) and one of the other kind ('tokenizer' vs 'gpt'), each naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{kind} checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint '{path}' is damaged (truncated or not a PyTorch checkpoint): {e}") from None
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
+        raise ValueError(f"'{path}' is not a {kind} checkpoint: it has no 'model' / 'model_args' entries")
+    found = ckpt.get('kind', 'gpt' if 'n_layer' in ckpt['model_args'] else 'tokenizer')
+    if found != kind:
+        raise ValueError(f"'{path}' is a {found} checkpoint ({CHECKPOINT_KINDS[found]}), but a {kind} checkpoint "
+                         f"({CHECKPOINT_KINDS[kind]}) is expected here")
+    return ckpt
+
+
+def state_fingerprint(state_dict):
+    """sha256 (hex, 16 characters) of a state_dict's names, shapes, dtypes and values: identifies the weights."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# config keys that may differ between a run and the checkpoint it resumes: they change how the run is watched or
+# where it runs, not the experiment. Anything else needs --resume_allow=key1,key2 (the rare intended change).
+RESUME_FREE_KEYS = ('init_from', 'overwrite', 'resume_allow', 'eval_interval', 'log_interval', 'ckpt_interval',
+                    'num_workers', 'extract_batch_size', 'device', 'compile')
+
+
+def check_out_dir(ckpt_path, init_from, overwrite):
+    """A run from scratch never overwrites a checkpoint it was not told to."""
+    if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
+        raise FileExistsError(f"{ckpt_path} already exists: continue that run with --init_from=resume, or start a "
+                              f"new one in another out_dir (or over this one with --overwrite=True)")
+
+
+def check_resume_config(ckpt_path, ckpt_config, config, resume_allow):
+    """Resuming with a config that changes the experiment (data, sizes, schedule, ...) is an error listing the keys."""
+    allowed = set(RESUME_FREE_KEYS) | {k.strip() for k in resume_allow.split(',') if k.strip()}
+    differing = sorted(k for k in set(config) | set(ckpt_config)
+                       if k not in allowed and config.get(k, '<unset>') != ckpt_config.get(k, '<unset>'))
+    if differing:
+        raise ValueError(f"{ckpt_path} was trained with another config: "
+                         + ", ".join(f"{k} (checkpoint {ckpt_config.get(k, '<unset>')!r}, now "
+                                     f"{config.get(k, '<unset>')!r})" for k in differing)
+                         + f"; resume with the checkpoint's values, or allow the change with "
+                           f"--resume_allow={','.join(differing)}")
+
+
+def report_errors_last(rank):
+    """Under torchrun the real error sits far above torchrun's summary: rank 0 repeats it as its last line."""
+    default_hook = sys.excepthook
+
+    def hook(kind, value, traceback):
+        default_hook(kind, value, traceback)
+        if rank == 0:
+            print(f"error (rank 0): {kind.__name__}: {value}", file=sys.stderr, flush=True)
+    sys.excepthook = hook
 
 
 def truncate_log(path, iter_num):

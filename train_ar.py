@@ -256,7 +256,8 @@ if __name__ == '__main__':
     from tqdm import tqdm
 
     from tokenizer import (load_tokenizer, make_dataset, lr_multiplier, setup_device, autocast_context,
-                           atomic_save, truncate_log, append_log)
+                           atomic_save, truncate_log, append_log, load_checkpoint, tokenizer_weights,
+                           state_fingerprint, check_out_dir, check_resume_config)
 
     _before_config = set(globals())
     # -----------------------------------------------------------------------------
@@ -266,6 +267,8 @@ if __name__ == '__main__':
     ckpt_interval = 5000
     log_interval = 50
     init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    overwrite = False  # True: a run from scratch may replace the checkpoint already in out_dir
+    resume_allow = ''  # comma-separated config keys that may differ from the resumed checkpoint's (tokenizer.py)
     seed = 1337
     # codes
     tokenizer_ckpt = ''  # tokenizer checkpoint (train_tokenizer.py's out_dir/ckpt.pt); required
@@ -321,8 +324,10 @@ if __name__ == '__main__':
     lr = learning_rate * batch_size / base_batch_size
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     autocast = autocast_context(device, dtype)
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    log_path = os.path.join(out_dir, 'log.jsonl')  # one JSON line per log interval (evaluate.py --mode=curves)
+    check_out_dir(ckpt_path, init_from, overwrite)
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         print(f"config: {config}")
         print(f"world_size {world_size}, micro batch {micro_batch}/rank, lr {lr:.3e}, device {device}")
 
@@ -331,23 +336,23 @@ if __name__ == '__main__':
 
     if not tokenizer_ckpt:
         raise ValueError("tokenizer_ckpt is required (the checkpoint of a train_tokenizer.py run)")
-    if not os.path.isfile(tokenizer_ckpt):
-        raise FileNotFoundError(f"tokenizer_ckpt '{tokenizer_ckpt}' does not exist")
     codes_dir = codes_dir or os.path.join(out_dir, 'codes')
-    tok_ckpt = torch.load(tokenizer_ckpt, map_location='cpu', mmap=True, weights_only=False)
+    tok_ckpt = load_checkpoint(tokenizer_ckpt, 'tokenizer', mmap=True)
     image_size = image_size or tok_ckpt['config']['image_size']
     views_per_image = 10 if ten_crop else (2 if flip_augment else 1)
+    # the codes belong to these exact weights: a tokenizer retrained in place (same path, same iteration) differs here
     extraction = dict(tokenizer_ckpt=os.path.abspath(tokenizer_ckpt), tokenizer_iter=tok_ckpt.get('iter_num', -1),
-                      data_dir=data_dir, num_images=num_images, image_size=image_size, views_per_image=views_per_image)
+                      tokenizer_fingerprint=state_fingerprint(tokenizer_weights(tok_ckpt)), data_dir=data_dir,
+                      num_images=num_images, image_size=image_size, views_per_image=views_per_image)
     del tok_ckpt
     meta_path = os.path.join(codes_dir, 'meta.json')
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
-        differing = [k for k in extraction if meta[k] != extraction[k]]
+        differing = [k for k in extraction if meta.get(k) != extraction[k]]
         if differing:
             raise ValueError(f"{codes_dir} holds codes extracted with different settings: "
-                             + ", ".join(f"{k} (codes {meta[k]!r}, now {extraction[k]!r})" for k in differing)
+                             + ", ".join(f"{k} (codes {meta.get(k)!r}, now {extraction[k]!r})" for k in differing)
                              + "; delete that folder or set codes_dir to another one")
         if master:
             print(f"reusing {meta['num_images']} x {views_per_image} code sequences in {codes_dir}")
@@ -491,18 +496,15 @@ if __name__ == '__main__':
               f"{len(valid_images)} images x {views_per_image} views")
 
     iter_num, rng_states = 0, None
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    log_path = os.path.join(out_dir, 'log.jsonl')  # one JSON line per log interval (evaluate.py --mode=curves)
     if init_from == 'resume':
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"init_from='resume' but {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, 'gpt', device)
         differing = sorted(k for k in set(model_args) | set(ckpt['model_args'])
                            if model_args.get(k) != ckpt['model_args'].get(k))
         if differing:
             raise ValueError(f"{ckpt_path} does not match the current config; differing model keys: "
                              + ", ".join(f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, config {model_args.get(k)!r})"
                                          for k in differing))
+        check_resume_config(ckpt_path, ckpt['config'], config, resume_allow)
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         iter_num = ckpt['iter_num']
@@ -539,7 +541,7 @@ if __name__ == '__main__':
         else:
             all_states = [states]
         if master:
-            atomic_save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+            atomic_save({'kind': 'gpt', 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                          'model_args': model_args, 'config': config, 'iter_num': iter_num,
                          'data_step': iter_num * gradient_accumulation_steps, 'rng_states': all_states,
                          'tokenizer_ckpt': os.path.abspath(tokenizer_ckpt), 'codebook_sizes': codebook_sizes,
@@ -549,6 +551,8 @@ if __name__ == '__main__':
     # -----------------------------------------------------------------------------
     # training loop
 
+    if master:
+        os.makedirs(out_dir, exist_ok=True)  # only now: a config or data error leaves no empty out_dir behind
     flops_per_iter = raw_model.flops_per_token() * raw_model.seq_len * batch_size
     peak_flops = peak_bf16_flops(device) * world_size
     t0, start_iter = time.time(), iter_num

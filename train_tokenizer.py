@@ -21,7 +21,7 @@ from quantizers import options_from_config, bridge_group_size_for
 from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, lecam_loss,
                        adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate, ShardedBatchSampler,
                        lr_multiplier, setup_device, autocast_context, atomic_save, save_image_grid, truncate_log,
-                       append_log)
+                       append_log, load_checkpoint, check_out_dir, check_resume_config)
 
 # -----------------------------------------------------------------------------
 # default config: LlamaGen VQ-16 on ImageNet 256 (config/vq_16k.py); override with config files / --key=value
@@ -31,6 +31,8 @@ eval_interval = 2000  # also the checkpoint interval
 log_interval = 50
 eval_images = 64  # held-out images reconstructed at each eval (PSNR, usage, PNG grid)
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+overwrite = False  # True: a run from scratch may replace the checkpoint already in out_dir
+resume_allow = ''  # comma-separated config keys that may differ from the resumed checkpoint's (tokenizer.py)
 seed = 1337
 # data
 data_dir = ''  # ImageFolder root (root/<class>/*.JPEG); '' = the built-in procedural dataset, no download
@@ -128,6 +130,9 @@ if image_size % downsample != 0:
 lr = learning_rate * batch_size / base_batch_size
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 autocast = autocast_context(device, dtype)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+log_path = os.path.join(out_dir, 'log.jsonl')
+check_out_dir(ckpt_path, init_from, overwrite)
 torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
 
 # the quantizer options that take effect for this quantizer; automatic values resolved, so checkpoints record them
@@ -137,7 +142,6 @@ if quantizer_args.get('vcq_seq_len') == 0:
 if quantizer_args.get('bridge_group_size') == 0:
     quantizer_args['bridge_group_size'] = bridge_group_size_for(codebook_size)
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     print(f"config: {config}")
     print(f"world_size {world_size}, micro batch {micro_batch}/rank, lr {lr:.3e}, device {device}")
 
@@ -166,18 +170,15 @@ if master:
 
 iter_num, skipped_images, rng_states = 0, 0, None
 lecam_ema = torch.zeros(2, device=device)  # EMA of D's mean logits on real and on reconstructed images
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-log_path = os.path.join(out_dir, 'log.jsonl')
 if init_from == 'resume':
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"init_from='resume' but {ckpt_path} does not exist")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = load_checkpoint(ckpt_path, 'tokenizer', device)
     differing = sorted(k for k in set(model_args) | set(ckpt['model_args'])
                        if model_args.get(k) != ckpt['model_args'].get(k))
     if differing:
         raise ValueError(f"{ckpt_path} does not match the current config; differing model keys: "
                          + ", ".join(f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, config {model_args.get(k)!r})"
                                      for k in differing))
+    check_resume_config(ckpt_path, ckpt['config'], config, resume_allow)
     if (ckpt['disc'] is not None) != use_disc:
         raise ValueError(f"{ckpt_path} was trained with disc_weight {ckpt['config']['disc_weight']}; "
                          f"the current disc_weight {disc_weight} {'needs' if use_disc else 'drops'} a discriminator")
@@ -201,7 +202,7 @@ if init_from == 'resume':
 elif init_from != 'scratch':
     raise ValueError(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
 elif master and os.path.exists(log_path):
-    os.remove(log_path)  # a fresh run starts a fresh log
+    os.remove(log_path)  # a fresh run (check_out_dir allowed it) starts a fresh log
 
 raw_model, raw_disc = model, disc  # un-compiled, un-wrapped: what checkpoints hold
 if compile:
@@ -266,6 +267,8 @@ def evaluate():
             n = min(8, len(images))
             shown = torch.cat([images[:n], recon[:n]])
     raw_model.train()
+    if not mse:
+        raise ValueError(f"none of the {len(keys)} held-out images could be read (see the warnings above)")
     mse, indices = torch.cat(mse), torch.cat(indices)
     save_image_grid(shown, os.path.join(out_dir, f'recon_{iter_num:07d}.png'), nrow=len(shown) // 2)
     return {'psnr': (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item(), 'rec': torch.cat(rec).mean().item(),
@@ -282,7 +285,7 @@ def save_checkpoint():
     else:
         all_states = [states]
     if master:
-        atomic_save({'model': raw_model.state_dict(), 'ema': ema_model.state_dict() if ema_model else None,
+        atomic_save({'kind': 'tokenizer', 'model': raw_model.state_dict(), 'ema': ema_model.state_dict() if ema_model else None,
                      'disc': raw_disc.state_dict() if use_disc else None, 'optimizer': gen_optimizer.state_dict(),
                      'disc_optimizer': disc_optimizer.state_dict() if use_disc else None,
                      'model_args': model_args, 'config': config, 'iter_num': iter_num,
@@ -324,6 +327,8 @@ def discriminator_step(pairs):
 # -----------------------------------------------------------------------------
 # training loop
 
+if master:
+    os.makedirs(out_dir, exist_ok=True)  # only now: a config or data error leaves no empty out_dir behind
 if use_disc:
     set_requires_grad(raw_disc, False)  # only discriminator_step trains D
 t0, start_iter = time.time(), iter_num
@@ -351,6 +356,9 @@ while True:
     for _ in range(gradient_accumulation_steps):
         images, _, n_skipped = next(batches)
         skipped_images += n_skipped
+        if len(images) == 0:
+            raise ValueError(f"all {n_skipped} images of a batch were unreadable (see the warnings above; "
+                             f"{skipped_images} so far): check data_dir '{data_dir}'")
         micro_batches.append(images.to(device, non_blocking=True))
     stats = {}
     if gan_active and disc_first:

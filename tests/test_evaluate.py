@@ -379,6 +379,9 @@ def test_gen_mode_clear_errors(tmp_path):
         evaluate.run_gen(default_config(samples=ref, ref=ref, inception_weights=str(tmp_path / 'missing.pth')))
     with pytest.raises(ValueError, match='needs --samples'):
         evaluate.run_gen(default_config(ref=ref))
+    small = save_images_npz(tmp_path / 'small.npz', rng.integers(0, 256, (4, 4, 4, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match='the samples are 4x4 images but the reference batch.s are 8x8'):
+        evaluate.run_gen(default_config(samples=small, ref=ref, out_dir=str(tmp_path)))
     out = run_script(['--mode=nope'])
     assert out.returncode != 0 and "unknown mode 'nope'" in out.stderr
 
@@ -400,6 +403,9 @@ def test_cli_entropy_mode(tmp_path):
         rows = f.read().splitlines()
     assert rows[0] == 't,H_t_bits,remaining_budget_bits,codebook_size' and len(rows) == 17
     assert float(rows[1].split(',')[2]) == pytest.approx(9.0)  # remaining budget at t = 1 is log2 N
+    np.savez(tmp_path / 'codes.npz', codes=codes)
+    with pytest.raises(ValueError, match=r"codes.npz' is an .npz archive \(codes\); codes are a single .npy array"):
+        evaluate.run_entropy(default_config(codes=str(tmp_path / 'codes.npz'), out_dir=str(tmp_path)))
     np.save(tmp_path / 'float.npy', codes.astype(np.float32))
     with pytest.raises(ValueError, match='expected integer codes'):
         evaluate.run_entropy(default_config(codes=str(tmp_path / 'float.npy'), out_dir=str(tmp_path)))

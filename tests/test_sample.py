@@ -139,3 +139,22 @@ def test_ddp_vcq_chain(tmp_path):
         assert f['arr_0'].shape == (5, 32, 32, 3) and f['arr_0'].dtype == np.uint8
         np.testing.assert_array_equal(f['arr_1'], np.arange(5) % 10)
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'codes', 'samples.npz', 'samples_grid.png']  # rank parts merged
+
+
+@pytest.mark.parametrize('option,message', [
+    ({'cfg_scale': 0.5}, 'cfg_scale must be >= 1.0 (1.0 = no guidance)'),
+    ({'top_p': 1.5}, 'top_p must be in (0, 1]'), ({'top_p': 0.0}, 'top_p must be in (0, 1]'),
+    ({'top_k': -1}, 'top_k must be >= 0'), ({'temperature': 0.0}, 'temperature must be > 0')])
+def test_bad_sampling_options_are_refused(option, message):
+    model = tiny_gpt()
+    labels = torch.tensor([1, 2])
+    with pytest.raises(ValueError) as error:
+        generate(model, labels, **option)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize('arg', ['--num_samples=0', '--batch_size=0', '--cfg_scale=0.5', '--top_p=2.0'])
+def test_sample_script_refuses_bad_options_before_writing(arg, tmp_path):
+    result = subprocess.run([sys.executable, 'sample.py', '--ckpt=does-not-matter.pt', f'--out_dir={tmp_path / "s"}',
+                             '--device=cpu', arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and 'must be' in result.stderr and not os.path.exists(tmp_path / 's')

@@ -58,6 +58,46 @@ def test_checkpoint_round_trip(tmp_path):
         load_tokenizer(str(tmp_path / 'other.pt'))
 
 
+def test_checkpoint_errors_name_the_file(tmp_path, monkeypatch):
+    import errno
+    import tokenizer as T
+    torch.manual_seed(0)
+    model_args = dict(ch_mult=(1, 2), **TINY)
+    path = str(tmp_path / 'ckpt.pt')
+    atomic_save({'kind': 'tokenizer', 'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args,
+                 'config': {}}, path)
+    with open(path, 'rb') as f:
+        data = f.read()
+    with open(tmp_path / 'cut.pt', 'wb') as f:
+        f.write(data[:len(data) // 2])  # a truncated copy
+    with pytest.raises(ValueError, match=rf"checkpoint '{tmp_path / 'cut.pt'}' is damaged"):
+        load_tokenizer(str(tmp_path / 'cut.pt'))
+    with pytest.raises(ValueError, match=r"is a tokenizer checkpoint \(written by train_tokenizer.py\), but a gpt"):
+        T.load_checkpoint(path, 'gpt')
+    # a full disk: the temp file goes, the error says so, the previous checkpoint stays
+    def no_space(obj, f):
+        with open(f, 'wb') as out:
+            out.write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(T.torch, 'save', no_space)
+    with pytest.raises(OSError, match='the disk is full; the partial file was removed and the previous ckpt.pt is '
+                                      'intact'):
+        atomic_save({'model': {}}, path)
+    assert not os.path.exists(path + '.tmp')
+    monkeypatch.undo()
+    assert T.load_checkpoint(path, 'tokenizer')['kind'] == 'tokenizer'
+
+
+def test_state_fingerprint_tells_weights_apart():
+    from tokenizer import state_fingerprint
+    torch.manual_seed(0)
+    a = Tokenizer(ch_mult=(1, 2), **TINY).state_dict()
+    b = {k: v.clone() for k, v in a.items()}
+    assert state_fingerprint(a) == state_fingerprint(b)
+    b['decoder.conv_out.bias'][0] += 1e-6
+    assert state_fingerprint(a) != state_fingerprint(b)
+
+
 def test_discriminator_and_gan_losses():
     disc = PatchDiscriminator(3, ch=16, n_layers=3)
     logits = disc(torch.randn(2, 3, 64, 64))

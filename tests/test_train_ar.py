@@ -205,7 +205,7 @@ def test_resume_equals_uninterrupted(codes_setup, tmp_path):
     full = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "full"}', '--max_iters=6')
     first = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=3')
     resumed = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=6',
-                         '--init_from=resume')
+                         '--init_from=resume', '--resume_allow=max_iters')
     assert 'resumed from' in resumed.stdout and len(losses_of(resumed.stdout)) == 3
     assert losses_of(full.stdout) == losses_of(first.stdout) + losses_of(resumed.stdout)
     assert losses_of(full.stdout)[-1] < losses_of(full.stdout)[0]  # it learns
@@ -228,6 +228,47 @@ def test_resume_equals_uninterrupted(codes_setup, tmp_path):
     bad = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=8', '--init_from=resume',
                      '--n_embd=64', check=False)
     assert bad.returncode != 0 and 'n_embd' in bad.stderr and 'differing model keys' in bad.stderr
+    # a changed experiment is refused unless allowed; where the run is watched from may change
+    bad = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=8', '--init_from=resume',
+                     '--batch_size=8', '--log_interval=5', check=False)
+    assert bad.returncode != 0 and 'another config: batch_size (checkpoint 4, now 8), max_iters (checkpoint 6, ' \
+        'now 8)' in bad.stderr and '--resume_allow=batch_size,max_iters' in bad.stderr
+    # and a run from scratch does not overwrite the checkpoint
+    bad = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=6', check=False)
+    assert bad.returncode != 0 and 'ckpt.pt already exists' in bad.stderr and '--init_from=resume' in bad.stderr
+    assert torch.load(tmp_path / 'half' / 'ckpt.pt', weights_only=False)['iter_num'] == 6
+
+
+def test_codes_of_a_retrained_tokenizer_are_not_reused(tmp_path):
+    """A tokenizer retrained in place (same path, same iteration, another seed) has other weights: the codes
+    extracted from the old one are refused, naming the fingerprint."""
+    tiny = ['--image_size=32', '--ch=16', '--ch_mult=(1,2)', '--num_res_blocks=1', '--z_channels=16',
+            '--codebook_size=64', '--code_dim=8', '--perceptual_weight=0.0', '--disc_weight=0.0', '--num_workers=0',
+            '--device=cpu', '--batch_size=2', '--base_batch_size=2', '--max_iters=2', '--eval_images=2',
+            f'--out_dir={tmp_path / "tok"}']
+    run_script('train_tokenizer.py', *tiny)
+    ar = ['train_ar.py', f'--tokenizer_ckpt={tmp_path / "tok" / "ckpt.pt"}', f'--codes_dir={tmp_path / "codes"}',
+          '--num_images=4', '--ten_crop=False', '--num_workers=0', '--device=cpu', '--max_iters=0',
+          f'--out_dir={tmp_path / "ar"}']
+    run_script(*ar)
+    run_script(*ar)  # same tokenizer: the codes are reused
+    run_script('train_tokenizer.py', *tiny, '--seed=7', '--overwrite=True')  # retrained in place, same iteration
+    result = run_script(*ar, check=False)
+    assert result.returncode != 0 and 'tokenizer_fingerprint' in result.stderr and 'different settings' in result.stderr
+
+
+def test_a_checkpoint_of_the_other_kind_is_named(codes_setup, tmp_path):
+    root, tok, codes_dir = codes_setup
+    run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', '--ten_crop=False',
+               '--num_images=20', f'--out_dir={tmp_path}', *TINY_RUN, '--max_iters=1')
+    gpt = str(tmp_path / 'ckpt.pt')
+    result = run_script('train_ar.py', f'--tokenizer_ckpt={gpt}', f'--out_dir={tmp_path / "x"}', *TINY_RUN,
+                        check=False)
+    assert result.returncode != 0 and f"'{gpt}' is a gpt checkpoint (written by train_ar.py), but a tokenizer " \
+        "checkpoint (written by train_tokenizer.py) is expected here" in result.stderr
+    assert not os.path.exists(tmp_path / 'x')  # nothing was created for a run that could not start
+    result = run_script('sample.py', f'--ckpt={tok}', '--device=cpu', check=False)
+    assert result.returncode != 0 and 'is a tokenizer checkpoint' in result.stderr
 
 
 def test_class_id_out_of_range_is_an_error(codes_setup, tmp_path):

@@ -182,6 +182,58 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     assert 'skipped 1 unreadable images' in result.stdout
 
 
+def test_a_fresh_start_does_not_overwrite_and_a_resume_checks_the_config(tmp_path):
+    run(train_cmd(tmp_path, '--max_iters=2', '--batch_size=2', '--disc_weight=0.0'))
+    before = params(tmp_path)
+    bad = run(train_cmd(tmp_path, '--max_iters=2', '--batch_size=2', '--disc_weight=0.0'), check=False)
+    assert bad.returncode != 0 and f"{tmp_path / 'ckpt.pt'} already exists" in bad.stderr
+    assert '--init_from=resume' in bad.stderr and '--overwrite=True' in bad.stderr
+    assert torch.equal(params(tmp_path)['model']['encoder.conv_in.weight'], before['model']['encoder.conv_in.weight'])
+    # a resume that changes the experiment is refused, listing every changed key
+    bad = run(train_cmd(tmp_path, '--max_iters=4', '--batch_size=4', '--disc_weight=0.0', '--init_from=resume',
+                        '--num_images=64'), check=False)
+    assert bad.returncode != 0 and ('another config: batch_size (checkpoint 2, now 4), max_iters (checkpoint 2, '
+                                    'now 4), num_images (checkpoint 0, now 64)') in bad.stderr
+    assert '--resume_allow=batch_size,max_iters,num_images' in bad.stderr
+    # watching it differently is fine, and an explicitly allowed change goes through
+    ok = run(train_cmd(tmp_path, '--max_iters=4', '--batch_size=2', '--disc_weight=0.0', '--init_from=resume',
+                       '--log_interval=2', '--eval_interval=100', '--resume_allow=max_iters'))
+    assert 'resumed from' in ok.stdout and params(tmp_path)['iter_num'] == 4
+    run(train_cmd(tmp_path, '--max_iters=1', '--batch_size=2', '--disc_weight=0.0', '--overwrite=True'))
+    assert params(tmp_path)['iter_num'] == 1
+
+
+def test_unreadable_data_and_config_errors_are_clear_and_leave_no_out_dir(tmp_path):
+    root = tmp_path / 'data'
+    os.makedirs(root / 'a')
+    for i in range(6):
+        (root / 'a' / f'{i}.png').write_bytes(b'not an image')
+    result = run(train_cmd(tmp_path / 'run', f'--data_dir={root}', '--eval_images=1', '--batch_size=2',
+                           '--max_iters=2', '--disc_weight=0.0'), check=False)
+    assert result.returncode != 0 and 'none of the 1 held-out images could be read' in result.stderr
+    # errors before training (config, data folder) leave no out_dir behind
+    out = tmp_path / 'out'
+    for bad in ([f'--data_dir={root}', '--eval_images=10'], ['--vcq_k_min=3'], ['--quantizer=lfq'],
+                ['--data_dir=/nonexistent']):
+        result = run(train_cmd(out, '--max_iters=1', *bad), check=False)
+        assert result.returncode != 0 and not os.path.exists(out), bad
+    assert 'eval_images = 10 must be between 1 and' in run(train_cmd(out, f'--data_dir={root}', '--eval_images=10'),
+                                                            check=False).stderr
+
+
+def test_torchrun_repeats_the_error_as_rank_0s_last_line(tmp_path):
+    result = run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
+                  'train_tokenizer.py', *TINY, '--data_dir=/nonexistent/imagenet', f'--out_dir={tmp_path}'],
+                 check=False, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode != 0
+    # torchrun may prefix the child's lines with [rank0]:; torchrun's own summary follows them
+    lines = [line.removeprefix('[rank0]: ') for line in result.stderr.splitlines()]
+    summary = [i for i, line in enumerate(lines) if line.startswith('error (rank 0)')]
+    assert len(summary) == 1 and lines[summary[0]] == (
+        "error (rank 0): FileNotFoundError: data_dir '/nonexistent/imagenet' is not a directory "
+        "(expected root/<class>/<image files>)")
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     result = run(train_cmd(tmp_path, '--data_dir=/nonexistent/imagenet', '--max_iters=1'), check=False)
     assert result.returncode != 0 and "data_dir '/nonexistent/imagenet' is not a directory" in result.stderr
