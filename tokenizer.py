@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import warnings
 
@@ -523,6 +524,32 @@ def setup_device(device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device, rank, local_rank, world_size
+
+
+def gather_rng_states(device_type, ddp, world_size):
+    """Every rank's RNG states (torch, cuda, numpy, python), gathered for the checkpoint: a resume continues each
+    rank's streams exactly."""
+    states = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+              'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    if not ddp:
+        return [states]
+    import torch.distributed as dist
+    all_states = [None] * world_size
+    dist.all_gather_object(all_states, states)
+    return all_states
+
+
+def restore_rng_states(states, device_type, fresh_seed):
+    """A rank's states from gather_rng_states, or, without them (a fresh run, or a resume on another number of
+    ranks), a fresh stream per rank from fresh_seed."""
+    if states is None:
+        torch.manual_seed(fresh_seed)
+        return
+    torch.set_rng_state(states['torch'])
+    np.random.set_state(states['numpy'])
+    random.setstate(states['python'])
+    if device_type == 'cuda' and states['cuda'] is not None:
+        torch.cuda.set_rng_state(states['cuda'])
 
 
 def autocast_context(device, dtype):

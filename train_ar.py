@@ -11,7 +11,6 @@ The first run encodes the training images once into codes_dir (default out_dir/c
 import json
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from functools import lru_cache
@@ -257,7 +256,8 @@ if __name__ == '__main__':
 
     from tokenizer import (load_tokenizer, make_dataset, lr_multiplier, setup_device, autocast_context,
                            atomic_save, truncate_log, append_log, load_checkpoint, tokenizer_weights,
-                           state_fingerprint, check_out_dir, check_resume_config)
+                           state_fingerprint, check_out_dir, check_resume_config, gather_rng_states,
+                           restore_rng_states)
 
     _before_config = set(globals())
     # -----------------------------------------------------------------------------
@@ -523,23 +523,10 @@ if __name__ == '__main__':
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-    if rng_states is not None:
-        torch.set_rng_state(rng_states['torch'])
-        np.random.set_state(rng_states['numpy'])
-        random.setstate(rng_states['python'])
-        if device_type == 'cuda' and rng_states['cuda'] is not None:
-            torch.cuda.set_rng_state(rng_states['cuda'])
-    else:
-        torch.manual_seed(seed + rank + iter_num)  # per-rank streams (dropout), fresh after an elastic resume
+    restore_rng_states(rng_states, device_type, seed + rank + iter_num)  # per-rank streams (dropout)
 
     def save_checkpoint():
-        states = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
-                  'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
-        all_states = [None] * world_size
-        if ddp:
-            dist.all_gather_object(all_states, states)
-        else:
-            all_states = [states]
+        all_states = gather_rng_states(device_type, ddp, world_size)
         if master:
             atomic_save({'kind': 'gpt', 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                          'model_args': model_args, 'config': config, 'iter_num': iter_num,

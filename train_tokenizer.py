@@ -9,10 +9,8 @@ Writes out_dir/ckpt.pt, out_dir/log.jsonl (one JSON line per log interval and ev
 import copy
 import os
 import time
-import random
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -21,7 +19,8 @@ from quantizers import options_from_config, bridge_group_size_for
 from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, lecam_loss,
                        adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate, ShardedBatchSampler,
                        lr_multiplier, setup_device, autocast_context, atomic_save, save_image_grid, truncate_log,
-                       append_log, load_checkpoint, check_out_dir, check_resume_config)
+                       append_log, load_checkpoint, check_out_dir, check_resume_config, gather_rng_states,
+                       restore_rng_states)
 
 # -----------------------------------------------------------------------------
 # default config: LlamaGen VQ-16 on ImageNet 256 (config/vq_16k.py); override with config files / --key=value
@@ -229,14 +228,7 @@ loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_f
                                      pin_memory=device_type == 'cuda', persistent_workers=num_workers > 0)
 batches = iter(loader)
 # after iter(loader), which draws a seed from the global generator: a resumed run continues the very stream
-if rng_states is not None:
-    torch.set_rng_state(rng_states['torch'])
-    np.random.set_state(rng_states['numpy'])
-    random.setstate(rng_states['python'])
-    if device_type == 'cuda' and rng_states['cuda'] is not None:
-        torch.cuda.set_rng_state(rng_states['cuda'])
-else:
-    torch.manual_seed(seed + rank + iter_num)  # per-rank streams (dropout, DiffAugment), fresh after an elastic resume
+restore_rng_states(rng_states, device_type, seed + rank + iter_num)  # per-rank streams (dropout, DiffAugment)
 
 if master:
     print(f"data: {len(train_set)} training images in {train_set.num_classes} classes"
@@ -277,13 +269,7 @@ def evaluate():
 
 
 def save_checkpoint():
-    states = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
-              'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
-    all_states = [None] * world_size
-    if ddp:
-        dist.all_gather_object(all_states, states)
-    else:
-        all_states = [states]
+    all_states = gather_rng_states(device_type, ddp, world_size)
     if master:
         atomic_save({'kind': 'tokenizer', 'model': raw_model.state_dict(), 'ema': ema_model.state_dict() if ema_model else None,
                      'disc': raw_disc.state_dict() if use_disc else None, 'optimizer': gen_optimizer.state_dict(),

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT
+from conftest import ROOT, make_image_folder
 import evaluate
 from evaluate import (FIDInceptionV3, load_inception, inception_forward, npz_image_header, npz_image_batches,
                       feature_statistics, frechet_distance, fid_from_features, inception_score, manifold_radii,
@@ -479,14 +479,8 @@ def test_cli_recon_mode(tmp_path, tiny_tokenizer_ckpt, random_inception_file):
 def test_recon_mode_without_weights_on_the_held_out_split(tmp_path):
     """rfid=False, lpips=False: no network weights at all; split='heldout' takes exactly the images that
     train_tokenizer.py held out of its data_dir."""
-    from PIL import Image
     from tokenizer import Tokenizer, make_dataset, split_held_out
-    root = tmp_path / 'data'
-    rng = np.random.default_rng(0)
-    for c in ('a', 'b'):
-        os.makedirs(root / c)
-        for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+    root = make_image_folder(tmp_path / 'data', per_class=5, size=32)
     torch.manual_seed(0)
     path = str(tmp_path / 'ckpt.pt')
     torch.save({'model': Tokenizer(**TINY_TOKENIZER).state_dict(), 'model_args': TINY_TOKENIZER,

@@ -5,12 +5,10 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, make_image_folder
 
 # a tiny tokenizer on 32x32 built-in images; LPIPS off, GAN from iter 2 so the discriminator path is covered
 TINY = ['--image_size=32', '--ch=32', '--ch_mult=(1,2)', '--num_res_blocks=1', '--z_channels=32',
@@ -169,12 +167,7 @@ def test_an_option_the_quantizer_ignores_is_an_error(bad, named, tmp_path):
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path):
-    root = tmp_path / 'data'
-    rng = np.random.default_rng(0)
-    for c in ('a', 'b'):
-        os.makedirs(root / c)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+    root = make_image_folder(tmp_path / 'data', per_class=3, size=36)
     (root / 'b' / 'bad.JPEG').write_bytes(b'\x00' * 100)
     result = run(train_cmd(tmp_path / 'out', f'--data_dir={root}', '--eval_images=1', '--batch_size=6',
                            '--max_iters=2', '--disc_weight=0.0'))
@@ -249,12 +242,7 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 def test_study_configs_run(name, tmp_path):
     """Each study config as written (quantizer, K, code dim, schedule) for 2 iterations, shrunk in width, batch and
     image count, on a tiny ImageFolder so that the suite needs no ../shared data."""
-    root = tmp_path / 'data'
-    rng = np.random.default_rng(0)
-    for c in ('a', 'b'):
-        os.makedirs(root / c)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+    root = make_image_folder(tmp_path / 'data', per_class=4, size=40)
     result = run([sys.executable, 'train_tokenizer.py', f'config/{name}.py', f'--data_dir={root}', '--device=cpu',
                   '--ch=16', '--z_channels=16', '--image_size=32', '--batch_size=2', '--base_batch_size=2',
                   '--max_iters=2', '--eval_images=2', '--eval_interval=2', '--log_interval=1', '--num_workers=0',
