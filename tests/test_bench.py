@@ -61,7 +61,7 @@ def test_unknown_what_is_an_error(capsys, monkeypatch):
 def test_tokenizer_bench_last_line(capsys, monkeypatch):
     line = run_bench_in_process(['--what=tokenizer', '--tokenizer_config=config/smoke.py', '--tokenizer_batch=2',
                                  '--warmup_steps=1', '--steps=1'], capsys, monkeypatch)
-    match = re.fullmatch(r'tokenizer config=config/smoke.py batch=2 64px device=cpu: (\d+\.\d\d) img/s, '
+    match = re.fullmatch(r'tokenizer config=config/smoke.py batch=2 32px device=cpu: (\d+\.\d\d) img/s, '
                          r'(\d+\.\d) ms/iter, peak n/a', line)
     assert match and float(match.group(1)) > 0, line
 

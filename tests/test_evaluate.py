@@ -341,7 +341,7 @@ def test_npz_reader_streams_and_rejects_bad_files(tmp_path):
 def test_cli_gen_mode_with_reference_cache(tmp_path, random_inception_file):
     rng = np.random.default_rng(0)
     ref = save_images_npz(tmp_path / 'ref.npz', rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
-    samples = save_images_npz(tmp_path / 'samples.npz', rng.integers(0, 256, (2, 24, 24, 3), dtype=np.uint8))
+    samples = save_images_npz(tmp_path / 'samples.npz', rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
     args = ['--mode=gen', f'--samples={samples}', f'--ref={ref}', f'--inception_weights={random_inception_file}',
             f'--out_dir={tmp_path}', '--is_splits=2', '--pr_k=1', '--batch_size=2', '--device=cpu']
     first = run_script(args)

@@ -138,7 +138,7 @@ def test_ddp_vcq_chain(tmp_path):
     with np.load(out / 'samples.npz') as f:
         assert f['arr_0'].shape == (5, 32, 32, 3) and f['arr_0'].dtype == np.uint8
         np.testing.assert_array_equal(f['arr_1'], np.arange(5) % 10)
-    assert sorted(os.listdir(out)) == ['ckpt.pt', 'codes', 'samples.npz', 'samples_grid.png']  # rank parts merged
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'codes', 'log.jsonl', 'samples.npz', 'samples_grid.png']  # rank parts merged
 
 
 @pytest.mark.parametrize('option,message', [

@@ -152,8 +152,8 @@ def test_flat_quantizer_options_reach_the_model_and_the_checkpoint(tmp_path):
     ckpt = params(tmp_path)
     args = ckpt['model_args']['quantizer_args']
     assert ckpt['model_args']['quantizer'] == 'fvq'
-    assert args['vcq_schedule'] == 'cosine' and args['vcq_k_min'] == 4 and args['vcq_seq_len'] == 256  # 16x16 grid
-    assert args['bridge_group_size'] == 16 and args['projector'] == 'vqbridge' and 'entropy_weight' not in args
+    assert args['vcq_schedule'] == 'cosine' and args['vcq_k_min'] == 4 and args['vcq_seq_len'] == 64  # 8x8 grid
+    assert args['bridge_group_size'] == 1 and args['projector'] == 'vqbridge' and 'entropy_weight' not in args
     sizes = ckpt['model']['quantizer.codebook_sizes']
     assert sizes[0] == 4 and sizes[-1] == ckpt['model_args']['codebook_size'] and 'iter 2:' in result.stdout
 
