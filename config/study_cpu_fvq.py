@@ -1,7 +1,7 @@
 # Reproduction study, CPU scale (README 'Results'): FVQ (VQBridge, the release's settings: l2 off, zero-
 # initialised expand layer): FVQ Table 3 row 6, usage 100%.
 # Targets the effect, not the number: same data, model, steps and optimiser in every study_cpu_* config;
-# only the quantizer differs. 64x64 real images, K = 4,096 x 256-d codes; about 13 minutes on 2 CPU cores.
+# only the quantizer differs. 64x64 real images, K = 4,096 x 256-d codes; 11 to 15 minutes on 2 CPU cores.
 # Run: python train_tokenizer.py config/study_cpu_fvq.py
 out_dir = 'out-study-cpu-fvq'
 data_dir = '../shared/data/imagenet_1k_samples'  # any ImageFolder root/<class>/*.JPEG

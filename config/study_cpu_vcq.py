@@ -1,7 +1,7 @@
 # Reproduction study, CPU scale (README 'Results'): the FVQ arm with a VCQ cosine codebook-size schedule over
 # the token positions (K_t from 2 to K): VCQ Table 2's Cosine row, t* pushed later.
 # Targets the effect, not the number: same data, model, steps and optimiser in every study_cpu_* config;
-# only the quantizer differs. 64x64 real images, K = 4,096 x 256-d codes; about 13 minutes on 2 CPU cores.
+# only the quantizer differs. 64x64 real images, K = 4,096 x 256-d codes; 11 to 15 minutes on 2 CPU cores.
 # Run: python train_tokenizer.py config/study_cpu_vcq.py
 out_dir = 'out-study-cpu-vcq'
 data_dir = '../shared/data/imagenet_1k_samples'  # any ImageFolder root/<class>/*.JPEG
