@@ -61,7 +61,8 @@ def _channels_first(z_flat, B, H, W):
 
 
 def _masked_codes(token_codebook_sizes, start, n, K, device):
-    # (n, K) bool, True where code k is beyond the VCQ size of token start+i; None without VCQ
+    # VCQ section 3: token t may only use the first K_t codes. (n, K) bool, True where code k is beyond the
+    # size of token start+i; None without VCQ. Every quantizer's search (and IBQ's softmax) masks with this.
     if token_codebook_sizes is None:
         return None
     return torch.arange(K, device=device)[None, :] >= token_codebook_sizes[start:start + n, None]
@@ -86,7 +87,8 @@ def nearest_codes(z_flat, codebook, chunk_size, token_codebook_sizes=None):
 
 
 def _perplexity(indices, K):
-    # exp(entropy) of the batch's code histogram, as a tensor (index_add_ rather than bincount: no host sync on GPU)
+    # exp(entropy) of the batch's code histogram, as a tensor (index_add_ rather than bincount: no host sync
+    # on GPU)
     counts = torch.zeros(K, device=indices.device).index_add_(0, indices.reshape(-1), torch.ones(indices.numel(),
                                                                                                   device=indices.device))
     p = counts / counts.sum()
@@ -94,10 +96,11 @@ def _perplexity(indices, K):
 
 
 class RecentCodes(nn.Module):
-    """Histogram of the codes of the most recent `size` training tokens: a ring buffer of indices plus a running (K,)
-    count, both updated in place (no host sync). usage() = fraction of the K codes seen at least once in them.
-    Only training forwards record (record=True); eval forwards (held-out evaluation, code extraction) leave it alone.
-    Not saved in checkpoints (persistent=False): usage is a running statistic, and it is per rank under DDP."""
+    """Histogram of the codes of the most recent `size` training tokens: a ring buffer of indices plus a
+    running (K,) count, both updated in place (no host sync). usage() = fraction of the K codes seen at least
+    once in them. Only training forwards record (record=True); eval forwards (held-out evaluation, code
+    extraction) leave it alone. Not saved in checkpoints (persistent=False): usage is a running statistic, and
+    it is per rank under DDP."""
 
     def __init__(self, K, size):
         super().__init__()
@@ -154,9 +157,9 @@ def _token_codebook_sizes(codebook_sizes, B, H, W):
 
 
 def _setup_usage(module, K, usage_window, usage_tokens):
-    # window_usage: the release's statistic (distinct codes among the last max(65536, K + 1) tokens), which cannot
-    # exceed 1 - 1/e ~ 63% for a perfectly uniform code distribution once K >= 65,536; usage: counted over the last
-    # usage_tokens tokens (default 10 K), where a uniform distribution shows ~100% (1 - e^-10)
+    # window_usage: the release's statistic (distinct codes among the last max(65536, K + 1) tokens), which
+    # cannot exceed 1 - 1/e ~ 63% for a perfectly uniform code distribution once K >= 65,536; usage: counted
+    # over the last usage_tokens tokens (default 10 K), where a uniform distribution shows ~100% (1 - e^-10)
     module.window = RecentCodes(K, usage_window or max(65536, K + 1))
     module.recent_codes = RecentCodes(K, usage_tokens or 10 * K)
 
@@ -185,23 +188,29 @@ def sincos_1d(positions, dim):
 
 
 def sincos_2d(grid_h, grid_w, dim):
-    # MAE/DiT's get_2d_sincos_pos_embed over a grid_h x grid_w grid, raster order: the first half of the channels
-    # encodes the column, the second half the row (the release's order) -> (grid_h * grid_w, dim)
+    # MAE/DiT's get_2d_sincos_pos_embed over a grid_h x grid_w grid, raster order: the first half of the
+    # channels encodes the column, the second half the row (the release's order) -> (grid_h * grid_w, dim)
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing='ij')
     return torch.cat([sincos_1d(cols.flatten(), dim // 2), sincos_1d(rows.flatten(), dim // 2)], dim=1)
 
 
 def bridge_group_size_for(K):
-    """The release's presets: p x p = 16 codes per bridge token at K = 16,384 (QBridge-L/4), 64 at 65,536 and 262,144
-    (QBridge-L/8). Both 16k and 65k give 1,024 tokens; below 16k (no preset) we keep those 1,024 tokens, so a smaller
-    codebook gets smaller groups (K = 4,096 -> 4, K <= 1,024 -> 1 code per token), as FVQ section 4.2 scales the
-    patch with the codebook."""
+    """The release's presets: p x p = 16 codes per bridge token at K = 16,384 (QBridge-L/4), 64 at 65,536 and
+    262,144 (QBridge-L/8). Both 16k and 65k give 1,024 tokens; below 16k (no preset) we keep those 1,024
+    tokens, so a smaller codebook gets smaller groups (K = 4,096 -> 4, K <= 1,024 -> 1 code per token), as FVQ
+    section 4.2 scales the patch with the codebook."""
     return 64 if K > 65536 else max(1, K // 1024)
 
 
+def modulate(x, shift, scale):
+    # DiT's adaLN: a LayerNorm output shifted and scaled by the condition
+    return x * (1 + scale) + shift
+
+
 class BridgeBlock(nn.Module):
-    """DiT block (adaLN-Zero). In the bridge the condition is one learned vector, so the modulation is a learned
-    shift/scale/gate per block whose gates start at zero: the block starts as the identity, as in the release."""
+    """DiT block (adaLN-Zero). In the bridge the condition is one learned vector, so the modulation is a
+    learned shift/scale/gate per block whose gates start at zero: the block starts as the identity, as in the
+    release."""
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
@@ -218,25 +227,25 @@ class BridgeBlock(nn.Module):
         # x (T, dim) group tokens, c (dim,) SiLU of the learned condition vector
         T, dim = x.shape
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.modulation(c).chunk(6)
-        h = self.norm1(x) * (1 + scale_attn) + shift_attn
+        h = modulate(self.norm1(x), shift_attn, scale_attn)
         q, k, v = self.qkv(h).reshape(T, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)  # 3 x (heads, T, hd)
         h = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(T, dim)
         x = x + gate_attn * self.proj(h)
-        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
         x = x + gate_mlp * self.fc2(F.gelu(self.fc1(h), approximate='tanh'))
         return x
 
 
 class VQBridge(nn.Module):
-    """Maps the raw codebook (K, D) to the codebook used for quantization (K, D): groups of group_size consecutive
-    codes -> linear to dim (eq. 8) -> depth adaLN-Zero ViT blocks (eq. 9) -> LayerNorm + linear back to
-    group_size*D (eq. 10) -> reshape (eq. 11).
-    As released (yfChang-cv/FVQ qbridge.py, the code behind Table 3): the codebook is a sqrt(K) x sqrt(K) image of
-    D channels cut into p x p patches (p*p = group_size); our 1D groups of p*p consecutive codes are those patches up
-    to a fixed permutation of code indices, so group t gets the 2D sin-cos embedding of patch t's grid position.
-    The release's patch embedding has no LayerNorm; eq. 8 as printed has one (compress_norm=True).
-    The blocks are DiT's, conditioned on one learned vector; the final layer is zero-initialised, so every mapped
-    code starts at 0 and the codes separate as the expand layer learns."""
+    """Maps the raw codebook (K, D) to the codebook used for quantization (K, D): groups of group_size
+    consecutive codes -> linear to dim (eq. 8) -> depth adaLN-Zero ViT blocks (eq. 9) -> LayerNorm + linear
+    back to group_size*D (eq. 10) -> reshape (eq. 11). As released (yfChang-cv/FVQ qbridge.py, the code behind
+    Table 3): the codebook is a sqrt(K) x sqrt(K) image of D channels cut into p x p patches (p*p =
+    group_size); our 1D groups of p*p consecutive codes are those patches up to a fixed permutation of code
+    indices, so group t gets the 2D sin-cos embedding of patch t's grid position. The release's patch
+    embedding has no LayerNorm; eq. 8 as printed has one (compress_norm=True). The blocks are DiT's,
+    conditioned on one learned vector; the final layer is zero-initialised, so every mapped code starts at 0
+    and the codes separate as the expand layer learns."""
 
     def __init__(self, K, D, group_size, dim=256, depth=2, heads=4, mlp_ratio=2.0, compress_norm=False,
                  zero_init=True):
@@ -269,8 +278,9 @@ class VQBridge(nn.Module):
 
     @torch.no_grad()
     def live_slots(self):
-        # slot s of every group is row block s of the expand layer; a block still at its zero init maps every group's
-        # slot-s code to 0, and it gets a gradient only once some token picks such a zero code: usage <= live / g
+        # slot s of every group is row block s of the expand layer; a block still at its zero init maps every
+        # group's slot-s code to 0, and it gets a gradient only once some token picks such a zero code: usage
+        # <= live / g
         return (self.expand.weight.reshape(self.group_size, -1).abs().amax(1) > 0).sum()
 
     def forward(self, codes):
@@ -281,7 +291,7 @@ class VQBridge(nn.Module):
         for block in self.blocks:
             x = block(x, c)
         shift, scale = self.final_modulation(c).chunk(2)
-        x = self.expand(self.final_norm(x) * (1 + scale) + shift)  # (T, g*D)
+        x = self.expand(modulate(self.final_norm(x), shift, scale))  # (T, g*D)
         return x.reshape(self.K, self.D)
 
 
@@ -290,12 +300,13 @@ class VQBridge(nn.Module):
 
 class VectorQuantizer(nn.Module):
     """Nearest-code VQ with a straight-through estimator; loss = |z_q - sg z|^2 + beta |sg z_q - z|^2 (means).
-    The raw codebook starts uniform(-1/K, 1/K) and, with l2_norm, is l2-normalised once at init (LlamaGen, FVQ).
-    Without a projector (plain VQ, LlamaGen) l2_norm also normalises z and the codes in every forward.
-    With projector != '' (FVQ) the codes used are projector(raw codebook), computed once per forward, and are never
-    normalised (the release's --codebook-l2-norm is init-time only, and its scripts leave it off); the raw codebook
-    then gets gradients only through the projector. projector: 'vqbridge' (FVQ), 'linear' (SimVQ's single D -> D
-    layer) or 'mlp5' (5 linear layers with ReLU), the baselines of FVQ Tables 5 and 10."""
+    The raw codebook starts uniform(-1/K, 1/K) and, with l2_norm, is l2-normalised once at init (LlamaGen,
+    FVQ). Without a projector (plain VQ, LlamaGen) l2_norm also normalises z and the codes in every forward.
+    With projector != '' (FVQ) the codes used are projector(raw codebook), computed once per forward, and are
+    never normalised (the release's --codebook-l2-norm is init-time only, and its scripts leave it off); the
+    raw codebook then gets gradients only through the projector. projector: 'vqbridge' (FVQ), 'linear'
+    (SimVQ's single D -> D layer) or 'mlp5' (5 linear layers with ReLU), the baselines of FVQ Tables 5 and
+    10."""
 
     def __init__(self, codebook_size, dim, *, beta=0.25, l2_norm=False, projector='', chunk_size=1024,
                  usage_window=0, usage_tokens=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5,
@@ -356,9 +367,9 @@ class VectorQuantizer(nn.Module):
 
 
 def fvq_to_vq_checkpoint(ckpt):
-    """FVQ tokenizer checkpoint -> plain-VQ tokenizer checkpoint whose codebook is the mapped codebook, so the bridge
-    is not needed at inference. Optimiser entries are dropped (they refer to the bridge's parameters); the EMA
-    weights, when present, are exported the same way."""
+    """FVQ tokenizer checkpoint -> plain-VQ tokenizer checkpoint whose codebook is the mapped codebook, so the
+    bridge is not needed at inference. Optimiser entries are dropped (they refer to the bridge's parameters);
+    the EMA weights, when present, are exported the same way."""
     args = ckpt['model_args']
     if args.get('quantizer') != 'fvq':
         raise ValueError(f"fvq_to_vq_checkpoint needs an FVQ checkpoint, got quantizer={args.get('quantizer')!r}")
@@ -391,10 +402,10 @@ def fvq_to_vq_checkpoint(ckpt):
 # IBQ (IBQ paper section 3.2), chunked over tokens in forward and backward
 
 class _IBQChunked(torch.autograd.Function):
-    """z_q = (onehot - sg(p) + p) C with p = softmax(z C^T) over the allowed codes, plus the MAGVIT-v2 entropy terms
-    of softmax(z C^T / temperature). The forward keeps only the (N,) indices and the (K,) batch-averaged
-    distribution; the backward recomputes each chunk's logits, so at most a few (chunk_size, K) matrices exist.
-    Returns z_q (N, D), sample entropy, batch (average) entropy, indices (N,)."""
+    """z_q = (onehot - sg(p) + p) C with p = softmax(z C^T) over the allowed codes, plus the MAGVIT-v2 entropy
+    terms of softmax(z C^T / temperature). The forward keeps only the (N,) indices and the (K,) batch-averaged
+    distribution; the backward recomputes each chunk's logits, so at most a few (chunk_size, K) matrices
+    exist. Returns z_q (N, D), sample entropy, batch (average) entropy, indices (N,)."""
 
     @staticmethod
     def forward(ctx, z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy):
@@ -440,7 +451,8 @@ class _IBQChunked(torch.autograd.Function):
                 if too_big is not None:
                     logits.masked_fill_(too_big, float('-inf'))
                 if ctx.with_entropy:
-                    # dH/dx_k = -p_k (log p_k + H); d(sum_k a_k p_k)/dx_k = p_k (a_k - sum_j p_j a_j); x = logits / T
+                    # dH/dx_k = -p_k (log p_k + H); d(sum_k a_k p_k)/dx_k = p_k (a_k - sum_j p_j a_j); x =
+                    # logits / T
                     probs_t, log_probs_t = _tempered_softmax(logits, T, too_big)
                     entropy = -torch.linalg.vecdot(probs_t, log_probs_t)[:, None]  # (n, 1)
                     grad_logits = log_probs_t.add_(entropy).mul_(probs_t).mul_(-grad_sample_entropy / (N * T))
@@ -536,13 +548,13 @@ class IndexBackpropQuantizer(nn.Module):
 
 def ibq_reference(z, codebook, beta=0.25, ibq_beta_term='codebook', entropy_weight=0.05, temperature=0.01,
                   codebook_sizes=None):
-    """IBQ written as the paper writes it, with whole (N, K) matrices: the formula IndexBackpropQuantizer computes in
-    chunks (tests check both give the same values and gradients). z (N, D), codebook (K, D), codebook_sizes (N,) or
-    None. -> z_q (N, D), loss, indices (N,)"""
+    """IBQ written as the paper writes it, with whole (N, K) matrices: the formula IndexBackpropQuantizer
+    computes in chunks (tests check both give the same values and gradients). z (N, D), codebook (K, D),
+    codebook_sizes (N,) or None. -> z_q (N, D), loss, indices (N,)"""
     K = codebook.shape[0]
     logits = z @ codebook.t()  # (N, K), eq. 3
     masked = None if codebook_sizes is None else torch.arange(K, device=z.device)[None, :] >= codebook_sizes[:, None]
-    if masked is not None:  # VCQ: token n may only use the first K_n codes
+    if masked is not None:  # VCQ section 3: token n may only use the first K_n codes
         logits = logits.masked_fill(masked, float('-inf'))
     soft = logits.softmax(1)  # eq. 4
     indices = logits.argmax(1)
@@ -566,7 +578,8 @@ def ibq_reference(z, codebook, beta=0.25, ibq_beta_term='codebook', entropy_weig
 # -----------------------------------------------------------------------------
 # options, and the one constructor every script uses
 
-# every make_quantizer option: the kinds it applies to (the projector and VCQ options apply conditionally, below)
+# every make_quantizer option: the kinds it applies to (the projector and VCQ options apply conditionally,
+# below)
 QUANTIZER_OPTIONS = {
     'beta': ('vq', 'fvq', 'ibq'), 'l2_norm': ('vq', 'fvq', 'ibq'), 'chunk_size': ('vq', 'fvq', 'ibq'),
     'usage_window': ('vq', 'fvq', 'ibq'), 'usage_tokens': ('vq', 'fvq', 'ibq'),
@@ -595,9 +608,9 @@ def quantizer_options(kind, projector='vqbridge', vcq_schedule=''):
 
 
 def options_from_config(kind, config, defaults):
-    """make_quantizer options from a script's flat config dict (keys named like the options): those that take effect
-    for `kind`. A key that would have no effect but differs from the script's default is an error naming it (it
-    would be silently ignored otherwise, e.g. vcq_k_min without a vcq_schedule)."""
+    """make_quantizer options from a script's flat config dict (keys named like the options): those that take
+    effect for `kind`. A key that would have no effect but differs from the script's default is an error
+    naming it (it would be silently ignored otherwise, e.g. vcq_k_min without a vcq_schedule)."""
     applicable = quantizer_options(kind, config.get('projector', 'vqbridge'), config.get('vcq_schedule', ''))
     ignored = [k for k in QUANTIZER_OPTIONS if k in config and k not in applicable and config[k] != defaults[k]]
     if ignored:
@@ -608,9 +621,9 @@ def options_from_config(kind, config, defaults):
 
 
 def make_quantizer(kind, codebook_size, dim, **options):
-    """kind 'vq' (LlamaGen: l2-normalised codes by default), 'fvq' (VQBridge-mapped codebook; options projector=
-    'linear' | 'mlp5' give the FVQ Table 5 baselines) or 'ibq'. options: any of quantizer_options(kind, ...);
-    one that would have no effect for this kind is an error naming it."""
+    """kind 'vq' (LlamaGen: l2-normalised codes by default), 'fvq' (VQBridge-mapped codebook; options
+    projector= 'linear' | 'mlp5' give the FVQ Table 5 baselines) or 'ibq'. options: any of
+    quantizer_options(kind, ...); one that would have no effect for this kind is an error naming it."""
     if not (isinstance(codebook_size, int) and codebook_size >= 2 and isinstance(dim, int) and dim >= 1):
         raise ValueError(f"codebook_size must be an int >= 2 and dim an int >= 1, got {codebook_size!r}, {dim!r}")
     valid = quantizer_options(kind, options.get('projector', 'vqbridge'), options.get('vcq_schedule', ''))

@@ -186,8 +186,9 @@ class Tokenizer(nn.Module):
 
 
 def load_tokenizer(path, map_location='cpu', ema=True):
-    """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py: its EMA weights when the run kept
-    them (ema_decay > 0; what IBQ's release evaluates and extracts codes with) unless ema=False, else its weights."""
+    """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py: its EMA weights when the run
+    kept them (ema_decay > 0; what IBQ's release evaluates and extracts codes with) unless ema=False, else its
+    weights."""
     ckpt = load_checkpoint(path, 'tokenizer', map_location)
     model = Tokenizer(**ckpt['model_args'])
     model.load_state_dict(tokenizer_weights(ckpt, ema))
@@ -235,8 +236,8 @@ def disc_loss_fn(kind, logits_real, logits_fake):
 
 def gen_loss_fn(kind, logits_fake):
     """The generator's adversarial loss on D's patch logits (B, 1, h, w): 'hinge' -mean(l) (LlamaGen, FVQ);
-    'non_saturating' mean softplus(-l) over patches; 'non_saturating_per_image' softplus(-mean_patches(l)) averaged
-    over images (TencentARC/SEED-Voken, IBQ's release: BCE of each image's mean logit)."""
+    'non_saturating' mean softplus(-l) over patches; 'non_saturating_per_image' softplus(-mean_patches(l))
+    averaged over images (TencentARC/SEED-Voken, IBQ's release: BCE of each image's mean logit)."""
     if kind == 'hinge':
         return -logits_fake.mean()
     if kind == 'non_saturating':
@@ -259,9 +260,9 @@ def adaptive_gan_weight(rec_loss, gen_loss, last_layer):
 
 
 def diff_augment(x):
-    """DiffAugment (Zhao et al. 2020; policy color, translation, cutout) on images in [-1, 1]: the same random,
-    differentiable transform family for D's real and fake inputs, so D cannot overfit the training images. Our
-    reading of VCQ Appendix A's "adversarial augmentation"."""
+    """DiffAugment (Zhao et al. 2020; policy color, translation, cutout) on images in [-1, 1]: the same
+    random, differentiable transform family for D's real and fake inputs, so D cannot overfit the training
+    images. Our reading of VCQ Appendix A's "adversarial augmentation"."""
     B, _, H, W = x.shape
     rand = lambda *shape: torch.rand(B, *shape, device=x.device, dtype=x.dtype)  # noqa: E731
     x = x + (rand(1, 1, 1) - 0.5)  # brightness
@@ -314,7 +315,8 @@ def center_crop_arr(pil_image, image_size):
 
 
 def random_crop_arr(pil_image, image_size, rng, min_crop_frac=0.8):
-    """ADM/LlamaGen's random crop: short side resized to a random size in [S, S/min_crop_frac], random crop."""
+    """ADM/LlamaGen's random crop: short side resized to a random size in [S, S/min_crop_frac], random
+    crop."""
     short = rng.integers(image_size, math.ceil(image_size / min_crop_frac) + 1)
     while min(*pil_image.size) >= 2 * short:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
@@ -426,8 +428,8 @@ class ProceduralImages(torch.utils.data.Dataset):
 
 
 def make_dataset(data_dir, image_size, train, num_images=0, augment=None):
-    """data_dir '' is the built-in procedural dataset: train picks its training or held-out split, num_images its
-    size (0 = default). augment (default: = train) is the random crop + flip; without it, images are
+    """data_dir '' is the built-in procedural dataset: train picks its training or held-out split, num_images
+    its size (0 = default). augment (default: = train) is the random crop + flip; without it, images are
     deterministic (resize + center crop)."""
     augment = train if augment is None else augment
     if data_dir == '':
@@ -479,36 +481,11 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 
 
 # -----------------------------------------------------------------------------
-# shared by the training scripts: learning-rate schedule, atomic writes, image grids
-
-def lr_multiplier(it, max_iters, schedule, warmup_frac, constant_frac, warmup_start=0.005, final_ratio=0.01,
-                  milestones=(), step_factor=0.1):
-    """FVQ's "learning annealing" (Table 6): warmup from warmup_start to 1 over warmup_frac of training,
-    constant for constant_frac, then linear decay to final_ratio. 'cosine' decays to final_ratio after the
-    same warmup; 'step' multiplies by step_factor at each milestone (fractions of max_iters: IBQ's multi-step
-    decay); 'constant' is the baselines' flat schedule."""
-    if schedule not in ('annealing', 'cosine', 'step', 'constant'):
-        raise ValueError(f"unknown lr_schedule '{schedule}' (expected 'annealing', 'cosine', 'step' or 'constant')")
-    if schedule == 'constant':
-        return 1.0
-    warmup_iters = warmup_frac * max_iters
-    if it < warmup_iters:
-        return warmup_start + (1.0 - warmup_start) * it / warmup_iters
-    if schedule == 'annealing':
-        decay_start = (warmup_frac + constant_frac) * max_iters
-        if it < decay_start:
-            return 1.0
-        progress = min(1.0, (it - decay_start) / max(1.0, max_iters - decay_start))
-        return 1.0 + (final_ratio - 1.0) * progress
-    if schedule == 'step':
-        return step_factor ** sum(it >= m * max_iters for m in milestones)
-    progress = min(1.0, (it - warmup_iters) / max(1.0, max_iters - warmup_iters))
-    return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
-
+# shared by the training scripts: devices, RNG streams, atomic checkpoints, the JSON-lines log, image grids
 
 def setup_device(device):
-    """Resolves device 'auto' and, under torchrun, joins the process group (nccl on GPU, gloo on CPU) with one GPU
-    per local rank. TF32 for CUDA matmuls and convolutions. -> (device, rank, local_rank, world_size)"""
+    """Resolves device 'auto' and, under torchrun, joins the process group (nccl on GPU, gloo on CPU) with one
+    GPU per local rank. TF32 for CUDA matmuls and convolutions. -> (device, rank, local_rank, world_size)"""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     rank, local_rank, world_size = 0, 0, 1
@@ -527,8 +504,8 @@ def setup_device(device):
 
 
 def gather_rng_states(device_type, ddp, world_size):
-    """Every rank's RNG states (torch, cuda, numpy, python), gathered for the checkpoint: a resume continues each
-    rank's streams exactly."""
+    """Every rank's RNG states (torch, cuda, numpy, python), gathered for the checkpoint: a resume continues
+    each rank's streams exactly."""
     states = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
               'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
     if not ddp:
@@ -562,8 +539,8 @@ def autocast_context(device, dtype):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, then rename: a run killed mid-write never leaves a truncated checkpoint, and a
-    write that fails (a full disk) removes its temp file and leaves the previous checkpoint as it was."""
+    """torch.save to a temp file, then rename: a run killed mid-write never leaves a truncated checkpoint, and
+    a write that fails (a full disk) removes its temp file and leaves the previous checkpoint as it was."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.tmp'
     try:
@@ -582,8 +559,8 @@ CHECKPOINT_KINDS = {'tokenizer': 'written by train_tokenizer.py', 'gpt': 'writte
 
 
 def load_checkpoint(path, kind, map_location='cpu', mmap=False):
-    """torch.load of a nanoVQ checkpoint with the errors a user can act on: a missing file, a damaged one (truncated,
-    not a checkpoint) and one of the other kind ('tokenizer' vs 'gpt'), each naming the file."""
+    """torch.load of a nanoVQ checkpoint with the errors a user can act on: a missing file, a damaged one
+    (truncated, not a checkpoint) and one of the other kind ('tokenizer' vs 'gpt'), each naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{kind} checkpoint '{path}' does not exist")
     try:
@@ -600,7 +577,8 @@ def load_checkpoint(path, kind, map_location='cpu', mmap=False):
 
 
 def state_fingerprint(state_dict):
-    """sha256 (hex, 16 characters) of a state_dict's names, shapes, dtypes and values: identifies the weights."""
+    """sha256 (hex, 16 characters) of a state_dict's names, shapes, dtypes and values: identifies the
+    weights."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
@@ -609,8 +587,9 @@ def state_fingerprint(state_dict):
     return h.hexdigest()[:16]
 
 
-# config keys that may differ between a run and the checkpoint it resumes: they change how the run is watched or
-# where it runs, not the experiment. Anything else needs --resume_allow=key1,key2 (the rare intended change).
+# config keys that may differ between a run and the checkpoint it resumes: they change how the run is watched
+# or where it runs, not the experiment. Anything else needs --resume_allow=key1,key2 (the rare intended
+# change).
 RESUME_FREE_KEYS = ('init_from', 'overwrite', 'resume_allow', 'eval_interval', 'log_interval', 'ckpt_interval',
                     'num_workers', 'extract_batch_size', 'device', 'compile')
 
@@ -623,7 +602,8 @@ def check_out_dir(ckpt_path, init_from, overwrite):
 
 
 def check_resume_config(ckpt_path, ckpt_config, config, resume_allow):
-    """Resuming with a config that changes the experiment (data, sizes, schedule, ...) is an error listing the keys."""
+    """Resuming with a config that changes the experiment (data, sizes, schedule, ...) is an error listing the
+    keys."""
     allowed = set(RESUME_FREE_KEYS) | {k.strip() for k in resume_allow.split(',') if k.strip()}
     differing = sorted(k for k in set(config) | set(ckpt_config)
                        if k not in allowed and config.get(k, '<unset>') != ckpt_config.get(k, '<unset>'))
@@ -659,7 +639,8 @@ def truncate_log(path, iter_num):
 
 
 def append_log(path, record):
-    """One JSON line per log interval or evaluation (out_dir/log.jsonl; evaluate.py --mode=curves plots them)."""
+    """One JSON line per log interval or evaluation (out_dir/log.jsonl; evaluate.py --mode=curves plots
+    them)."""
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 

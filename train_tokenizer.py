@@ -1,12 +1,11 @@
 """
 Trains a VQ image tokenizer (VQGAN + VQ / IBQ / FVQ / VCQ quantizer) with reconstruction, LPIPS, quantizer,
-GAN and LeCAM losses. One GPU or CPU:
-    python train_tokenizer.py config/smoke.py
-DDP on one node (global batch split across ranks):
-    torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/fvq_262k.py
-Writes out_dir/ckpt.pt, out_dir/log.jsonl (one JSON line per log interval and evaluation) and reconstruction grids.
+GAN and LeCAM losses. One GPU or CPU: python train_tokenizer.py config/smoke.py DDP on one node (global batch
+split across ranks): torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/fvq_262k.py Writes
+out_dir/ckpt.pt, out_dir/log.jsonl (one JSON line per log interval and evaluation) and reconstruction grids.
 """
 import copy
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -18,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from quantizers import options_from_config, bridge_group_size_for
 from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, lecam_loss,
                        adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate, ShardedBatchSampler,
-                       lr_multiplier, setup_device, autocast_context, atomic_save, save_image_grid, truncate_log,
+                       setup_device, autocast_context, atomic_save, save_image_grid, truncate_log,
                        append_log, load_checkpoint, check_out_dir, check_resume_config, gather_rng_states,
                        restore_rng_states)
 
@@ -48,8 +47,9 @@ dropout = 0.0
 quantizer = 'vq'  # 'vq', 'ibq' or 'fvq'
 codebook_size = 16384
 code_dim = 8
-# quantizer options (quantizers.make_quantizer's): each takes effect for some quantizers only, and changing one that
-# has no effect for `quantizer` is an error. All resolved values are recorded in the checkpoint's model_args.
+# quantizer options (quantizers.make_quantizer's): each takes effect for some quantizers only, and changing
+# one that has no effect for `quantizer` is an error. All resolved values are recorded in the checkpoint's
+# model_args.
 beta = 0.25  # commitment weight
 l2_norm = True  # vq: l2-normalised codes and z (LlamaGen); fvq: the raw codes normalised once at init (the
 #                 release's flag; its scripts leave it off); ibq: cosine logits (off in the release)
@@ -98,9 +98,9 @@ base_batch_size = 128
 beta1 = 0.9
 beta2 = 0.95
 weight_decay = 0.0
-lr_schedule = 'constant'  # 'annealing' (FVQ), 'cosine', 'step' (IBQ) or 'constant'
-warmup_frac = 0.0
-constant_frac = 0.0  # 'annealing': the constant part after warmup, then linear decay to 0.01x
+lr_schedule = 'constant'  # 'annealing' (FVQ), 'cosine', 'step' (IBQ) or 'constant'; see get_lr
+warmup_frac = 0.0  # fraction of max_iters: linear warmup from 0.005x (FVQ Table 6 "warmup(0.1)")
+constant_frac = 0.0  # 'annealing': fraction of the post-warmup steps at the peak lr (Table 6 "baselr(0.3)")
 lr_milestones = ()  # 'step': fractions of max_iters at which the lr is multiplied by lr_step_factor
 lr_step_factor = 0.1
 grad_clip = 1.0  # 0 = off
@@ -131,10 +131,13 @@ device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 autocast = autocast_context(device, dtype)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
+if lr_schedule not in ('annealing', 'cosine', 'step', 'constant'):
+    raise ValueError(f"unknown lr_schedule '{lr_schedule}' (expected 'annealing', 'cosine', 'step' or 'constant')")
 check_out_dir(ckpt_path, init_from, overwrite)
 torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
 
-# the quantizer options that take effect for this quantizer; automatic values resolved, so checkpoints record them
+# the quantizer options that take effect for this quantizer; automatic values resolved, so checkpoints record
+# them
 quantizer_args = options_from_config(quantizer, config, default_config)
 if quantizer_args.get('vcq_seq_len') == 0:
     quantizer_args['vcq_seq_len'] = (image_size // downsample) ** 2
@@ -310,6 +313,27 @@ def discriminator_step(pairs):
     set_requires_grad(raw_disc, False)
     return total
 
+
+
+def get_lr(it):
+    """The learning rate of iteration it. 'annealing' is FVQ's learning annealing (Table 6): warmup(0.1) from
+    0.005x to 1x, baselr(0.3) of the remaining steps at 1x, then linear decay to 0.01x at max_iters. 'cosine'
+    decays from 1x to 0.01x after the same warmup; 'step' multiplies by lr_step_factor at each milestone (fractions
+    of max_iters: IBQ's multi-step decay); 'constant' is the baselines' flat rate."""
+    warmup_iters = warmup_frac * max_iters
+    if lr_schedule == 'constant':
+        return lr
+    if it < warmup_iters:
+        return lr * (0.005 + 0.995 * it / warmup_iters)
+    if lr_schedule == 'step':
+        return lr * lr_step_factor ** sum(it >= m * max_iters for m in lr_milestones)
+    if lr_schedule == 'annealing':
+        decay_start = warmup_iters + constant_frac * (max_iters - warmup_iters)
+        progress = max(0.0, it - decay_start) / max(1.0, max_iters - decay_start)
+        return lr * (1.0 - 0.99 * min(1.0, progress))
+    progress = min(1.0, (it - warmup_iters) / max(1.0, max_iters - warmup_iters))
+    return lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine
+
 # -----------------------------------------------------------------------------
 # training loop
 
@@ -331,8 +355,7 @@ while True:
     if iter_num >= max_iters:
         break
 
-    step_lr = lr * lr_multiplier(iter_num, max_iters, lr_schedule, warmup_frac, constant_frac,
-                                 milestones=lr_milestones, step_factor=lr_step_factor)
+    step_lr = get_lr(iter_num)
     for opt in (gen_optimizer, disc_optimizer):
         if opt is not None:
             for group in opt.param_groups:
@@ -348,9 +371,10 @@ while True:
         micro_batches.append(images.to(device, non_blocking=True))
     stats = {}
     if gan_active and disc_first:
-        # IBQ's release steps D first, on this iteration's reconstructions, and G's GAN loss then sees the updated
-        # D. They are recomputed without a graph here (one extra forward) so that DDP and gradient accumulation
-        # keep their one forward-backward per micro-step; eval mode: the same weights, no usage recorded.
+        # IBQ's release steps D first, on this iteration's reconstructions, and G's GAN loss then sees the
+        # updated D. They are recomputed without a graph here (one extra forward) so that DDP and gradient
+        # accumulation keep their one forward-backward per micro-step; eval mode: the same weights, no usage
+        # recorded.
         raw_model.eval()
         with torch.no_grad(), autocast:
             pairs = [(images, raw_model(images)[0]) for images in micro_batches]

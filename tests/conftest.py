@@ -6,11 +6,27 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# the 1,000 real ImageNet images this repository's own runs use; a fork without them skips the tests that read
+# them
+IMAGENET_SAMPLES = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'imagenet_1k_samples')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: runs a training, sampling or evaluation script in a subprocess; '
+                                       '`python -m pytest -q -m "not slow"` skips them for a quick edit-test loop')
+
+
+@pytest.fixture
+def imagenet_samples():
+    if not os.path.isdir(IMAGENET_SAMPLES):
+        pytest.skip(f"needs the ImageNet sample folder {IMAGENET_SAMPLES} (not part of the repository)")
+    return IMAGENET_SAMPLES
 
 
 @pytest.fixture(scope='module')
 def one_torch_thread():
-    """For modules of tiny models: one intra-op thread is faster than two fighting over CI's 2 cores. Restored after."""
+    """For modules of tiny models: one intra-op thread is faster than two fighting over CI's 2 cores. Restored
+    after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

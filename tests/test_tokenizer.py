@@ -7,9 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
 from tokenizer import (Tokenizer, PatchDiscriminator, load_tokenizer, disc_loss_fn, gen_loss_fn, lecam_loss,
-                       adaptive_gan_weight, make_lpips, make_dataset, collate, ShardedBatchSampler, lr_multiplier,
+                       adaptive_gan_weight, make_lpips, make_dataset, collate, ShardedBatchSampler,
                        atomic_save, save_image_grid)
 
 TINY = dict(ch=32, num_res_blocks=1, z_channels=32, codebook_size=64, code_dim=8)
@@ -148,22 +147,6 @@ def test_lpips_random_backbone_builds_offline():
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_lr_annealing_matches_fvq_table6():
-    f = lambda it, kind='annealing': lr_multiplier(it, 1000, kind, warmup_frac=0.1, constant_frac=0.3)
-    assert f(0) == pytest.approx(0.005)  # warmup from 0.005x
-    assert f(50) == pytest.approx(0.005 + 0.995 * 0.5)
-    assert f(100) == pytest.approx(1.0) and f(399) == pytest.approx(1.0)  # constant 30%
-    assert f(400) == pytest.approx(1.0) and f(700) == pytest.approx(1 - 0.99 * 0.5)  # linear decay 60%
-    assert f(1000) == pytest.approx(0.01)
-    assert f(100, 'cosine') == pytest.approx(1.0) and f(1000, 'cosine') == pytest.approx(0.01)
-    assert f(550, 'cosine') == pytest.approx(0.505)
-    assert f(123, 'constant') == 1.0
-    step = lambda it: lr_multiplier(it, 330, 'step', 0.0, 0.0, milestones=(250 / 330, 300 / 330))
-    assert step(249) == 1.0 and step(250) == pytest.approx(0.1) and step(300) == pytest.approx(0.01)
-    with pytest.raises(ValueError, match="unknown lr_schedule 'exponential'"):
-        f(1, 'exponential')
-
-
 def test_procedural_dataset_is_deterministic_and_labelled():
     train, held_out = make_dataset('', 32, train=True), make_dataset('', 32, train=False)
     assert len(train) == 10000 and len(held_out) == 500 and train.num_classes == 10
@@ -210,9 +193,8 @@ def test_image_folder_reads_crops_and_skips_corrupt_images(tmp_path):
         make_dataset(str(tmp_path / 'empty'), 32, train=True)
 
 
-def test_real_imagenet_sample_center_crop():
-    root = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'imagenet_1k_samples')
-    ds = make_dataset(root, 64, train=False)
+def test_real_imagenet_sample_center_crop(imagenet_samples):
+    ds = make_dataset(imagenet_samples, 64, train=False)
     assert ds.num_classes == 1000
     image, label = ds[0]
     assert image.shape == (3, 64, 64) and label == 0 and image.std() > 0.05

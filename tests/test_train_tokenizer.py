@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import signal
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, make_image_folder
+
+pytestmark = pytest.mark.slow  # every test here runs train_tokenizer.py in a subprocess
 
 # a tiny tokenizer on 32x32 built-in images; LPIPS off, GAN from iter 2 so the discriminator path is covered
 TINY = ['--image_size=32', '--ch=32', '--ch_mult=(1,2)', '--num_res_blocks=1', '--z_channels=32',
@@ -89,8 +92,35 @@ def test_kill_and_resume_equals_uninterrupted(gan, tmp_path):
         log_full[1])
 
 
+@pytest.mark.parametrize('schedule,extra,expected', [
+    # FVQ Table 6 over 10 steps: warmup(0.2) from 0.005x, baselr(0.25) of the 8 remaining steps, linear decay
+    # to 0.01x
+    ('annealing', ['--warmup_frac=0.2', '--constant_frac=0.25'],
+     [0.005, 0.5025, 1, 1, 1, 1 - 0.99 / 6, 1 - 0.99 * 2 / 6, 1 - 0.99 * 3 / 6, 1 - 0.99 * 4 / 6, 1 - 0.99 * 5 / 6]),
+    ('cosine', ['--warmup_frac=0.2'],
+     [0.005, 0.5025] + [0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (it - 2) / 8)) for it in range(2, 10)]),
+    ('step', ['--lr_milestones=(0.5,0.8)'], [1] * 5 + [0.1] * 3 + [0.01] * 2),  # IBQ's multi-step decay
+    ('constant', [], [1] * 10),
+])
+def test_get_lr_schedules(schedule, extra, expected, tmp_path):
+    """The lr each iteration trained with (log.jsonl's iter k holds the lr of step k - 1), as a multiple of
+    the batch-scaled learning rate."""
+    run(train_cmd(tmp_path, '--max_iters=10', '--batch_size=2', '--disc_weight=0.0', '--eval_interval=100',
+                  f'--lr_schedule={schedule}', *extra))
+    lrs = [r['lr'] for r in read_log(tmp_path) if r['split'] == 'train']
+    peak = 1e-3 * 2 / 8  # learning_rate x batch_size / base_batch_size
+    assert lrs == pytest.approx([peak * m for m in expected], rel=1e-9)
+
+
+def test_unknown_lr_schedule_is_an_error(tmp_path):
+    result = run(train_cmd(tmp_path / 'out', '--lr_schedule=exponential'), check=False)
+    assert result.returncode != 0 and "unknown lr_schedule 'exponential'" in result.stderr
+    assert not os.path.exists(tmp_path / 'out')
+
+
 def test_weight_ema_update_and_loading(tmp_path):
-    """ema_decay d: after one step EMA = d * init + (1 - d) * weights; load_tokenizer returns the EMA weights."""
+    """ema_decay d: after one step EMA = d * init + (1 - d) * weights; load_tokenizer returns the EMA
+    weights."""
     run(train_cmd(tmp_path, '--max_iters=1', '--batch_size=2', '--disc_weight=0.0', '--ema_decay=0.9'))
     ckpt = params(tmp_path)
     torch.manual_seed(1337)  # the script's seed: this is the untrained model
@@ -123,7 +153,8 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
 def test_ddp_two_processes_equal_one_process(tmp_path):
     """2 gloo ranks x 4 images == 1 process x 8 images == 1 process x 2 micro-steps of 4 (no GAN: its
     BatchNorm statistics are per rank by design). ch=64 so that no GroupNorm group holds a single channel: a
-    conv bias in front of such a group has an exactly-zero gradient, which Adam turns into +-lr steps of noise."""
+    conv bias in front of such a group has an exactly-zero gradient, which Adam turns into +-lr steps of
+    noise."""
     args = ['--max_iters=3', '--eval_interval=100', '--batch_size=8', '--disc_weight=0.0', '--ch=64']
     run(train_cmd(tmp_path / 'single', *args))
     run(train_cmd(tmp_path / 'accum', *args, '--gradient_accumulation_steps=2'))
@@ -240,8 +271,8 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize('name', ['study_vq', 'study_ibq', 'study_fvq', 'study_vcq', 'study_cpu_vq',
                                   'study_cpu_ibq', 'study_cpu_fvq', 'study_cpu_vcq'])
 def test_study_configs_run(name, tmp_path):
-    """Each study config as written (quantizer, K, code dim, schedule) for 2 iterations, shrunk in width, batch and
-    image count, on a tiny ImageFolder so that the suite needs no ../shared data."""
+    """Each study config as written (quantizer, K, code dim, schedule) for 2 iterations, shrunk in width,
+    batch and image count, on a tiny ImageFolder so that the suite needs no ../shared data."""
     root = make_image_folder(tmp_path / 'data', per_class=4, size=40)
     result = run([sys.executable, 'train_tokenizer.py', f'config/{name}.py', f'--data_dir={root}', '--device=cpu',
                   '--ch=16', '--z_channels=16', '--image_size=32', '--batch_size=2', '--base_batch_size=2',
@@ -271,3 +302,26 @@ def test_smoke_config_keeps_the_codebook_in_use_and_learns(tmp_path):
     assert evals[300]['usage'] > 0.6 and evals[300]['usage_tokens'] == 32 * 64, evals[300]
     assert 'eval iter 300: psnr' in result.stdout
     assert os.path.exists(tmp_path / 'ckpt.pt') and os.path.exists(tmp_path / 'recon_0000300.png')
+
+
+# -----------------------------------------------------------------------------
+# each quantizer kind through a short CPU training run
+
+@pytest.mark.parametrize('kind,args', [
+    ('vq', ['--l2_norm=True']),
+    ('ibq', ['--entropy_weight=0.05', '--l2_norm=False']),
+    ('fvq', ['--bridge_group_size=16', '--bridge_dim=32', '--l2_norm=False']),
+])
+def test_train_tokenizer_runs_each_kind(kind, args, tmp_path):
+    cmd = [sys.executable, 'train_tokenizer.py', '--device=cpu', '--image_size=16', '--ch=16', '--ch_mult=(1,2)',
+           '--num_res_blocks=1', '--z_channels=16', '--max_iters=2', '--perceptual_weight=0.0', '--batch_size=2',
+           '--base_batch_size=2', '--num_workers=0', '--num_images=8', '--eval_images=2', '--log_interval=1',
+           '--eval_interval=2', '--disc_weight=0.0', f'--quantizer={kind}', '--codebook_size=64', '--code_dim=8',
+           *args, f'--out_dir={tmp_path}']
+    # one thread: the run is tiny, and a second process sharing the cores makes OpenMP threads spin
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    usages = [float(u) for u in re.findall(r'usage ([0-9.]+)%', result.stdout)]
+    assert usages and all(0 < u <= 100 for u in usages), result.stdout[-2000:]
+    assert os.path.isfile(tmp_path / 'ckpt.pt')
