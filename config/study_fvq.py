@@ -1,38 +1,9 @@
-# Reproduction study, GPU scale (README 'Results'): FVQ (VQBridge, the release's settings: l2 off, zero-
-# initialised expand layer): FVQ Table 3 row 6, usage 100%.
-# Targets the effect, not the number: same data, model, steps and optimiser in every study_* config; only
-# the quantizer differs. 128x128 real images, K = 16,384 x 256-d codes (FVQ Table 3 rows 2 and 6); on one
-# H100 about 1.5 minutes alone (~80 ms/iter), 5 minutes with the four arms side by side.
+# Study, GPU scale (README 'Results'): FVQ (VQBridge, the release's settings: l2 off, zero-initialised expand
+# layer): FVQ Table 3 row 6, usage 100%.
+# Targets the effect, not the number: config/study_vq.py's data, model, steps and optimiser; only the
+# quantizer changes.
 # Run: python train_tokenizer.py config/study_fvq.py
+exec(open('config/study_vq.py').read())  # the study's setup; only the quantizer changes
 out_dir = 'out-study-fvq'
-data_dir = '../shared/data/imagenet_1k_samples'  # any ImageFolder root/<class>/*.JPEG, e.g. 'data/imagenet/train'
-eval_images = 100  # held out of data_dir (the same 100 for every arm)
-image_size = 128
-num_workers = 3
-# model: a LlamaGen-layout VQGAN at quarter width, 16x downsampling -> 8x8 tokens
-ch = 64
-ch_mult = (1, 1, 2, 2, 4)
-num_res_blocks = 1
-z_channels = 128
-codebook_size = 16384
-code_dim = 256
-# losses: L2 reconstruction only (LPIPS's VGG weights need a download; no GAN: a reconstruction-only comparison)
-rec_loss = 'l2'
-perceptual_weight = 0.0
-disc_weight = 0.0
-# optimisation: FVQ Table 6's recipe (Adam (0.9, 0.95), warmup 10% from 0.005x, constant 30% of the rest, linear
-# decay to 0.01x, grad clip 1.0), one learning rate for every arm
-batch_size = 64
-base_batch_size = 64
-learning_rate = 2e-4
-lr_schedule = 'annealing'
-warmup_frac = 0.1
-constant_frac = 0.27
-max_iters = 1000
-log_interval = 25
-eval_interval = 500
-dtype = 'bfloat16'
-# the quantizer: the only difference between the arms
-quantizer = 'fvq'
+quantizer = 'fvq'  # the default projector: VQBridge, zero-initialised expand layer
 l2_norm = False
-projector = 'vqbridge'

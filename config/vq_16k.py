@@ -1,32 +1,9 @@
-# LlamaGen VQ-16 baseline: FVQ Table 3 row 1 (VQGAN, 40 epochs, ratio 16, K = 16k, 8-dim codes: rFID 2.19, usage 97%).
-# ImageNet 256x256, batch 128, Adam (0.9, 0.95), lr 1e-4 constant, L2 + LPIPS 1.0 + hinge GAN 0.5 from iter 20k.
+# Targets the LlamaGen VQ-16 baseline: FVQ Table 3 row 1 (VQGAN, 40 epochs, ratio 16, K = 16k, 8-dim codes:
+# rFID 2.19, usage 97%). ImageNet 256x256, batch 128, Adam (0.9, 0.95), lr 1e-4 constant, L2 + LPIPS 1.0 +
+# hinge GAN 0.5 from iter 20k: train_tokenizer.py's defaults, so only the data and logging are set here.
 # Run: torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/vq_16k.py
 out_dir = 'out-vq_16k'
 data_dir = 'data/imagenet/train'  # ImageFolder layout: train/<wnid>/*.JPEG
 eval_data_dir = 'data/imagenet/val'  # the val set in the same layout
-image_size = 256
-ch = 128
-ch_mult = (1, 1, 2, 2, 4)
-num_res_blocks = 2
-z_channels = 256
-quantizer = 'vq'
-codebook_size = 16384
-code_dim = 8
-l2_norm = True
-beta = 0.25
-rec_loss = 'l2'
-perceptual_weight = 1.0
-disc_weight = 0.5
-disc_start = 20000
-disc_loss = 'hinge'
-gen_loss = 'hinge'
-batch_size = 128
-max_iters = 40 * 1281167 // 128  # 40 epochs
-learning_rate = 1e-4
-base_batch_size = 128
-beta1 = 0.9
-beta2 = 0.95
-lr_schedule = 'constant'
-grad_clip = 1.0
 eval_interval = 5000
 log_interval = 100

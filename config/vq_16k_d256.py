@@ -1,22 +1,7 @@
-# The collapsing baseline: FVQ Table 3 row 2 (VQGAN, 40 epochs, ratio 16, K = 16k, 256-dim codes: rFID 9.21, usage 0.29%).
-# Identical to config/vq_16k.py except for the code dimension; the codebook collapses as in LlamaGen's ablation.
+# Targets the collapsing baseline: FVQ Table 3 row 2 (VQGAN, 40 epochs, ratio 16, K = 16k, 256-dim codes: rFID
+# 9.21, usage 0.29%). Identical to config/vq_16k.py except for the code dimension; the codebook collapses as
+# in LlamaGen's ablation.
 # Run: torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/vq_16k_d256.py
+exec(open('config/vq_16k.py').read())  # LlamaGen VQ-16; what differs follows
 out_dir = 'out-vq_16k_d256'
-data_dir = 'data/imagenet/train'
-eval_data_dir = 'data/imagenet/val'
-image_size = 256
-quantizer = 'vq'
-codebook_size = 16384
 code_dim = 256
-l2_norm = True
-beta = 0.25
-perceptual_weight = 1.0
-disc_weight = 0.5
-disc_start = 20000
-batch_size = 128
-max_iters = 40 * 1281167 // 128  # 40 epochs
-learning_rate = 1e-4
-base_batch_size = 128
-lr_schedule = 'constant'
-eval_interval = 5000
-log_interval = 100

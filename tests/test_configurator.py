@@ -72,8 +72,33 @@ def script_defaults(script):
 
 def test_every_shipped_config_only_sets_known_keys(monkeypatch):
     """Each config/*.py applies cleanly (known keys, right types) to the defaults of the script it is for."""
+    monkeypatch.chdir(ROOT)  # a near-copy includes its base by a path relative to the repository root
     for name in sorted(os.listdir(os.path.join(ROOT, 'config'))):
         if not name.endswith('.py'):
             continue
         script = 'train_ar.py' if name.startswith('ar_') else 'train_tokenizer.py'
         run_configurator(monkeypatch, [os.path.join(ROOT, 'config', name)], **script_defaults(script))
+
+
+def test_near_copy_configs_compose(monkeypatch):
+    """A config that includes its base (first code line exec(open('config/<base>.py').read())) resolves the same alone
+    as after its base (train_tokenizer.py config/fvq_16k.py config/fvq_262k.py), and sets its own out_dir."""
+    import re
+    monkeypatch.chdir(ROOT)
+    derived = 0
+    for name in sorted(os.listdir(os.path.join(ROOT, 'config'))):
+        if not name.endswith('.py'):
+            continue
+        path = os.path.join('config', name)
+        base = re.search(r"^exec\(open\('(config/\w+\.py)'\)\.read\(\)\)", open(path).read(), re.M)
+        if not base:
+            continue
+        derived += 1
+        defaults = script_defaults('train_ar.py' if name.startswith('ar_') else 'train_tokenizer.py')
+        resolved = [{k: ns[k] for k in defaults} for ns in (
+            run_configurator(monkeypatch, [path], **defaults),
+            run_configurator(monkeypatch, [base.group(1), path], **defaults),
+            run_configurator(monkeypatch, [base.group(1)], **defaults))]
+        assert resolved[0] == resolved[1], name
+        assert resolved[0]['out_dir'] != resolved[2]['out_dir'], name
+    assert derived > 0
