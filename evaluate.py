@@ -15,6 +15,8 @@ Evaluation, self-contained (torch, numpy, scipy; the lpips package for LPIPS):
 
 Every mode prints a short table and writes out_dir/eval_<mode>.json. Images are compared as uint8 pictures
 (the reconstructions are rounded to uint8 first, as if saved to disk), like the ADM/LlamaGen evaluation code.
+The file reads top-down: config, the metrics, one section per mode, the Inception network (a port to skip),
+and the command line at the very end.
 """
 import os
 import json
@@ -40,7 +42,7 @@ device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 batch_size = 50  # images per Inception / tokenizer forward
 num_workers = 4  # data-loader workers (recon mode)
 # the FID Inception network
-inception_weights = ''  # path to pt_inception-2015-12-05-6726825d.pth; '' = download once into the torch hub cache
+inception_weights = ''  # pt_inception-2015-12-05-6726825d.pth; '' = download once into the torch hub cache
 # gen mode: ADM-format .npz files (arr_0: uint8 N x H x W x 3)
 samples = ''
 ref = ''  # ADM reference batch, or a statistics file this script wrote (the ref cache)
@@ -49,16 +51,16 @@ is_splits = 10
 pr_k = 3  # precision/recall neighbourhood size (Kynkaanniemi et al. 2019; ADM's evaluator uses 3)
 pr_batch_size = 10000  # rows/columns per block of pairwise distances
 # recon mode
-ckpt = ''  # tokenizer checkpoint (recon: the model; entropy: codebook sizes for the bound; probe: code vectors)
-data_dir = 'from_ckpt'  # 'from_ckpt' = the data_dir the tokenizer was trained on; '' = built-in procedural set
+ckpt = ''  # tokenizer checkpoint path (recon: the model; entropy: K for the bound; probe: code vectors)
+data_dir = 'from_ckpt'  # 'from_ckpt' = the tokenizer's training data_dir; '' = the built-in procedural set
 image_size = 0  # 0 = the checkpoint's image_size
 num_images = 50000  # the first num_images images of the dataset (center-cropped, no augmentation)
-split = 'val'  # 'val': data_dir as it is (the built-in set's held-out split); 'train': the built-in set's training
-#               split; 'heldout': the eval_images images that train_tokenizer.py held out of its own data_dir
+split = 'val'  # 'val': data_dir as it is (the built-in set's held-out split); 'train': the built-in set's
+#               training split; 'heldout': the eval_images images train_tokenizer.py held out of its data_dir
 rfid = True  # False: no Inception network (no weights needed): PSNR, SSIM, LPIPS, usage and perplexity only
 lpips = True  # False: no LPIPS (no VGG weights needed)
-lpips_random_backbone = False  # True: random VGG trunk, nothing downloaded (tests / offline); not a real LPIPS
-save_codes = True  # recon mode also writes out_dir/codes.npy (N, h*w) and labels.npy for the entropy/probe modes
+lpips_random_backbone = False  # True: random VGG trunk, nothing downloaded (tests, offline), not real LPIPS
+save_codes = True  # recon also writes out_dir/codes.npy (N, h*w) and labels.npy for the entropy/probe modes
 # entropy mode
 codes = ''  # .npy of integer codes, (N, T) or (N, h, w) (raster order)
 entropy_threshold = 0.1  # bits: the cliff is where H_t first drops below this
@@ -76,15 +78,803 @@ logs = ''  # comma-separated run folders (train_tokenizer.py / train_ar.py out_d
 entropy_dirs = ''  # comma-separated out_dirs of entropy-mode runs (eval_entropy.json), on one figure
 names = ''  # comma-separated legend names (default: the folder names), logs first, then entropy
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
 
-# -----------------------------------------------------------------------------
-# The FID Inception-v3 (pytorch-fid): torchvision's Inception-v3 layout and parameter names, 1008 classes,
-# TF's pooling in the Mixed blocks and TF's BatchNorm eps, so the ported weights file loads with strict=True.
-
+# the pytorch-fid weights of the FID Inception network (FIDInceptionV3, at the bottom of this file)
 FID_WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 FID_WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 
+# -----------------------------------------------------------------------------
+# ADM's .npz image batches, read in chunks so a 50k x 256 x 256 x 3 file never sits in memory at once
+
+def read_npy_header(f):
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def npz_image_header(path, name='arr_0'):
+    """-> (N, H, W) of a uint8 N x H x W x 3 array stored as `name` in an .npz; clear errors otherwise."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image batch '{path}' does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"'{path}' is not an .npz file (expected ADM's format: arr_0, uint8 N x H x W x 3)")
+    with zipfile.ZipFile(path) as zf:
+        if name + '.npy' not in zf.namelist():
+            raise ValueError(f"'{path}' has no '{name}' array (has {sorted(n[:-4] for n in zf.namelist())}); "
+                             f"expected ADM's format: arr_0, uint8 N x H x W x 3")
+        with zf.open(name + '.npy') as f:
+            shape, fortran_order, dtype = read_npy_header(f)
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or shape[0] == 0:
+        raise ValueError(f"'{path}' {name} is {dtype} of shape {shape}; expected uint8 N x H x W x 3 "
+                         f"with N > 0 (images in [0, 255], channels last)")
+    return shape[:3]
+
+
+def npz_image_batches(path, batch_size, name='arr_0'):
+    """Yields uint8 (b, H, W, 3) batches of the array `name` of an .npz, in order."""
+    N, H, W = npz_image_header(path, name)
+    with zipfile.ZipFile(path) as zf, zf.open(name + '.npy') as f:
+        _, fortran_order, _ = read_npy_header(f)
+        if fortran_order:  # rare: column-major data cannot be cut into rows, read it whole
+            array = np.load(path)[name]
+            for start in range(0, N, batch_size):
+                yield np.ascontiguousarray(array[start:start + batch_size])
+            return
+        image_bytes = H * W * 3
+        for start in range(0, N, batch_size):
+            b = min(batch_size, N - start)
+            data = f.read(b * image_bytes)
+            if len(data) != b * image_bytes:
+                raise ValueError(f"'{path}' is truncated: {name} ends before image "
+                                 f"{start + len(data) // image_bytes}")
+            yield np.frombuffer(data, dtype=np.uint8).reshape(b, H, W, 3)
+
+# -----------------------------------------------------------------------------
+# Inception features of images and of ADM reference batches (the reference statistics are cached)
+
+def load_inception(weights_path, device):
+    """The FID Inception in eval mode with the pytorch-fid weights (strict key/shape match)."""
+    if weights_path == '':
+        weights_path = os.path.join(torch.hub.get_dir(), 'checkpoints', FID_WEIGHTS_FILE)
+        if not os.path.isfile(weights_path):
+            print(f"downloading the FID Inception weights to {weights_path}")
+            try:
+                torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=True, map_location='cpu')
+            except Exception as e:
+                raise RuntimeError(
+                    f"could not download the FID Inception weights from {FID_WEIGHTS_URL} "
+                    f"({type(e).__name__}: {e}). Download {FID_WEIGHTS_FILE} on a machine with internet "
+                    f"access and put it at {weights_path}, or pass --inception_weights=/path/to/"
+                    f"{FID_WEIGHTS_FILE}") from None
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(
+            f"FID Inception weights file '{weights_path}' does not exist. Get {FID_WEIGHTS_FILE} from "
+            f"{FID_WEIGHTS_URL} and pass its path with --inception_weights=..., or leave "
+            f"inception_weights='' to download it into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+    state_dict = torch.load(weights_path, map_location='cpu', weights_only=True)
+    model = FIDInceptionV3()
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"'{weights_path}' is not the pytorch-fid FID Inception weights file "
+                           f"({FID_WEIGHTS_FILE}): {e}") from None
+    return model.to(device).float().eval()
+
+
+def weights_fingerprint(model):
+    """sha256 of all parameters and buffers: cached reference features are only valid for the same network."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def inception_forward(model, images_uint8, device):
+    """uint8 images (B, H, W, 3) numpy -> (features (B, 2048), logits (B, 1008)) float32 numpy."""
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    features, logits = model(x)
+    return features.cpu().numpy(), logits.cpu().numpy()
+
+
+def npz_inception_features(model, path, batch_size, device, desc):
+    """-> features (N, 2048), logits (N, 1008) of all images of an ADM .npz."""
+    N, H, W = npz_image_header(path)
+    features, logits = [], []
+    for batch in tqdm(npz_image_batches(path, batch_size), total=math.ceil(N / batch_size), desc=desc):
+        f, l = inception_forward(model, batch, device)
+        features.append(f)
+        logits.append(l)
+    return np.concatenate(features), np.concatenate(logits)
+
+
+def reference_image_size(ref_path):
+    """(H, W) of a reference batch: its arr_0 images, or the size recorded in a statistics file of ours."""
+    if not (os.path.isfile(ref_path) and zipfile.is_zipfile(ref_path)):
+        return None  # reference_statistics gives the error
+    with zipfile.ZipFile(ref_path) as zf:
+        names = zf.namelist()
+    if 'arr_0.npy' in names:
+        return npz_image_header(ref_path)[1:]
+    if 'image_shape.npy' in names:
+        with np.load(ref_path) as data:
+            return tuple(int(x) for x in data['image_shape'])
+    return None
+
+
+def reference_statistics(config, model, dev):
+    """-> (mu, sigma, features) of the reference batch, from its cache if it matches this network and file."""
+    ref_path = config['ref']
+    if not os.path.isfile(ref_path):
+        raise FileNotFoundError(f"reference batch '{ref_path}' does not exist")
+    if not zipfile.is_zipfile(ref_path):
+        raise ValueError(f"'{ref_path}' is not an .npz file (expected an ADM reference batch with arr_0)")
+    fingerprint = weights_fingerprint(model)
+    with np.load(ref_path) as data:
+        if 'arr_0' not in data.files and 'features' in data.files:  # a statistics file written by this script
+            if str(data['weights_fingerprint']) != fingerprint:
+                raise ValueError(f"'{ref_path}' holds features of a different Inception network than "
+                                 f"'{config['inception_weights'] or FID_WEIGHTS_FILE}'")
+            return data['mu'], data['sigma'], data['features']
+    # ADM's reference batches also carry mu/sigma of the TensorFlow graph; those are not comparable with this
+    # network's features, so the statistics are always recomputed from arr_0 (and cached).
+    stat = os.stat(ref_path)
+    source = f"{os.path.abspath(ref_path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_path = (ref_path[:-4] if ref_path.endswith('.npz') else ref_path) + '.fid_stats.npz'
+    if config['ref_cache'] and os.path.isfile(cache_path):
+        with np.load(cache_path) as cache:
+            if str(cache['weights_fingerprint']) == fingerprint and str(cache['source']) == source:
+                print(f"reference statistics from cache {cache_path}")
+                return cache['mu'], cache['sigma'], cache['features']
+        print(f"cache {cache_path} is for another network or reference file; recomputing")
+    features, _ = npz_inception_features(model, ref_path, config['batch_size'], dev, 'reference')
+    mu, sigma = feature_statistics(features)
+    if config['ref_cache']:
+        try:
+            with open(cache_path + '.tmp', 'wb') as f:
+                np.savez(f, mu=mu, sigma=sigma, features=features, weights_fingerprint=fingerprint,
+                         source=source, image_shape=np.array(npz_image_header(ref_path)[1:]))
+            os.replace(cache_path + '.tmp', cache_path)
+            print(f"cached reference statistics in {cache_path}")
+        except OSError as e:
+            warnings.warn(f"could not write the reference cache {cache_path}: {e}")
+    return mu, sigma, features
+
+# -----------------------------------------------------------------------------
+# FID, Inception Score, precision / recall
+
+def feature_statistics(features):
+    """features (N, D) -> mean (D,), covariance (D, D) with N - 1 normalisation, float64 (as pytorch-fid /
+    ADM)."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors of shape (N, D) for FID statistics, "
+                         f"got {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) between two Gaussians."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        # a singular product without a square root (e.g. a defective one from too few samples): regularise
+        warnings.warn(f"FID: sqrtm of a singular product; adding {eps} to the covariance diagonals")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # the product of two PSD matrices has a real square root; a small imaginary part is round-off
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: sqrtm has a significant imaginary component "
+                             f"(max |imag| = {np.abs(covmean.imag).max():.3g}); are the covariances valid?")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid_from_features(features1, features2):
+    """FID between two feature sets (N1, D), (N2, D). With few vectors (N1 + N2 <= D) both covariances live in
+    the span of the centred features, so the covariance term is computed exactly in that span: sqrtm of an
+    (N1 + N2)-square matrix instead of a D x D one (2048 x 2048 takes tens of seconds on a CPU). The eps
+    retry, when needed, then regularises within the span only."""
+    mu1, sigma1 = feature_statistics(features1)
+    mu2, sigma2 = feature_statistics(features2)
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"feature sizes differ: {np.shape(features1)} vs {np.shape(features2)}")
+    m, D = len(features1) + len(features2), mu1.shape[0]
+    if m > D:
+        return frechet_distance(mu1, sigma1, mu2, sigma2)
+    centred = np.concatenate([np.asarray(features1, np.float64) - mu1,
+                              np.asarray(features2, np.float64) - mu2])
+    basis, _ = np.linalg.qr(centred.T)  # (D, m) orthonormal columns spanning both sets of centred features
+    diff = mu1 - mu2  # the mean term is taken in the full space: mu1 - mu2 need not lie in the span
+    covariance_term = frechet_distance(np.zeros(m), basis.T @ sigma1 @ basis,
+                                       np.zeros(m), basis.T @ sigma2 @ basis)
+    return float(diff @ diff) + covariance_term
+
+
+def inception_score(logits, splits=10):
+    """logits (N, C) -> (mean, std) over `splits` consecutive chunks of exp(E_x KL(p(y|x) || p(y)))."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    if logits.ndim != 2 or logits.shape[0] < splits:
+        raise ValueError(f"Inception Score needs (N, C) logits with N >= splits = {splits}, "
+                         f"got {tuple(logits.shape)}")
+    log_p = torch.log_softmax(logits, dim=1)  # (N, C)
+    scores = []
+    for part in torch.tensor_split(log_p, splits):  # in order, as ADM's evaluator (5000 per split at N = 50k)
+        log_p_y = torch.logsumexp(part, dim=0) - math.log(part.shape[0])  # log of the split's marginal p(y)
+        p = part.exp()
+        kl = torch.where(p > 0, p * (part - log_p_y), 0.0).sum(dim=1).mean()  # 0 log 0 = 0
+        scores.append(kl.exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def pairwise_sq_distances(a, b):
+    """(n, D), (m, D) -> (n, m) squared Euclidean distances (ADM's DistanceBlock form, clamped at 0)."""
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.t() + (b * b).sum(1)[None, :]).clamp_min_(0)
+
+
+@torch.no_grad()
+def manifold_radii(features, k=3, batch_size=10000, device='cpu'):
+    """features (N, D) -> (N,) squared distance of each point to its k-th nearest other point."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
+    if x.shape[0] <= k:
+        raise ValueError(f"precision/recall with k = {k} needs more than {k} feature vectors, "
+                         f"got {x.shape[0]}")
+    radii = []
+    for rows in x.split(batch_size):
+        nearest = None  # running k+1 smallest distances of each row (the point itself, at 0, is one of them)
+        for cols in x.split(batch_size):
+            d = pairwise_sq_distances(rows, cols)
+            d = d if nearest is None else torch.cat([nearest, d], 1)
+            nearest = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
+        radii.append(nearest[:, k])  # sorted ascending: index k is the k-th neighbour after the point itself
+    return torch.cat(radii).cpu().numpy()
+
+
+@torch.no_grad()
+def precision_recall(ref_features, sample_features, k=3, batch_size=10000, device='cpu', ref_radii=None):
+    """Improved precision / recall (Kynkaanniemi et al. 2019) as ADM's evaluator: precision = fraction of
+    samples inside some reference point's k-NN ball, recall = fraction of reference points inside some
+    sample's ball."""
+    if np.shape(ref_features)[1] != np.shape(sample_features)[1]:
+        raise ValueError(f"feature sizes differ: ref {np.shape(ref_features)}, "
+                         f"samples {np.shape(sample_features)}")
+    if ref_radii is None:
+        ref_radii = manifold_radii(ref_features, k, batch_size, device)
+    sample_radii = manifold_radii(sample_features, k, batch_size, device)
+    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
+    smp = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
+    ref_r = torch.as_tensor(ref_radii, dtype=torch.float32, device=device)
+    smp_r = torch.as_tensor(sample_radii, dtype=torch.float32, device=device)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    smp_in = torch.zeros(len(smp), dtype=torch.bool, device=device)
+    for i in range(0, len(ref), batch_size):
+        for j in range(0, len(smp), batch_size):
+            d = pairwise_sq_distances(ref[i:i + batch_size], smp[j:j + batch_size])  # (r, s)
+            smp_in[j:j + batch_size] |= (d <= ref_r[i:i + batch_size, None]).any(0)
+            ref_in[i:i + batch_size] |= (d <= smp_r[None, j:j + batch_size]).any(1)
+    return smp_in.double().mean().item(), ref_in.double().mean().item()
+
+# -----------------------------------------------------------------------------
+# reconstruction metrics on uint8-quantised images, given as float (B, 3, H, W) in [0, 1]
+
+def to_uint8_levels(images):
+    """[-1, 1] float -> [0, 1] float on the 256 uint8 levels (what a saved PNG would hold)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 255.0
+
+
+def psnr(x, y):
+    """Per-image PSNR in dB for images in [0, 1] -> (B,)."""
+    mse = ((x.double() - y.double()) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def gaussian_window(size=11, sigma=1.5):
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    return g / g.sum()  # (size,)
+
+
+def blur_valid(t, window):
+    """Separable 'valid' filter per channel: (B, C, H, W), window (n,) -> (B, C, H - n + 1, W - n + 1)."""
+    C, n = t.shape[1], window.shape[0]
+    t = F.conv2d(t, window.view(1, 1, n, 1).expand(C, 1, n, 1), groups=C)
+    return F.conv2d(t, window.view(1, 1, 1, n).expand(C, 1, 1, n), groups=C)
+
+
+def ssim(x, y, data_range=1.0):
+    """Per-image SSIM (Wang et al. 2004) -> (B,): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03,
+    population (co)variances, mean over the positions where the window fits and over the channels. This is
+    skimage's structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    channel_axis=...): its 11-tap window (truncate 3.5) and its crop of 5 border pixels leave exactly this
+    'valid' region."""
+    x, y = x.double(), y.double()
+    B, C, H, W = x.shape
+    if min(H, W) < 11:
+        raise ValueError(f"SSIM needs images of at least 11x11 pixels, got {H}x{W}")
+    g = gaussian_window().to(x.device)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur_valid(x, g), blur_valid(y, g)
+    var_x = blur_valid(x * x, g) - mu_x ** 2
+    var_y = blur_valid(y * y, g) - mu_y ** 2
+    cov_xy = blur_valid(x * y, g) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.mean(dim=(1, 2, 3))
+
+# -----------------------------------------------------------------------------
+# codes: usage, per-position conditional entropy (VCQ's entropy cliff), linear probe (VCQ §4.4)
+
+def code_usage(counts):
+    """counts (K,) of each code over a set -> (fraction of codes used, perplexity exp(H) of the usage)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float((counts > 0).mean()), float(np.exp(-(p * np.log(p)).sum()))
+
+
+def load_codes(path):
+    """.npy of integer codes (N, T) or (N, h, w) -> int64 (N, T), raster order."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"codes file '{path}' does not exist")
+    c = np.load(path)
+    if isinstance(c, np.lib.npyio.NpzFile):
+        raise ValueError(f"'{path}' is an .npz archive ({', '.join(c.files)}); codes are a single .npy array "
+                         f"(N, T) or (N, h, w), e.g. the codes.npy of evaluate.py --mode=recon or "
+                         f"train_ar.py")
+    if not np.issubdtype(c.dtype, np.integer) or c.ndim not in (2, 3) or c.shape[0] == 0:
+        raise ValueError(f"'{path}' holds {c.dtype} of shape {c.shape}; "
+                         f"expected integer codes (N, T) or (N, h, w)")
+    c = c.reshape(c.shape[0], -1).astype(np.int64)
+    if c.min() < 0:
+        raise ValueError(f"'{path}' has negative codes (min {c.min()})")
+    return c
+
+
+def load_labels(path, n):
+    """.npy of integer class labels (N,), N = n -> int64 tensor (N,)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labels file '{path}' does not exist")
+    y = np.load(path)
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+        raise ValueError(f"'{path}' holds {y.dtype} of shape {y.shape}; expected integer labels (N,)")
+    if len(y) != n:
+        raise ValueError(f"'{path}' has {len(y)} labels but the codes file has {n} sequences")
+    if y.min() < 0:
+        raise ValueError(f"'{path}' has negative labels")
+    return torch.as_tensor(y, dtype=torch.long)
+
+
+def conditional_entropies(codes):
+    """codes (N, T) -> H_t = H(x_t | x_<t) in bits, t = 1..T, of the empirical distribution of the N
+    sequences. The prefixes x_<t are numbered incrementally: (prefix id, token) pairs -> np.unique -> the
+    next prefix id."""
+    codes = np.asarray(codes, dtype=np.int64)
+    N, T = codes.shape
+    K = int(codes.max()) + 1
+    if N * K >= 2 ** 62:
+        raise ValueError(f"N * K = {N} * {K} overflows the int64 (prefix, token) keys")
+    H = np.zeros(T)
+    prefix = np.zeros(N, dtype=np.int64)  # id of x_<t for each sequence; a single empty prefix at t = 1
+    for t in range(T):
+        pair_keys = prefix * K + codes[:, t]  # (N,) one integer per (x_<t, x_t)
+        pair_ids, next_prefix, pair_counts = np.unique(pair_keys, return_inverse=True, return_counts=True)
+        prefix_counts = np.bincount(prefix)[pair_ids // K]  # occurrences of each pair's prefix
+        H[t] = -(pair_counts / N * np.log2(pair_counts / prefix_counts)).sum()
+        prefix = next_prefix.reshape(N)
+        if len(pair_ids) == N:  # every sequence has its own prefix: nothing is left to be uncertain about
+            break
+    return np.maximum(H, 0.0)  # -0.0 and round-off below zero
+
+
+def entropy_cliff(H, N, threshold=0.1, codebook_sizes=None):
+    """H (T,) bits, N sequences -> remaining budget R_t = log2 N - sum_{s<t} H_s (t = 1..T), the cliff, and
+    Proposition 1's bound when the per-position codebook sizes K_t are known."""
+    H = np.asarray(H, dtype=np.float64)
+    remaining = math.log2(N) - np.concatenate([[0.0], np.cumsum(H)[:-1]])
+    below = np.flatnonzero(H < threshold)
+    first_below = int(below[0]) + 1 if len(below) else None  # 1-based
+    result = {
+        'num_sequences': int(N), 'seq_len': len(H), 'log2_N': math.log2(N), 'threshold_bits': threshold,
+        'H_bits': H.tolist(), 'remaining_budget_bits': remaining.tolist(),
+        # the first 1-based position whose conditional entropy is below the threshold
+        'first_position_below_threshold': first_below,
+        # the paper's t*: positions 1..t* carry information, from t*+1 on H_t is (near) zero; on ImageNet
+        # with a constant K = 16384 codebook the paper reports t* = 2
+        't_star': (first_below - 1) if first_below is not None else len(H),
+    }
+    if codebook_sizes is not None:
+        capacity = np.cumsum(np.log2(np.asarray(codebook_sizes, dtype=np.float64)))  # C(t), eq. (2)
+        reached = np.flatnonzero(capacity >= math.log2(N))
+        result['codebook_sizes'] = np.asarray(codebook_sizes).tolist()
+        # Proposition 1: H_t <= min(log2 K_t, R_t); t* bound = smallest t with C(t) >= log2 N
+        result['t_star_bound'] = int(reached[0]) + 1 if len(reached) else None
+    return result
+
+
+def probe_features(codes, codebook, first_k):
+    """codes (N, T), codebook (K, D) -> (N, first_k * D): the code vectors of the first k tokens,
+    concatenated. The VCQ paper (§4.4) does not say how the k tokens are pooled; concatenating keeps which
+    position holds which code, whereas averaging would mix the coarse early tokens (VCQ's small codebooks)
+    with the later ones."""
+    codes = torch.as_tensor(codes[:, :first_k], dtype=torch.long)
+    if codes.max() >= codebook.shape[0]:
+        raise ValueError(f"codes reach {int(codes.max())} but the tokenizer's codebook has "
+                         f"{codebook.shape[0]} codes")
+    return codebook[codes].flatten(1).float()  # (N, first_k, D) -> (N, first_k * D)
+
+
+def linear_probe(train_x, train_y, val_x, val_y, num_classes, steps=200, weight_decay=1e-4, device='cpu'):
+    """Multinomial logistic regression, full-batch L-BFGS on standardised features -> val (top-1, top-5)."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, val_x = ((train_x - mean) / std).to(device), ((val_x - mean) / std).to(device)
+    train_y, val_y = train_y.to(device), val_y.to(device)
+    linear = nn.Linear(train_x.shape[1], num_classes).to(device)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=steps, history_size=20,
+                                  line_search_fn='strong_wolfe')
+
+    def closure():  # L-BFGS re-evaluates the loss during its line search
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(train_x), train_y) + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        top = linear(val_x).topk(min(5, num_classes), dim=1).indices  # (N_val, 5)
+        hits = top == val_y[:, None]
+        return hits[:, 0].float().mean().item(), hits.any(1).float().mean().item()
+
+# -----------------------------------------------------------------------------
+# device, results file, printed table, plots
+
+def resolve_device(name):
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name.startswith('cuda'):
+        # full float32: TF32 convolutions move Inception features by ~1e-3 relative, enough to shift FID
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return name
+
+
+def write_results(config, results, name):
+    os.makedirs(config['out_dir'], exist_ok=True)
+    path = os.path.join(config['out_dir'], f'eval_{name}.json')
+    with open(path + '.tmp', 'w') as f:
+        json.dump({'config': config, **results}, f, indent=1)
+    os.replace(path + '.tmp', path)
+    return path
+
+
+def print_table(title, rows):
+    print(f"\n{title}")
+    for key, value in rows:
+        print(f"  {key:<28} {value:.6g}" if isinstance(value, float) else f"  {key:<28} {value}")
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(plt, fig, path):
+    fig.savefig(path, dpi=100, bbox_inches='tight')
+    plt.close(fig)
+    return path
+
+
+def plot_entropy(runs, path):
+    """runs: [(name, H (T,), entropy_cliff result)] -> one PNG of H_t and the remaining budget
+    log2 N - sum_{s<t} H_s (VCQ Fig. 2a), with each run's t* of eq. (2) where its codebook sizes are known."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for i, (name, H, result) in enumerate(runs):
+        t = np.arange(1, len(H) + 1)
+        color = f'C{i}'
+        ax.plot(t, H, color=color, label=f'{name}: H(x_t | x_<t)')
+        ax.plot(t, result['remaining_budget_bits'], color=color, linestyle='--',
+                label=f'{name}: remaining budget')
+        if result.get('t_star_bound') is not None:
+            ax.axvline(result['t_star_bound'], color=color, linestyle=':',
+                       label=f"{name}: t* = {result['t_star_bound']}")
+    ax.set_xscale('log')
+    ax.set_xlabel('position t')
+    ax.set_ylabel('bits')
+    ax.set_title('entropy cliff: ' + ', '.join(f"{name} N = {result['num_sequences']}"
+                                               for name, _, result in runs))
+    ax.legend(fontsize=7)
+    return save_figure(plt, fig, path)
+
+
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"'{path}' does not exist (expected a training run's log.jsonl)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+# -----------------------------------------------------------------------------
+# recon mode: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity of a tokenizer on an image set
+
+def run_recon(config):
+    """rFID (reconstructions vs originals), PSNR, SSIM, LPIPS, codebook usage and perplexity."""
+    from tokenizer import load_tokenizer, load_checkpoint, make_dataset, split_held_out, collate, make_lpips
+    ckpt_path = config['ckpt']
+    if ckpt_path == '':
+        raise ValueError("recon mode needs --ckpt=<tokenizer checkpoint>")
+    dev = resolve_device(config['device'])
+    tokenizer = load_tokenizer(ckpt_path, map_location='cpu').to(dev).float()
+    train_config = load_checkpoint(ckpt_path, 'tokenizer', mmap=True).get('config', {})
+    data_dir = train_config.get('data_dir', '') if config['data_dir'] == 'from_ckpt' else config['data_dir']
+    size = config['image_size'] or train_config.get('image_size', 0)
+    if size <= 0:
+        raise ValueError(f"'{ckpt_path}' has no config['image_size']; pass --image_size=...")
+    if config['split'] not in ('val', 'train', 'heldout'):
+        raise ValueError(f"split must be 'val', 'train' or 'heldout', got '{config['split']}'")
+    # an ImageFolder's split is its data_dir; train only picks the built-in set's split. Never augmented here.
+    dataset = make_dataset(data_dir, size, train=config['split'] == 'train', augment=False)
+    if config['split'] == 'heldout':
+        if data_dir == '' or train_config.get('eval_data_dir', ''):
+            raise ValueError("split='heldout' is for a tokenizer that held images out of its own ImageFolder "
+                             "data_dir (train_tokenizer.py with data_dir set and eval_data_dir '')")
+        dataset.samples = split_held_out(dataset.samples, train_config['eval_images'])[1]
+    n = min(config['num_images'], len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)),
+                                         batch_size=config['batch_size'], shuffle=False,
+                                         num_workers=config['num_workers'], collate_fn=collate)
+    inception = load_inception(config['inception_weights'], dev) if config['rfid'] else None
+    lpips_model = make_lpips(config['lpips_random_backbone']).to(dev) if config['lpips'] else None
+    K = tokenizer.quantizer.codebook_size
+    counts = torch.zeros(K, dtype=torch.long, device=dev)
+    real_feats, fake_feats, psnrs, ssims, lpipses, all_codes, all_labels = [], [], [], [], [], [], []
+    skipped = 0
+    with torch.no_grad():
+        for images, labels_batch, n_skipped in tqdm(loader, desc='recon'):
+            skipped += n_skipped
+            if len(images) == 0:
+                continue
+            images = images.to(dev)
+            indices = tokenizer.encode(images)  # (B, h, w)
+            real = to_uint8_levels(images)  # (B, 3, S, S) in [0, 1]
+            fake = to_uint8_levels(tokenizer.decode(indices))
+            counts += torch.bincount(indices.flatten(), minlength=K)
+            if inception is not None:
+                real_feats.append(inception(real)[0].cpu())
+                fake_feats.append(inception(fake)[0].cpu())
+            psnrs.append(psnr(fake, real).cpu())
+            ssims.append(ssim(fake, real).cpu())
+            if lpips_model is not None:
+                lpipses.append(lpips_model(fake * 2 - 1, real * 2 - 1).flatten().cpu())
+            all_codes.append(indices.flatten(1).cpu())
+            all_labels.append(labels_batch)
+    if not psnrs:
+        raise ValueError(f"no readable images in '{data_dir}'")
+    usage, perplexity = code_usage(counts.cpu().numpy())
+    results = {'psnr': torch.cat(psnrs).mean().item(), 'ssim': torch.cat(ssims).mean().item(),
+               'codebook_usage': usage, 'perplexity': perplexity, 'codebook_size': K,
+               'usage_tokens': int(counts.sum()), 'num_images': int(sum(len(c) for c in all_codes)),
+               'num_skipped': skipped, 'image_size': size, 'data_dir': data_dir, 'split': config['split']}
+    if inception is not None:
+        results['rfid'] = fid_from_features(torch.cat(fake_feats).numpy(), torch.cat(real_feats).numpy())
+    if lpips_model is not None:
+        results.update(lpips=torch.cat(lpipses).mean().item(),
+                       lpips_random_backbone=config['lpips_random_backbone'])
+    if config['save_codes']:
+        os.makedirs(config['out_dir'], exist_ok=True)
+        codes_array = torch.cat(all_codes).numpy().astype(np.int32 if K < 2 ** 31 else np.int64)  # (N, h*w)
+        np.save(os.path.join(config['out_dir'], 'codes.npy'), codes_array)
+        np.save(os.path.join(config['out_dir'], 'labels.npy'), torch.cat(all_labels).numpy())
+        results['codes_file'] = os.path.join(config['out_dir'], 'codes.npy')
+    print_table(f"recon: {ckpt_path} on {data_dir or 'the built-in procedural set'} ({config['split']}) "
+                f"at {size}px", list(results.items()))
+    return results
+
+# -----------------------------------------------------------------------------
+# gen mode: FID, IS, precision and recall of a sample batch against a reference batch
+
+def run_gen(config):
+    """FID, IS, precision and recall of a sample batch against a reference batch (ADM's protocol)."""
+    if config['samples'] == '' or config['ref'] == '':
+        raise ValueError("gen mode needs --samples=<samples .npz> and --ref=<reference batch .npz>")
+    # fail on a malformed samples file before the reference
+    sample_size = npz_image_header(config['samples'])[1:]
+    ref_size = reference_image_size(config['ref'])
+    if ref_size is not None and tuple(sample_size) != tuple(ref_size):
+        raise ValueError(f"the samples are {sample_size[0]}x{sample_size[1]} images but the reference "
+                         f"batch's are {ref_size[0]}x{ref_size[1]}: the FID protocol compares images of one "
+                         f"size (sample at the reference's resolution, or make a reference batch at the "
+                         f"samples')")
+    dev = resolve_device(config['device'])
+    model = load_inception(config['inception_weights'], dev)
+    # (mu, sigma) are kept in the cache for other tools; FID here is computed from the features
+    _, _, ref_features = reference_statistics(config, model, dev)
+    t0 = time.time()
+    features, logits = npz_inception_features(model, config['samples'], config['batch_size'], dev, 'samples')
+    if features.shape[1] != ref_features.shape[1]:
+        raise ValueError(f"feature sizes differ: samples {features.shape}, reference {ref_features.shape}")
+    is_mean, is_std = inception_score(logits, config['is_splits'])
+    precision, recall = precision_recall(ref_features, features, config['pr_k'], config['pr_batch_size'], dev)
+    results = {'fid': fid_from_features(features, ref_features), 'inception_score': is_mean,
+               'inception_score_std': is_std, 'precision': precision, 'recall': recall,
+               'num_samples': int(len(features)), 'num_ref': int(len(ref_features)),
+               'sample_seconds': time.time() - t0}
+    print_table(f"gen: {config['samples']} vs {config['ref']}", list(results.items()))
+    return results
+
+# -----------------------------------------------------------------------------
+# entropy mode: per-position conditional entropy H_t and the entropy cliff of a set of code sequences
+
+def run_entropy(config):
+    """Per-position conditional entropy H_t, remaining budget and the entropy cliff of a set of code
+    sequences; Proposition 1's bound when the codebook sizes K_t are known (--ckpt or --codebook_size)."""
+    if config['codes'] == '':
+        raise ValueError("entropy mode needs --codes=<codes .npy, (N, T) or (N, h, w)>")
+    c = load_codes(config['codes'])
+    N, T = c.shape
+    codebook_sizes = None  # K_t per position: the tokenizer's VCQ schedule or constant K, else codebook_size
+    if config['ckpt'] != '':
+        from tokenizer import load_tokenizer
+        quantizer = load_tokenizer(config['ckpt']).quantizer
+        if quantizer.codebook_sizes is None:
+            codebook_sizes = np.full(T, quantizer.codebook_size)
+        elif quantizer.codebook_sizes.numel() != T:
+            raise ValueError(f"the tokenizer's VCQ schedule has {quantizer.codebook_sizes.numel()} "
+                             f"positions, the codes have {T}")
+        else:
+            codebook_sizes = quantizer.codebook_sizes.numpy()
+    elif config['codebook_size'] > 0:
+        codebook_sizes = np.full(T, config['codebook_size'])
+    if codebook_sizes is not None and (c >= codebook_sizes[None, :]).any():
+        t = int(np.flatnonzero((c >= codebook_sizes[None, :]).any(0))[0])
+        raise ValueError(f"codes at position {t + 1} reach {c[:, t].max()} but the codebook there has "
+                         f"{int(codebook_sizes[t])} codes")
+    H = conditional_entropies(c)
+    results = entropy_cliff(H, N, config['entropy_threshold'], codebook_sizes)
+    os.makedirs(config['out_dir'], exist_ok=True)
+    csv_path = os.path.join(config['out_dir'], 'entropy.csv')
+    with open(csv_path, 'w') as f:
+        f.write('t,H_t_bits,remaining_budget_bits' + (',codebook_size' if codebook_sizes is not None else '')
+                + '\n')
+        for t in range(T):
+            row = f"{t + 1},{H[t]:.6f},{results['remaining_budget_bits'][t]:.6f}"
+            f.write(row + (f",{int(codebook_sizes[t])}" if codebook_sizes is not None else '') + '\n')
+    results['csv'] = csv_path
+    results['png'] = plot_entropy([(config['codes'], H, results)],
+                                  os.path.join(config['out_dir'], 'entropy.png'))
+    shown = min(T, 8)
+    print_table(f"entropy: {config['codes']} ({N} sequences of {T} tokens)",
+                [(f"H_{t + 1} (bits)", float(H[t])) for t in range(shown)]
+                + [('log2 N', results['log2_N']),
+                   (f"first t with H_t < {config['entropy_threshold']:g}",
+                    results['first_position_below_threshold']),
+                   ('t* (paper convention)', results['t_star']),
+                   ('t* bound (Proposition 1)', results.get('t_star_bound', 'unknown K'))])
+    return results
+
+# -----------------------------------------------------------------------------
+# probe mode: VCQ §4.4's linear probe on the code vectors of the first k tokens
+
+def run_probe(config):
+    """VCQ §4.4: linear probe on the code vectors of the first k tokens -> held-out top-1 / top-5."""
+    if config['codes'] == '' or config['labels'] == '':
+        raise ValueError("probe mode needs --codes=<codes .npy> and --labels=<labels .npy>")
+    if config['ckpt'] == '':
+        raise ValueError("probe mode needs --ckpt=<tokenizer checkpoint>: the probe reads the tokens' code "
+                         "vectors from its codebook (a learned embedding would not be a linear probe of the "
+                         "tokens)")
+    from tokenizer import load_tokenizer
+    c = load_codes(config['codes'])
+    y = load_labels(config['labels'], len(c))
+    if not 1 <= config['first_k'] <= c.shape[1]:
+        raise ValueError(f"first_k = {config['first_k']} must be in [1, {c.shape[1]}] (the sequence length)")
+    with torch.no_grad():
+        codebook = load_tokenizer(config['ckpt']).quantizer.codebook().float()  # (K, D)
+    x = probe_features(c, codebook, config['first_k'])
+    if config['val_codes'] != '':
+        val_c = load_codes(config['val_codes'])
+        if val_c.shape[1] != c.shape[1]:
+            raise ValueError(f"val codes have {val_c.shape[1]} tokens per sequence, codes have {c.shape[1]}")
+        train_x, train_y = x, y
+        val_x = probe_features(val_c, codebook, config['first_k'])
+        val_y = load_labels(config['val_labels'], len(val_c))
+    else:
+        order = torch.randperm(len(c), generator=torch.Generator().manual_seed(config['seed']))
+        n_val = math.ceil(config['probe_val_frac'] * len(c))
+        if not 0 < n_val < len(c):
+            raise ValueError(f"probe_val_frac = {config['probe_val_frac']} leaves no train or "
+                             f"no val sequences")
+        train_x, train_y = x[order[n_val:]], y[order[n_val:]]
+        val_x, val_y = x[order[:n_val]], y[order[:n_val]]
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    dev = resolve_device(config['device'])
+    top1, top5 = linear_probe(train_x, train_y, val_x, val_y, num_classes, config['probe_steps'],
+                              config['probe_weight_decay'], dev)
+    results = {'top1': top1, 'top5': top5, 'first_k': config['first_k'], 'feature_dim': int(x.shape[1]),
+               'num_train': int(len(train_y)), 'num_val': int(len(val_y)), 'num_classes': num_classes}
+    print_table(f"probe: first {config['first_k']} tokens of {config['codes']}", list(results.items()))
+    return results
+
+# -----------------------------------------------------------------------------
+# curves mode: training curves of several runs (their log.jsonl) and entropy cliffs on one figure
+
+def run_curves(config):
+    """Codebook usage, held-out PSNR and reconstruction loss against iteration for several tokenizer runs
+    (one PNG per metric; loss only for GPT runs), a final-value table, and the entropy cliffs of several code
+    sets on one figure."""
+    logs = [d for d in config['logs'].split(',') if d]
+    entropy_dirs = [d for d in config['entropy_dirs'].split(',') if d]
+    if not logs and not entropy_dirs:
+        raise ValueError("curves mode needs --logs=<run dir>,<run dir>,... and/or "
+                         "--entropy_dirs=<entropy-mode out_dir>,...")
+    names = ([n for n in config['names'].split(',') if n]
+             or [os.path.basename(os.path.normpath(d)) for d in logs + entropy_dirs])
+    if len(names) != len(logs) + len(entropy_dirs):
+        raise ValueError(f"names has {len(names)} entries for {len(logs) + len(entropy_dirs)} folders")
+    os.makedirs(config['out_dir'], exist_ok=True)
+    plt = pyplot()
+    records = {name: read_jsonl(os.path.join(d, 'log.jsonl')) for name, d in zip(names, logs)}
+    # (file name, y label, split, key): train lines every log interval, eval lines every evaluation
+    metrics = [('usage', 'codebook usage (%)', 'train', 'usage'),
+               ('psnr', 'held-out PSNR (dB)', 'eval', 'psnr'),
+               ('rec_loss', 'reconstruction loss', 'train', 'rec'),
+               ('loss', 'training loss', 'train', 'loss')]
+    results, table = {'png': []}, []
+    for file_name, label, split, key in metrics:
+        series = {name: [(r['iter'], r[key]) for r in rows if r.get('split') == split and key in r]
+                  for name, rows in records.items()}
+        series = {name: points for name, points in series.items() if points}
+        if not series or (key == 'loss' and any('rec' in r for rows in records.values() for r in rows)):
+            continue  # nothing logged; the total loss only for GPT runs (tokenizers: usage, PSNR, rec)
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for name, points in series.items():
+            x, y = zip(*points)
+            ax.plot(x, [100 * v for v in y] if key == 'usage' else y, label=name)
+        if key == 'usage':
+            ax.set_ylim(0, 102)
+        ax.set_xlabel('iteration')
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        results['png'].append(save_figure(plt, fig, os.path.join(config['out_dir'], f'{file_name}.png')))
+    for name, rows in records.items():
+        train = [r for r in rows if r.get('split') == 'train']
+        evals = [r for r in rows if r.get('split') == 'eval']
+        final = {'iter': rows[-1]['iter'] if rows else 0}
+        if train:
+            final.update({k: train[-1][k] for k in ('usage', 'usage_tokens', 'rec', 'loss')
+                          if k in train[-1]})
+        if evals:
+            final.update({f'eval_{k}': evals[-1][k] for k in ('psnr', 'usage', 'usage_tokens')
+                          if k in evals[-1]})
+        results[name] = final
+        table.append((name, ', '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in final.items())))
+    if entropy_dirs:
+        runs = []
+        for name, d in zip(names[len(logs):], entropy_dirs):
+            with open(os.path.join(d, 'eval_entropy.json')) as f:
+                result = json.load(f)
+            runs.append((name, np.asarray(result['H_bits']), result))
+            table.append((name, f"N {result['num_sequences']}, log2 N {result['log2_N']:.2f}, "
+                                f"t* (eq. 2) {result.get('t_star_bound')}, H_1..4 "
+                                + ' '.join(f'{h:.2f}' for h in result['H_bits'][:4])))
+        results['png'].append(plot_entropy(runs, os.path.join(config['out_dir'], 'entropy_cliff.png')))
+    print_table('final values', table)
+    return results
+
+# -----------------------------------------------------------------------------
+# faithful port of pytorch-fid's network; no need to read
 
 class BasicConv2d(nn.Module):
     """conv (no bias) -> BatchNorm (TF's eps 1e-3) -> ReLU."""
@@ -98,7 +888,7 @@ class BasicConv2d(nn.Module):
 
 
 def tf_avg_pool_3x3(x):
-    # TF's average pool divides by the number of real pixels under the window; torchvision's counts the padding.
+    # TF's average pool divides by the number of real pixels under the window; torchvision's counts padding
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
@@ -206,7 +996,9 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """images (B, 3, H, W) in [0, 1] -> (pool3 features (B, 2048), logits (B, 1008))."""
+    """images (B, 3, H, W) in [0, 1] -> (pool3 features (B, 2048), logits (B, 1008)). torchvision's
+    Inception-v3 layout and parameter names, 1008 classes, TF's pooling in the Mixed blocks and TF's BatchNorm
+    eps, so the ported weights file loads with strict=True."""
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
@@ -245,749 +1037,15 @@ class FIDInceptionV3(nn.Module):
         logits = features @ self.fc.weight.t()  # (B, 1008)
         return features, logits
 
-
-def load_inception(weights_path, device):
-    """The FID Inception in eval mode with the pytorch-fid weights (strict key/shape match)."""
-    if weights_path == '':
-        weights_path = os.path.join(torch.hub.get_dir(), 'checkpoints', FID_WEIGHTS_FILE)
-        if not os.path.isfile(weights_path):
-            print(f"downloading the FID Inception weights to {weights_path}")
-            try:
-                torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=True, map_location='cpu')
-            except Exception as e:
-                raise RuntimeError(
-                    f"could not download the FID Inception weights from {FID_WEIGHTS_URL} ({type(e).__name__}: {e}). "
-                    f"Download {FID_WEIGHTS_FILE} on a machine with internet access and put it at {weights_path}, "
-                    f"or pass --inception_weights=/path/to/{FID_WEIGHTS_FILE}") from None
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(
-            f"FID Inception weights file '{weights_path}' does not exist. Get {FID_WEIGHTS_FILE} from "
-            f"{FID_WEIGHTS_URL} and pass its path with --inception_weights=..., or leave inception_weights='' "
-            f"to download it into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
-    state_dict = torch.load(weights_path, map_location='cpu', weights_only=True)
-    model = FIDInceptionV3()
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"'{weights_path}' is not the pytorch-fid FID Inception weights file "
-                           f"({FID_WEIGHTS_FILE}): {e}") from None
-    return model.to(device).float().eval()
-
-
-def weights_fingerprint(model):
-    """sha256 of all parameters and buffers: cached reference features are only valid for the same network."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-@torch.no_grad()
-def inception_forward(model, images_uint8, device):
-    """uint8 images (B, H, W, 3) numpy -> (features (B, 2048), logits (B, 1008)) float32 numpy."""
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device).permute(0, 3, 1, 2).float() / 255.0
-    features, logits = model(x)
-    return features.cpu().numpy(), logits.cpu().numpy()
-
 # -----------------------------------------------------------------------------
-# ADM's .npz image batches, read in chunks so a 50k x 256 x 256 x 3 file never sits in memory at once
-
-def npz_image_header(path, name='arr_0'):
-    """-> (N, H, W) of a uint8 N x H x W x 3 array stored as `name` in an .npz; clear errors otherwise."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image batch '{path}' does not exist")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"'{path}' is not an .npz file (expected ADM's format: arr_0, uint8 N x H x W x 3)")
-    with zipfile.ZipFile(path) as zf:
-        if name + '.npy' not in zf.namelist():
-            raise ValueError(f"'{path}' has no '{name}' array (has {sorted(n[:-4] for n in zf.namelist())}); "
-                             f"expected ADM's format: arr_0, uint8 N x H x W x 3")
-        with zf.open(name + '.npy') as f:
-            shape, fortran_order, dtype = read_npy_header(f)
-    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or shape[0] == 0:
-        raise ValueError(f"'{path}' {name} is {dtype} of shape {shape}; expected uint8 N x H x W x 3 with N > 0 "
-                         f"(images in [0, 255], channels last)")
-    return shape[:3]
-
-
-def read_npy_header(f):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    return np.lib.format.read_array_header_2_0(f)
-
-
-def npz_image_batches(path, batch_size, name='arr_0'):
-    """Yields uint8 (b, H, W, 3) batches of the array `name` of an .npz, in order."""
-    N, H, W = npz_image_header(path, name)
-    with zipfile.ZipFile(path) as zf, zf.open(name + '.npy') as f:
-        _, fortran_order, _ = read_npy_header(f)
-        if fortran_order:  # rare: column-major data cannot be cut into rows, read it whole
-            array = np.load(path)[name]
-            for start in range(0, N, batch_size):
-                yield np.ascontiguousarray(array[start:start + batch_size])
-            return
-        image_bytes = H * W * 3
-        for start in range(0, N, batch_size):
-            b = min(batch_size, N - start)
-            data = f.read(b * image_bytes)
-            if len(data) != b * image_bytes:
-                raise ValueError(f"'{path}' is truncated: {name} ends before image {start + len(data) // image_bytes}")
-            yield np.frombuffer(data, dtype=np.uint8).reshape(b, H, W, 3)
-
-
-def npz_inception_features(model, path, batch_size, device, desc):
-    """-> features (N, 2048), logits (N, 1008) of all images of an ADM .npz."""
-    N, H, W = npz_image_header(path)
-    features, logits = [], []
-    for batch in tqdm(npz_image_batches(path, batch_size), total=math.ceil(N / batch_size), desc=desc):
-        f, l = inception_forward(model, batch, device)
-        features.append(f)
-        logits.append(l)
-    return np.concatenate(features), np.concatenate(logits)
-
-# -----------------------------------------------------------------------------
-# FID, Inception Score, precision / recall
-
-def feature_statistics(features):
-    """features (N, D) -> mean (D,), covariance (D, D) with N - 1 normalisation, float64 (as pytorch-fid / ADM)."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"need at least 2 feature vectors of shape (N, D) for FID statistics, got {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) between two Gaussians."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
-        raise ValueError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # a singular product without a square root (e.g. a defective one from too few samples): regularise
-        warnings.warn(f"FID: sqrtm of a singular product; adding {eps} to the covariance diagonals")
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # the product of two PSD matrices has a real square root; a small imaginary part is round-off
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: sqrtm has a significant imaginary component "
-                             f"(max |imag| = {np.abs(covmean.imag).max():.3g}); are the covariances valid?")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def fid_from_features(features1, features2):
-    """FID between two feature sets (N1, D), (N2, D). With few vectors (N1 + N2 <= D) both covariances live in
-    the span of the centred features, so the covariance term is computed exactly in that span: sqrtm of an
-    (N1 + N2)-square matrix instead of a D x D one (2048 x 2048 takes tens of seconds on a CPU). The eps retry,
-    when needed, then regularises within the span only."""
-    mu1, sigma1 = feature_statistics(features1)
-    mu2, sigma2 = feature_statistics(features2)
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"feature sizes differ: {np.shape(features1)} vs {np.shape(features2)}")
-    m, D = len(features1) + len(features2), mu1.shape[0]
-    if m > D:
-        return frechet_distance(mu1, sigma1, mu2, sigma2)
-    centred = np.concatenate([np.asarray(features1, np.float64) - mu1, np.asarray(features2, np.float64) - mu2])
-    basis, _ = np.linalg.qr(centred.T)  # (D, m) orthonormal columns spanning both sets of centred features
-    diff = mu1 - mu2  # the mean term is taken in the full space: mu1 - mu2 need not lie in the span
-    covariance_term = frechet_distance(np.zeros(m), basis.T @ sigma1 @ basis, np.zeros(m), basis.T @ sigma2 @ basis)
-    return float(diff @ diff) + covariance_term
-
-
-def inception_score(logits, splits=10):
-    """logits (N, C) -> (mean, std) over `splits` consecutive chunks of exp(E_x KL(p(y|x) || p(y)))."""
-    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    if logits.ndim != 2 or logits.shape[0] < splits:
-        raise ValueError(f"Inception Score needs (N, C) logits with N >= splits = {splits}, got {tuple(logits.shape)}")
-    log_p = torch.log_softmax(logits, dim=1)  # (N, C)
-    scores = []
-    for part in torch.tensor_split(log_p, splits):  # in order, as ADM's evaluator (5000 per split at N = 50k)
-        log_p_y = torch.logsumexp(part, dim=0) - math.log(part.shape[0])  # log of the split's marginal p(y)
-        p = part.exp()
-        kl = torch.where(p > 0, p * (part - log_p_y), 0.0).sum(dim=1).mean()  # 0 log 0 = 0
-        scores.append(kl.exp().item())
-    return float(np.mean(scores)), float(np.std(scores))
-
-
-def pairwise_sq_distances(a, b):
-    """(n, D), (m, D) -> (n, m) squared Euclidean distances (the form of ADM's DistanceBlock, clamped at 0)."""
-    return ((a * a).sum(1)[:, None] - 2 * a @ b.t() + (b * b).sum(1)[None, :]).clamp_min_(0)
-
-
-@torch.no_grad()
-def manifold_radii(features, k=3, batch_size=10000, device='cpu'):
-    """features (N, D) -> (N,) squared distance of each point to its k-th nearest other point."""
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
-    if x.shape[0] <= k:
-        raise ValueError(f"precision/recall with k = {k} needs more than {k} feature vectors, got {x.shape[0]}")
-    radii = []
-    for rows in x.split(batch_size):
-        nearest = None  # running k+1 smallest distances of each row (the point itself, at 0, is one of them)
-        for cols in x.split(batch_size):
-            d = pairwise_sq_distances(rows, cols)
-            d = d if nearest is None else torch.cat([nearest, d], 1)
-            nearest = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
-        radii.append(nearest[:, k])  # sorted ascending: index k is the k-th neighbour after the point itself
-    return torch.cat(radii).cpu().numpy()
-
-
-@torch.no_grad()
-def precision_recall(ref_features, sample_features, k=3, batch_size=10000, device='cpu', ref_radii=None):
-    """Improved precision / recall (Kynkaanniemi et al. 2019) as ADM's evaluator: precision = fraction of samples
-    inside some reference point's k-NN ball, recall = fraction of reference points inside some sample's ball."""
-    if np.shape(ref_features)[1] != np.shape(sample_features)[1]:
-        raise ValueError(f"feature sizes differ: ref {np.shape(ref_features)}, samples {np.shape(sample_features)}")
-    if ref_radii is None:
-        ref_radii = manifold_radii(ref_features, k, batch_size, device)
-    sample_radii = manifold_radii(sample_features, k, batch_size, device)
-    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
-    smp = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
-    ref_r = torch.as_tensor(ref_radii, dtype=torch.float32, device=device)
-    smp_r = torch.as_tensor(sample_radii, dtype=torch.float32, device=device)
-    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
-    smp_in = torch.zeros(len(smp), dtype=torch.bool, device=device)
-    for i in range(0, len(ref), batch_size):
-        for j in range(0, len(smp), batch_size):
-            d = pairwise_sq_distances(ref[i:i + batch_size], smp[j:j + batch_size])  # (r, s)
-            smp_in[j:j + batch_size] |= (d <= ref_r[i:i + batch_size, None]).any(0)
-            ref_in[i:i + batch_size] |= (d <= smp_r[None, j:j + batch_size]).any(1)
-    return smp_in.double().mean().item(), ref_in.double().mean().item()
-
-# -----------------------------------------------------------------------------
-# reconstruction metrics on uint8-quantised images, given as float (B, 3, H, W) in [0, 1]
-
-def psnr(x, y):
-    """Per-image PSNR in dB for images in [0, 1] -> (B,)."""
-    mse = ((x.double() - y.double()) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse)
-
-
-def gaussian_window(size=11, sigma=1.5):
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
-    return g / g.sum()  # (size,)
-
-
-def ssim(x, y, data_range=1.0):
-    """Per-image SSIM (Wang et al. 2004) -> (B,): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, population
-    (co)variances, mean over the positions where the window fits and over the channels. This is skimage's
-    structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, channel_axis=...): its
-    11-tap window (truncate 3.5) and its crop of 5 border pixels leave exactly this 'valid' region."""
-    x, y = x.double(), y.double()
-    B, C, H, W = x.shape
-    if min(H, W) < 11:
-        raise ValueError(f"SSIM needs images of at least 11x11 pixels, got {H}x{W}")
-    g = gaussian_window().to(x.device)
-
-    def blur(t):  # separable 'valid' Gaussian filter per channel: (B, C, H, W) -> (B, C, H-10, W-10)
-        t = F.conv2d(t, g.view(1, 1, 11, 1).expand(C, 1, 11, 1), groups=C)
-        return F.conv2d(t, g.view(1, 1, 1, 11).expand(C, 1, 1, 11), groups=C)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
-    cov_xy = blur(x * y) - mu_x * mu_y
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return s.mean(dim=(1, 2, 3))
-
-
-def to_uint8_levels(images):
-    """[-1, 1] float -> [0, 1] float on the 256 uint8 levels (what a saved PNG would hold)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 255.0
-
-# -----------------------------------------------------------------------------
-# codes: usage, per-position conditional entropy (VCQ's entropy cliff), linear probe (VCQ §4.4)
-
-def code_usage(counts):
-    """counts (K,) of each code over a set -> (fraction of codes used, perplexity exp(H) of the usage)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float((counts > 0).mean()), float(np.exp(-(p * np.log(p)).sum()))
-
-
-def load_codes(path):
-    """.npy of integer codes (N, T) or (N, h, w) -> int64 (N, T), raster order."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"codes file '{path}' does not exist")
-    c = np.load(path)
-    if isinstance(c, np.lib.npyio.NpzFile):
-        raise ValueError(f"'{path}' is an .npz archive ({', '.join(c.files)}); codes are a single .npy array "
-                         f"(N, T) or (N, h, w), e.g. the codes.npy of evaluate.py --mode=recon or train_ar.py")
-    if not np.issubdtype(c.dtype, np.integer) or c.ndim not in (2, 3) or c.shape[0] == 0:
-        raise ValueError(f"'{path}' holds {c.dtype} of shape {c.shape}; expected integer codes (N, T) or (N, h, w)")
-    c = c.reshape(c.shape[0], -1).astype(np.int64)
-    if c.min() < 0:
-        raise ValueError(f"'{path}' has negative codes (min {c.min()})")
-    return c
-
-
-def conditional_entropies(codes):
-    """codes (N, T) -> H_t = H(x_t | x_<t) in bits, t = 1..T, of the empirical distribution of the N sequences.
-    The prefixes x_<t are numbered incrementally: (prefix id, token) pairs -> np.unique -> the next prefix id."""
-    codes = np.asarray(codes, dtype=np.int64)
-    N, T = codes.shape
-    K = int(codes.max()) + 1
-    if N * K >= 2 ** 62:
-        raise ValueError(f"N * K = {N} * {K} overflows the int64 (prefix, token) keys")
-    H = np.zeros(T)
-    prefix = np.zeros(N, dtype=np.int64)  # id of x_<t for each sequence; a single empty prefix at t = 1
-    for t in range(T):
-        pair_keys = prefix * K + codes[:, t]  # (N,) one integer per (x_<t, x_t)
-        pair_ids, next_prefix, pair_counts = np.unique(pair_keys, return_inverse=True, return_counts=True)
-        prefix_counts = np.bincount(prefix)[pair_ids // K]  # occurrences of each pair's prefix
-        H[t] = -(pair_counts / N * np.log2(pair_counts / prefix_counts)).sum()
-        prefix = next_prefix.reshape(N)
-        if len(pair_ids) == N:  # every sequence has its own prefix: nothing is left to be uncertain about
-            break
-    return np.maximum(H, 0.0)  # -0.0 and round-off below zero
-
-
-def entropy_cliff(H, N, threshold=0.1, codebook_sizes=None):
-    """H (T,) bits, N sequences -> remaining budget R_t = log2 N - sum_{s<t} H_s (t = 1..T), the cliff, and
-    Proposition 1's bound when the per-position codebook sizes K_t are known."""
-    H = np.asarray(H, dtype=np.float64)
-    remaining = math.log2(N) - np.concatenate([[0.0], np.cumsum(H)[:-1]])
-    below = np.flatnonzero(H < threshold)
-    first_below = int(below[0]) + 1 if len(below) else None  # 1-based
-    result = {
-        'num_sequences': int(N), 'seq_len': len(H), 'log2_N': math.log2(N), 'threshold_bits': threshold,
-        'H_bits': H.tolist(), 'remaining_budget_bits': remaining.tolist(),
-        # the first 1-based position whose conditional entropy is below the threshold
-        'first_position_below_threshold': first_below,
-        # the paper's t*: positions 1..t* carry information, from t*+1 on H_t is (near) zero; on ImageNet with a
-        # constant K = 16384 codebook the paper reports t* = 2
-        't_star': (first_below - 1) if first_below is not None else len(H),
-    }
-    if codebook_sizes is not None:
-        capacity = np.cumsum(np.log2(np.asarray(codebook_sizes, dtype=np.float64)))  # C(t), eq. (2)
-        reached = np.flatnonzero(capacity >= math.log2(N))
-        result['codebook_sizes'] = np.asarray(codebook_sizes).tolist()
-        # Proposition 1: H_t <= min(log2 K_t, R_t); t* bound = smallest t with C(t) >= log2 N
-        result['t_star_bound'] = int(reached[0]) + 1 if len(reached) else None
-    return result
-
-
-def probe_features(codes, codebook, first_k):
-    """codes (N, T), codebook (K, D) -> (N, first_k * D): the code vectors of the first k tokens, concatenated.
-    The VCQ paper (§4.4) does not say how the k tokens are pooled; concatenating keeps which position holds which
-    code, whereas averaging would mix the coarse early tokens (VCQ's small codebooks) with the later ones."""
-    codes = torch.as_tensor(codes[:, :first_k], dtype=torch.long)
-    if codes.max() >= codebook.shape[0]:
-        raise ValueError(f"codes reach {int(codes.max())} but the tokenizer's codebook has {codebook.shape[0]} codes")
-    return codebook[codes].flatten(1).float()  # (N, first_k, D) -> (N, first_k * D)
-
-
-def linear_probe(train_x, train_y, val_x, val_y, num_classes, steps=200, weight_decay=1e-4, device='cpu'):
-    """Multinomial logistic regression, full batch L-BFGS on standardised features -> (top-1, top-5) on val."""
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    train_x, val_x = ((train_x - mean) / std).to(device), ((val_x - mean) / std).to(device)
-    train_y, val_y = train_y.to(device), val_y.to(device)
-    linear = nn.Linear(train_x.shape[1], num_classes).to(device)
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
-    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=steps, history_size=20,
-                                  line_search_fn='strong_wolfe')
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(linear(train_x), train_y) + weight_decay * linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        top = linear(val_x).topk(min(5, num_classes), dim=1).indices  # (N_val, 5)
-        hits = top == val_y[:, None]
-        return hits[:, 0].float().mean().item(), hits.any(1).float().mean().item()
-
-# -----------------------------------------------------------------------------
-# the modes
-
-def resolve_device(name):
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name.startswith('cuda'):
-        # full float32: TF32 convolutions move Inception features by ~1e-3 relative, enough to shift FID
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    return name
-
-
-def write_results(config, results, name):
-    os.makedirs(config['out_dir'], exist_ok=True)
-    path = os.path.join(config['out_dir'], f'eval_{name}.json')
-    with open(path + '.tmp', 'w') as f:
-        json.dump({'config': config, **results}, f, indent=1)
-    os.replace(path + '.tmp', path)
-    return path
-
-
-def print_table(title, rows):
-    print(f"\n{title}")
-    for key, value in rows:
-        print(f"  {key:<28} {value:.6g}" if isinstance(value, float) else f"  {key:<28} {value}")
-
-
-def reference_statistics(config, model, dev):
-    """-> (mu, sigma, features) of the reference batch, from its cache when it matches this network and file."""
-    ref_path = config['ref']
-    if not os.path.isfile(ref_path):
-        raise FileNotFoundError(f"reference batch '{ref_path}' does not exist")
-    if not zipfile.is_zipfile(ref_path):
-        raise ValueError(f"'{ref_path}' is not an .npz file (expected an ADM reference batch with arr_0)")
-    fingerprint = weights_fingerprint(model)
-    with np.load(ref_path) as data:
-        if 'arr_0' not in data.files and 'features' in data.files:  # a statistics file written by this script
-            if str(data['weights_fingerprint']) != fingerprint:
-                raise ValueError(f"'{ref_path}' holds features of a different Inception network than "
-                                 f"'{config['inception_weights'] or FID_WEIGHTS_FILE}'")
-            return data['mu'], data['sigma'], data['features']
-    # ADM's reference batches also carry mu/sigma of the TensorFlow graph; those are not comparable with this
-    # network's features, so the statistics are always recomputed from arr_0 (and cached).
-    stat = os.stat(ref_path)
-    source = f"{os.path.abspath(ref_path)}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache_path = (ref_path[:-4] if ref_path.endswith('.npz') else ref_path) + '.fid_stats.npz'
-    if config['ref_cache'] and os.path.isfile(cache_path):
-        with np.load(cache_path) as cache:
-            if str(cache['weights_fingerprint']) == fingerprint and str(cache['source']) == source:
-                print(f"reference statistics from cache {cache_path}")
-                return cache['mu'], cache['sigma'], cache['features']
-        print(f"cache {cache_path} is for another network or reference file; recomputing")
-    features, _ = npz_inception_features(model, ref_path, config['batch_size'], dev, 'reference')
-    mu, sigma = feature_statistics(features)
-    if config['ref_cache']:
-        try:
-            with open(cache_path + '.tmp', 'wb') as f:
-                np.savez(f, mu=mu, sigma=sigma, features=features, weights_fingerprint=fingerprint, source=source,
-                         image_shape=np.array(npz_image_header(ref_path)[1:]))
-            os.replace(cache_path + '.tmp', cache_path)
-            print(f"cached reference statistics in {cache_path}")
-        except OSError as e:
-            warnings.warn(f"could not write the reference cache {cache_path}: {e}")
-    return mu, sigma, features
-
-
-def reference_image_size(ref_path):
-    """(H, W) of a reference batch: its arr_0 images, or the size a statistics file of this script recorded."""
-    if not (os.path.isfile(ref_path) and zipfile.is_zipfile(ref_path)):
-        return None  # reference_statistics gives the error
-    with zipfile.ZipFile(ref_path) as zf:
-        names = zf.namelist()
-    if 'arr_0.npy' in names:
-        return npz_image_header(ref_path)[1:]
-    if 'image_shape.npy' in names:
-        with np.load(ref_path) as data:
-            return tuple(int(x) for x in data['image_shape'])
-    return None
-
-
-def run_gen(config):
-    """FID, IS, precision and recall of a sample batch against a reference batch (ADM's evaluator protocol)."""
-    if config['samples'] == '' or config['ref'] == '':
-        raise ValueError("gen mode needs --samples=<samples .npz> and --ref=<reference batch .npz>")
-    sample_size = npz_image_header(config['samples'])[1:]  # fail on a malformed samples file before the reference
-    ref_size = reference_image_size(config['ref'])
-    if ref_size is not None and tuple(sample_size) != tuple(ref_size):
-        raise ValueError(f"the samples are {sample_size[0]}x{sample_size[1]} images but the reference batch's are "
-                         f"{ref_size[0]}x{ref_size[1]}: the FID protocol compares images of one size (sample at the "
-                         f"reference's resolution, or make a reference batch at the samples')")
-    dev = resolve_device(config['device'])
-    model = load_inception(config['inception_weights'], dev)
-    _, _, ref_features = reference_statistics(config, model, dev)  # (mu, sigma) are kept in the cache for other tools
-    t0 = time.time()
-    features, logits = npz_inception_features(model, config['samples'], config['batch_size'], dev, 'samples')
-    if features.shape[1] != ref_features.shape[1]:
-        raise ValueError(f"feature sizes differ: samples {features.shape}, reference {ref_features.shape}")
-    is_mean, is_std = inception_score(logits, config['is_splits'])
-    precision, recall = precision_recall(ref_features, features, config['pr_k'], config['pr_batch_size'], dev)
-    results = {'fid': fid_from_features(features, ref_features), 'inception_score': is_mean,
-               'inception_score_std': is_std, 'precision': precision, 'recall': recall,
-               'num_samples': int(len(features)), 'num_ref': int(len(ref_features)),
-               'sample_seconds': time.time() - t0}
-    print_table(f"gen: {config['samples']} vs {config['ref']}", list(results.items()))
-    return results
-
-
-def run_recon(config):
-    """rFID (reconstructions vs originals), PSNR, SSIM, LPIPS, codebook usage of a tokenizer on an image set."""
-    from tokenizer import load_tokenizer, load_checkpoint, make_dataset, split_held_out, collate, make_lpips
-    if config['ckpt'] == '':
-        raise ValueError("recon mode needs --ckpt=<tokenizer checkpoint>")
-    dev = resolve_device(config['device'])
-    tokenizer = load_tokenizer(config['ckpt'], map_location='cpu').to(dev).float()
-    train_config = load_checkpoint(config['ckpt'], 'tokenizer', mmap=True).get('config', {})
-    data_dir = train_config.get('data_dir', '') if config['data_dir'] == 'from_ckpt' else config['data_dir']
-    size = config['image_size'] or train_config.get('image_size', 0)
-    if size <= 0:
-        raise ValueError(f"'{config['ckpt']}' has no config['image_size']; pass --image_size=...")
-    if config['split'] not in ('val', 'train', 'heldout'):
-        raise ValueError(f"split must be 'val', 'train' or 'heldout', got '{config['split']}'")
-    # an ImageFolder's split is its data_dir; train only picks the built-in set's split. Never augmented here.
-    dataset = make_dataset(data_dir, size, train=config['split'] == 'train', augment=False)
-    if config['split'] == 'heldout':
-        if data_dir == '' or train_config.get('eval_data_dir', ''):
-            raise ValueError("split='heldout' is for a tokenizer that held images out of its own ImageFolder data_dir "
-                             "(train_tokenizer.py with data_dir set and eval_data_dir '')")
-        dataset.samples = split_held_out(dataset.samples, train_config['eval_images'])[1]
-    n = min(config['num_images'], len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=config['batch_size'],
-                                         shuffle=False, num_workers=config['num_workers'], collate_fn=collate)
-    inception = load_inception(config['inception_weights'], dev) if config['rfid'] else None
-    lpips_model = make_lpips(config['lpips_random_backbone']).to(dev) if config['lpips'] else None
-    K = tokenizer.quantizer.codebook_size
-    counts = torch.zeros(K, dtype=torch.long, device=dev)
-    real_feats, fake_feats, psnrs, ssims, lpipses, all_codes, all_labels, skipped = [], [], [], [], [], [], [], 0
-    with torch.no_grad():
-        for images, labels_batch, n_skipped in tqdm(loader, desc='recon'):
-            skipped += n_skipped
-            if len(images) == 0:
-                continue
-            images = images.to(dev)
-            indices = tokenizer.encode(images)  # (B, h, w)
-            real = to_uint8_levels(images)  # (B, 3, S, S) in [0, 1]
-            fake = to_uint8_levels(tokenizer.decode(indices))
-            counts += torch.bincount(indices.flatten(), minlength=K)
-            if inception is not None:
-                real_feats.append(inception(real)[0].cpu())
-                fake_feats.append(inception(fake)[0].cpu())
-            psnrs.append(psnr(fake, real).cpu())
-            ssims.append(ssim(fake, real).cpu())
-            if lpips_model is not None:
-                lpipses.append(lpips_model(fake * 2 - 1, real * 2 - 1).flatten().cpu())
-            all_codes.append(indices.flatten(1).cpu())
-            all_labels.append(labels_batch)
-    if not psnrs:
-        raise ValueError(f"no readable images in '{data_dir}'")
-    usage, perplexity = code_usage(counts.cpu().numpy())
-    results = {'psnr': torch.cat(psnrs).mean().item(), 'ssim': torch.cat(ssims).mean().item(),
-               'codebook_usage': usage, 'perplexity': perplexity, 'codebook_size': K,
-               'usage_tokens': int(counts.sum()), 'num_images': int(sum(len(c) for c in all_codes)),
-               'num_skipped': skipped, 'image_size': size, 'data_dir': data_dir, 'split': config['split']}
-    if inception is not None:
-        results['rfid'] = fid_from_features(torch.cat(fake_feats).numpy(), torch.cat(real_feats).numpy())
-    if lpips_model is not None:
-        results.update(lpips=torch.cat(lpipses).mean().item(), lpips_random_backbone=config['lpips_random_backbone'])
-    if config['save_codes']:
-        os.makedirs(config['out_dir'], exist_ok=True)
-        codes_array = torch.cat(all_codes).numpy().astype(np.int32 if K < 2 ** 31 else np.int64)  # (N, h*w)
-        np.save(os.path.join(config['out_dir'], 'codes.npy'), codes_array)
-        np.save(os.path.join(config['out_dir'], 'labels.npy'), torch.cat(all_labels).numpy())
-        results['codes_file'] = os.path.join(config['out_dir'], 'codes.npy')
-    print_table(f"recon: {config['ckpt']} on {data_dir or 'the built-in procedural set'} ({config['split']}) at "
-                f"{size}px", list(results.items()))
-    return results
-
-
-def tokenizer_codebook_sizes(config, seq_len):
-    """K_t per position from the tokenizer checkpoint (VCQ schedule or constant K), else from codebook_size."""
-    if config['ckpt'] != '':
-        from tokenizer import load_tokenizer
-        quantizer = load_tokenizer(config['ckpt']).quantizer
-        if quantizer.codebook_sizes is not None:
-            if quantizer.codebook_sizes.numel() != seq_len:
-                raise ValueError(f"the tokenizer's VCQ schedule has {quantizer.codebook_sizes.numel()} positions, "
-                                 f"the codes have {seq_len}")
-            return quantizer.codebook_sizes.numpy()
-        return np.full(seq_len, quantizer.codebook_size)
-    if config['codebook_size'] > 0:
-        return np.full(seq_len, config['codebook_size'])
-    return None
-
-
-def run_entropy(config):
-    """Per-position conditional entropy H_t, remaining budget and the entropy cliff of a set of code sequences."""
-    if config['codes'] == '':
-        raise ValueError("entropy mode needs --codes=<codes .npy, (N, T) or (N, h, w)>")
-    c = load_codes(config['codes'])
-    N, T = c.shape
-    codebook_sizes = tokenizer_codebook_sizes(config, T)
-    if codebook_sizes is not None and (c >= codebook_sizes[None, :]).any():
-        t = int(np.flatnonzero((c >= codebook_sizes[None, :]).any(0))[0])
-        raise ValueError(f"codes at position {t + 1} reach {c[:, t].max()} but the codebook there has "
-                         f"{int(codebook_sizes[t])} codes")
-    H = conditional_entropies(c)
-    results = entropy_cliff(H, N, config['entropy_threshold'], codebook_sizes)
-    os.makedirs(config['out_dir'], exist_ok=True)
-    csv_path = os.path.join(config['out_dir'], 'entropy.csv')
-    with open(csv_path, 'w') as f:
-        f.write('t,H_t_bits,remaining_budget_bits' + (',codebook_size' if codebook_sizes is not None else '') + '\n')
-        for t in range(T):
-            row = f"{t + 1},{H[t]:.6f},{results['remaining_budget_bits'][t]:.6f}"
-            f.write(row + (f",{int(codebook_sizes[t])}" if codebook_sizes is not None else '') + '\n')
-    results['csv'] = csv_path
-    results['png'] = plot_entropy([(config['codes'], H, results)], os.path.join(config['out_dir'], 'entropy.png'))
-    shown = min(T, 8)
-    print_table(f"entropy: {config['codes']} ({N} sequences of {T} tokens)",
-                [(f"H_{t + 1} (bits)", float(H[t])) for t in range(shown)]
-                + [('log2 N', results['log2_N']),
-                   (f"first t with H_t < {config['entropy_threshold']:g}", results['first_position_below_threshold']),
-                   ('t* (paper convention)', results['t_star']),
-                   ('t* bound (Proposition 1)', results.get('t_star_bound', 'unknown K'))])
-    return results
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use('Agg')  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_entropy(runs, path):
-    """runs: [(name, H (T,), entropy_cliff result)] -> one PNG of H_t and the remaining budget log2 N - sum_{s<t} H_s
-    (VCQ Fig. 2a), with each run's t* of eq. (2) where its codebook sizes are known."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for i, (name, H, result) in enumerate(runs):
-        t = np.arange(1, len(H) + 1)
-        color = f'C{i}'
-        ax.plot(t, H, color=color, label=f'{name}: H(x_t | x_<t)')
-        ax.plot(t, result['remaining_budget_bits'], color=color, linestyle='--', label=f'{name}: remaining budget')
-        if result.get('t_star_bound') is not None:
-            ax.axvline(result['t_star_bound'], color=color, linestyle=':', label=f"{name}: t* = {result['t_star_bound']}")
-    ax.set_xscale('log')
-    ax.set_xlabel('position t')
-    ax.set_ylabel('bits')
-    ax.set_title('entropy cliff: ' + ', '.join(f"{name} N = {result['num_sequences']}" for name, _, result in runs))
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=100, bbox_inches='tight')
-    plt.close(fig)
-    return path
-
-
-def read_jsonl(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"'{path}' does not exist (expected a training run's log.jsonl)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def run_curves(config):
-    """Codebook usage, held-out PSNR and reconstruction loss against iteration for several tokenizer runs (one PNG
-    per metric; loss only for GPT runs), a final-value table, and the entropy cliffs of several code sets on one
-    figure."""
-    logs = [d for d in config['logs'].split(',') if d]
-    entropy_dirs = [d for d in config['entropy_dirs'].split(',') if d]
-    if not logs and not entropy_dirs:
-        raise ValueError("curves mode needs --logs=<run dir>,<run dir>,... and/or "
-                         "--entropy_dirs=<entropy-mode out_dir>,...")
-    names = [n for n in config['names'].split(',') if n] or [os.path.basename(os.path.normpath(d))
-                                                             for d in logs + entropy_dirs]
-    if len(names) != len(logs) + len(entropy_dirs):
-        raise ValueError(f"names has {len(names)} entries for {len(logs) + len(entropy_dirs)} folders")
-    os.makedirs(config['out_dir'], exist_ok=True)
-    plt = pyplot()
-    records = {name: read_jsonl(os.path.join(d, 'log.jsonl')) for name, d in zip(names, logs)}
-    # (file name, y label, split, key): train lines every log interval, eval lines every evaluation
-    metrics = [('usage', 'codebook usage (%)', 'train', 'usage'), ('psnr', 'held-out PSNR (dB)', 'eval', 'psnr'),
-               ('rec_loss', 'reconstruction loss', 'train', 'rec'), ('loss', 'training loss', 'train', 'loss')]
-    results, table = {'png': []}, []
-    for file_name, label, split, key in metrics:
-        series = {name: [(r['iter'], r[key]) for r in rows if r.get('split') == split and key in r]
-                  for name, rows in records.items()}
-        series = {name: points for name, points in series.items() if points}
-        if not series or (key == 'loss' and any('rec' in r for rows in records.values() for r in rows)):
-            continue  # nothing logged; the total loss only for GPT runs (tokenizers: usage, PSNR, rec)
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for name, points in series.items():
-            x, y = zip(*points)
-            ax.plot(x, [100 * v for v in y] if key == 'usage' else y, label=name)
-        if key == 'usage':
-            ax.set_ylim(0, 102)
-        ax.set_xlabel('iteration')
-        ax.set_ylabel(label)
-        ax.legend(fontsize=8)
-        path = os.path.join(config['out_dir'], f'{file_name}.png')
-        fig.savefig(path, dpi=100, bbox_inches='tight')
-        plt.close(fig)
-        results['png'].append(path)
-    for name, rows in records.items():
-        train = [r for r in rows if r.get('split') == 'train']
-        evals = [r for r in rows if r.get('split') == 'eval']
-        final = {'iter': rows[-1]['iter'] if rows else 0}
-        if train:
-            final.update({k: train[-1][k] for k in ('usage', 'usage_tokens', 'rec', 'loss') if k in train[-1]})
-        if evals:
-            final.update({f'eval_{k}': evals[-1][k] for k in ('psnr', 'usage', 'usage_tokens') if k in evals[-1]})
-        results[name] = final
-        table.append((name, ', '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in final.items())))
-    if entropy_dirs:
-        runs = []
-        for name, d in zip(names[len(logs):], entropy_dirs):
-            with open(os.path.join(d, 'eval_entropy.json')) as f:
-                result = json.load(f)
-            runs.append((name, np.asarray(result['H_bits']), result))
-            table.append((name, f"N {result['num_sequences']}, log2 N {result['log2_N']:.2f}, "
-                                f"t* (eq. 2) {result.get('t_star_bound')}, H_1..4 "
-                                + ' '.join(f'{h:.2f}' for h in result['H_bits'][:4])))
-        results['png'].append(plot_entropy(runs, os.path.join(config['out_dir'], 'entropy_cliff.png')))
-    print_table('final values', table)
-    return results
-
-
-def load_labels(path, n):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"labels file '{path}' does not exist")
-    y = np.load(path)
-    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
-        raise ValueError(f"'{path}' holds {y.dtype} of shape {y.shape}; expected integer labels (N,)")
-    if len(y) != n:
-        raise ValueError(f"'{path}' has {len(y)} labels but the codes file has {n} sequences")
-    if y.min() < 0:
-        raise ValueError(f"'{path}' has negative labels")
-    return torch.as_tensor(y, dtype=torch.long)
-
-
-def run_probe(config):
-    """VCQ §4.4: linear probe on the code vectors of the first k tokens -> held-out top-1 / top-5."""
-    if config['codes'] == '' or config['labels'] == '':
-        raise ValueError("probe mode needs --codes=<codes .npy> and --labels=<labels .npy>")
-    if config['ckpt'] == '':
-        raise ValueError("probe mode needs --ckpt=<tokenizer checkpoint>: the probe reads the tokens' code vectors "
-                         "from its codebook (a learned embedding would not be a linear probe of the tokens)")
-    from tokenizer import load_tokenizer
-    c = load_codes(config['codes'])
-    y = load_labels(config['labels'], len(c))
-    if not 1 <= config['first_k'] <= c.shape[1]:
-        raise ValueError(f"first_k = {config['first_k']} must be in [1, {c.shape[1]}] (the sequence length)")
-    with torch.no_grad():
-        codebook = load_tokenizer(config['ckpt']).quantizer.codebook().float()  # (K, D)
-    x = probe_features(c, codebook, config['first_k'])
-    if config['val_codes'] != '':
-        val_c = load_codes(config['val_codes'])
-        if val_c.shape[1] != c.shape[1]:
-            raise ValueError(f"val codes have {val_c.shape[1]} tokens per sequence, codes have {c.shape[1]}")
-        train_x, train_y = x, y
-        val_x, val_y = probe_features(val_c, codebook, config['first_k']), load_labels(config['val_labels'], len(val_c))
-    else:
-        order = torch.randperm(len(c), generator=torch.Generator().manual_seed(config['seed']))
-        n_val = math.ceil(config['probe_val_frac'] * len(c))
-        if not 0 < n_val < len(c):
-            raise ValueError(f"probe_val_frac = {config['probe_val_frac']} leaves no train or no val sequences")
-        train_x, train_y, val_x, val_y = x[order[n_val:]], y[order[n_val:]], x[order[:n_val]], y[order[:n_val]]
-    num_classes = int(max(train_y.max(), val_y.max())) + 1
-    dev = resolve_device(config['device'])
-    top1, top5 = linear_probe(train_x, train_y, val_x, val_y, num_classes, config['probe_steps'],
-                              config['probe_weight_decay'], dev)
-    results = {'top1': top1, 'top5': top5, 'first_k': config['first_k'], 'feature_dim': int(x.shape[1]),
-               'num_train': int(len(train_y)), 'num_val': int(len(val_y)), 'num_classes': num_classes}
-    print_table(f"probe: first {config['first_k']} tokens of {config['codes']}", list(results.items()))
-    return results
-
+# command line: python evaluate.py [config files] --key=value ...
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     config = {k: globals()[k] for k in config_keys}
     print(config)
-    runs = {'recon': run_recon, 'gen': run_gen, 'entropy': run_entropy, 'probe': run_probe, 'curves': run_curves}
+    runs = {'recon': run_recon, 'gen': run_gen, 'entropy': run_entropy, 'probe': run_probe,
+            'curves': run_curves}
     if mode not in runs:
         raise ValueError(f"unknown mode '{mode}' (expected one of {', '.join(runs)})")
     torch.manual_seed(seed)
