@@ -1,6 +1,7 @@
 """
 Micro-benchmarks. Pick one with --what:
-  quantizer:    forward+backward time and peak memory of one quantizer at a given codebook size / dim / token count
+  quantizer:    forward+backward time and peak memory of one quantizer at a given codebook size, dim and
+                token count
       python bench.py --what=quantizer --kind=ibq --codebook_size=262144 --dim=256 --tokens=8192 --device=cuda
       last line: quantizer kind=ibq K=262144 D=256 N=8192 device=cuda: fwd+bwd <ms> ms, peak <MB> MB
   bridge_flops: FLOPs of one forward of the FVQ projector (FVQ Table 10), counted by torch.utils.flop_counter
@@ -8,12 +9,15 @@ Micro-benchmarks. Pick one with --what:
   inception:    features/s of evaluate.py's FID Inception-v3 on 256x256 uint8 images (float32, as FID needs)
       python bench.py --what=inception --inception_batch=200 --device=cuda
       last line: inception batch=200 device=cuda: <n> features/s
-  tokenizer:    one steady-state tokenizer training step (generator with LPIPS + GAN loss, then the discriminator)
-      for the model of a train_tokenizer.py config, on random images: img/s, ms/iter, peak memory
-      python bench.py --what=tokenizer --tokenizer_config=config/vq_16k.py --tokenizer_batch=32 --device=cuda \
-          --dtype=bfloat16 --compile=True
-      last line: tokenizer config=config/vq_16k.py batch=32 256px device=cuda: <img/s> img/s, <ms> ms/iter, peak <MB> MB
-  ar:           GPT training step (fwd+bwd+AdamW) on random codes: tok/s, ms/iter and MFU (train_ar.py's FLOPs estimate)
+  tokenizer:    one steady-state tokenizer training step (generator with LPIPS + GAN loss, then the
+                discriminator) for the model of a train_tokenizer.py config, on random images: img/s,
+                ms/iter, peak memory
+      python bench.py --what=tokenizer --tokenizer_config=config/vq_16k.py --tokenizer_batch=32 \
+          --device=cuda --dtype=bfloat16 --compile=True
+      last line (one line):
+      tokenizer config=config/vq_16k.py batch=32 256px device=cuda: <img/s> img/s, <ms> ms/iter, peak <MB> MB
+  ar:           GPT training step (fwd+bwd+AdamW) on random codes: tok/s, ms/iter and MFU (train_ar.py's
+                FLOPs estimate)
       python bench.py --what=ar --ar_model=B --ar_batch=64 --device=cuda --dtype=bfloat16
       last line: ar preset=B batch=64 device=cuda: <tok/s> tok/s, <ms> ms/iter, MFU <x>%
   sample:       KV-cached sampling of codes with CFG (sample.generate; no tokenizer decode): images/s
@@ -24,6 +28,9 @@ import os
 import time
 
 import torch
+
+from quantizers import make_quantizer, options_from_config, quantizer_options
+from tokenizer import setup_device, autocast_context
 
 # -----------------------------------------------------------------------------
 what = 'quantizer'  # 'quantizer', 'bridge_flops', 'inception', 'tokenizer', 'ar' or 'sample'
@@ -61,21 +68,25 @@ dtype = 'float32'  # autocast dtype around the quantizer on GPU: 'float32' (no a
 compile = False
 seed = 0
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
 default_config = {k: globals()[k] for k in config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
-from quantizers import make_quantizer, options_from_config, quantizer_options  # noqa: E402
-from tokenizer import setup_device, autocast_context  # noqa: E402
-
+if what not in ('quantizer', 'bridge_flops', 'inception', 'tokenizer', 'ar', 'sample'):
+    raise ValueError(f"unknown --what='{what}'; expected 'quantizer', 'bridge_flops', 'inception', "
+                     f"'tokenizer', 'ar' or 'sample'")
 device = setup_device(device)[0]  # resolves 'auto'; TF32 on CUDA as in the training scripts
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+autocast = autocast_context(device, dtype)
+torch.manual_seed(seed)
 
 
 def time_steps(step):
-    """Mean seconds per call of step() after warmup_steps untimed calls; resets the CUDA peak-memory counter."""
+    """Mean seconds per call of step() after warmup_steps untimed calls; resets the CUDA peak-memory
+    counter."""
     for _ in range(warmup_steps):
         step()
     if device_type == 'cuda':
@@ -89,21 +100,37 @@ def time_steps(step):
     return (time.perf_counter() - t0) / steps
 
 
-def make_bench_quantizer(kind):
-    options = options_from_config(kind, config, default_config)
+def peak_memory():
+    return f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB" if device_type == 'cuda' else 'n/a'
+
+
+# -----------------------------------------------------------------------------
+# the model under test: a quantizer, or a train_ar.GPT preset with K = codebook_size and 1000 classes
+
+if what in ('quantizer', 'bridge_flops'):  # bridge_flops: an FVQ quantizer's projector, on the CPU
+    quantizer_kind = 'fvq' if what == 'bridge_flops' else kind
+    options = options_from_config(quantizer_kind, config, default_config)
     if options.get('bridge_group_size') == 0:
         del options['bridge_group_size']  # the preset for K
-    return make_quantizer(kind, codebook_size, dim, **options)
+    quantizer = make_quantizer(quantizer_kind, codebook_size, dim, **options)
+    if what == 'quantizer':
+        quantizer = quantizer.to(device)
+elif what in ('ar', 'sample'):
+    from train_ar import GPT, gpt_model_args, peak_bf16_flops
+    grid = int(ar_tokens ** 0.5)
+    if grid * grid != ar_tokens:
+        raise ValueError(f"ar_tokens must be a square (a grid x grid raster), got {ar_tokens}")
+    model_args = gpt_model_args(codebook_size, 1000, grid, grid, ar_model, n_layer, n_head, n_embd)
+    model = GPT(**model_args).to(device)
 
+# -----------------------------------------------------------------------------
+# the benchmark
 
-def bench_quantizer():
-    torch.manual_seed(seed)
-    quantizer = make_bench_quantizer(kind).to(device)
+if what == 'quantizer':
     # (B, D, h, w) latent grid: 16x16 tokens per image when possible (256px images at 16x downsampling)
     shape = (tokens // 256, dim, 16, 16) if tokens % 256 == 0 else (1, dim, 1, tokens)
     z = torch.randn(shape, device=device, requires_grad=True)
     upstream = torch.randn(shape, device=device)
-    autocast = autocast_context(device, dtype)
     forward = torch.compile(quantizer) if compile else quantizer
 
     def step():
@@ -115,14 +142,12 @@ def bench_quantizer():
         quantizer.zero_grad(set_to_none=True)
 
     ms = time_steps(step) * 1000
-    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB" if device_type == 'cuda' else 'n/a'
-    print(f"quantizer kind={kind} K={codebook_size} D={dim} N={tokens} device={device}: fwd+bwd {ms:.1f} ms, peak {peak}")
+    print(f"quantizer kind={kind} K={codebook_size} D={dim} N={tokens} device={device}: fwd+bwd {ms:.1f} ms, "
+          f"peak {peak_memory()}")
 
-
-def bench_bridge_flops():
+elif what == 'bridge_flops':
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    quantizer = make_bench_quantizer('fvq')
     counter = FlopCounterMode(display=False)
     # the math attention kernel is made of matmuls the counter sees; the fused CPU kernel is not counted
     with sdpa_kernel(SDPBackend.MATH), counter:
@@ -131,20 +156,18 @@ def bench_bridge_flops():
     # FVQ Table 10 counts multiply-accumulates (one per weight use), i.e. half of these FLOPs
     print(f"bridge projector={projector} K={codebook_size} D={dim}: {flops} FLOPs = {flops / 2e9:.2f} GMACs")
 
-
-def bench_inception():
+elif what == 'inception':
     import numpy as np
     from evaluate import FIDInceptionV3, inception_forward
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # evaluate.py's strict float32
-    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = False  # evaluate.py's strict float32
+    torch.backends.cudnn.allow_tf32 = False
     model = FIDInceptionV3().to(device).eval()
     images = np.random.default_rng(seed).integers(0, 256, (inception_batch, 256, 256, 3), dtype=np.uint8)
     with torch.no_grad():
         dt = time_steps(lambda: inception_forward(model, images, device))
     print(f"inception batch={inception_batch} device={device}: {inception_batch / dt:.2f} features/s")
 
-
-def bench_tokenizer():
+elif what == 'tokenizer':
     from tokenizer import Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn
     cfg = {}
     exec(open(tokenizer_config).read(), cfg)  # the config's keys; train_tokenizer.py's defaults for the rest
@@ -153,7 +176,6 @@ def bench_tokenizer():
     q_kind = cfg.get('quantizer', 'vq')
     q_options = quantizer_options(q_kind, cfg.get('projector', 'vqbridge'), cfg.get('vcq_schedule', ''))
     model_args['quantizer_args'] = {k: cfg[k] for k in q_options if k in cfg}
-    torch.manual_seed(seed)
     model = Tokenizer(**model_args).to(device)
     disc = PatchDiscriminator(3, cfg.get('disc_ch', 64), cfg.get('disc_layers', 3)).to(device)
     lpips_model = make_lpips(random_backbone=True).to(device)  # same cost as the pretrained one, no download
@@ -161,7 +183,6 @@ def bench_tokenizer():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     disc_optimizer = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     forward, disc_forward = (torch.compile(model), torch.compile(disc)) if compile else (model, disc)
-    autocast = autocast_context(device, dtype)
     size = cfg.get('image_size', 256)
     images = torch.rand(tokenizer_batch, 3, size, size, device=device) * 2 - 1
 
@@ -184,27 +205,13 @@ def bench_tokenizer():
         disc_optimizer.zero_grad(set_to_none=True)
 
     dt = time_steps(step)
-    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB" if device_type == 'cuda' else 'n/a'
     print(f"tokenizer config={tokenizer_config} batch={tokenizer_batch} {size}px device={device}: "
-          f"{tokenizer_batch / dt:.2f} img/s, {1000 * dt:.1f} ms/iter, peak {peak}")
+          f"{tokenizer_batch / dt:.2f} img/s, {1000 * dt:.1f} ms/iter, peak {peak_memory()}")
 
-
-def make_bench_gpt():
-    from train_ar import GPT, gpt_model_args
-    grid = int(ar_tokens ** 0.5)
-    if grid * grid != ar_tokens:
-        raise ValueError(f"ar_tokens must be a square (a grid x grid raster), got {ar_tokens}")
-    torch.manual_seed(seed)
-    return GPT(**gpt_model_args(codebook_size, 1000, grid, grid, ar_model, n_layer, n_head, n_embd)).to(device)
-
-
-def bench_ar():
-    from train_ar import peak_bf16_flops
-    model = make_bench_gpt()
+elif what == 'ar':
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
                                   fused=device_type == 'cuda')
     forward = torch.compile(model) if compile else model
-    autocast = autocast_context(device, dtype)
     codes = torch.randint(0, codebook_size, (ar_batch, ar_tokens), device=device)
     labels = torch.randint(0, 1000, (ar_batch,), device=device)
 
@@ -222,11 +229,9 @@ def bench_ar():
     print(f"ar preset={ar_model} batch={ar_batch} device={device}: {ar_batch * ar_tokens / dt:.0f} tok/s, "
           f"{1000 * dt:.1f} ms/iter, MFU {mfu}")
 
-
-def bench_sample():
+elif what == 'sample':
     from sample import generate
-    model = make_bench_gpt().eval()
-    autocast = autocast_context(device, dtype)
+    model.eval()
     labels = torch.arange(ar_batch, device=device) % 1000
     generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -237,20 +242,3 @@ def bench_sample():
     dt = time_steps(run)
     print(f"sample preset={ar_model} batch={ar_batch} cfg={cfg_scale} tokens={ar_tokens} device={device}: "
           f"{ar_batch / dt:.2f} images/s")
-
-
-# -----------------------------------------------------------------------------
-if what == 'quantizer':
-    bench_quantizer()
-elif what == 'bridge_flops':
-    bench_bridge_flops()
-elif what == 'inception':
-    bench_inception()
-elif what == 'tokenizer':
-    bench_tokenizer()
-elif what == 'ar':
-    bench_ar()
-elif what == 'sample':
-    bench_sample()
-else:
-    raise ValueError(f"unknown --what='{what}'; expected 'quantizer', 'bridge_flops', 'inception', 'tokenizer', 'ar' or 'sample'")

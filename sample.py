@@ -1,7 +1,8 @@
 """
-Class-conditional sampling from a train_ar.py checkpoint: KV-cached decoding, temperature / top-k / top-p, and
-classifier-free guidance with the conditional and unconditional halves in one batch (the sampled token is fed to
-both). Writes an ADM-style .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for evaluate.py and a PNG grid.
+Class-conditional sampling from a train_ar.py checkpoint: KV-cached decoding, temperature / top-k / top-p,
+and classifier-free guidance with the conditional and unconditional halves in one batch (the sampled token is
+fed to both). Writes an ADM-style .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for evaluate.py and a PNG
+grid.
     python sample.py --ckpt=out-ar/ckpt.pt --cfg_scale=2.0 --num_samples=50000
     torchrun --standalone --nproc_per_node=8 sample.py --ckpt=out-ar-vcq-b/ckpt.pt \
         --cfg_schedule=codebook_size_aware --cfg_scale=10 --cfg_power=1.5
@@ -9,12 +10,12 @@ CFG schedules (w = cfg_scale, p = cfg_power, T tokens, w_t the scale at position
   constant             w_t = w
   linear               w_t = 1 + (w - 1) x,                          x = t / (T - 1)
   cosine               w_t = 1 + (w - 1) (1 - cos(pi x^p)) / 2        (VCQ Appendix B, "cosine, scale=w, p")
-  codebook_size_aware  the cosine formula with x = r_t = (log K_t - log K_min) / (log K_max - log K_min) (VCQ eq. 4,
-                       as read in NOTES.md; the equation was lost in the text extraction). On a constant codebook
-                       r_t = t / (T - 1), so it equals 'cosine'.
+  codebook_size_aware  VCQ equation 4 as we read it: the cosine formula with
+                       x = r_t = (log K_t - log K_min) / (log K_max - log K_min).
+                       On a constant codebook r_t = t / (T - 1), so it equals 'cosine'.
 x runs to t / (T - 1) (not t / T) so that every ramp ends exactly at w on the last token, which makes
 codebook_size_aware on a constant codebook the same schedule as cosine, as the VCQ paper says it should be.
-For VCQ models (checkpoints with codebook_sizes) logits of codes >= K_t are masked at every position.
+VCQ models (checkpoints with codebook_sizes) never sample a code >= K_t at position t (sample_tokens).
 """
 import math
 import os
@@ -66,18 +67,20 @@ def sample_from_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=No
 @torch.no_grad()
 def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1.0, codebook_sizes=None,
                   generator=None):
-    """Autoregressive sampling with the KV cache, one forward per token. labels (B,) long; weights (T,) the CFG
-    scale per position, or None for no guidance (then no unconditional half is run). codebook_sizes (T,) K_t for VCQ:
-    codes >= K_t are never sampled at position t. Returns codes (B, T) long in raster order."""
+    """Autoregressive sampling with the KV cache, one forward per token. labels (B,) long; weights (T,) the
+    CFG scale per position, or None for no guidance (then no unconditional half is run). codebook_sizes (T,)
+    K_t for VCQ: codes >= K_t are never sampled at position t. Returns codes (B, T) long in raster order."""
     B, T, K, device = len(labels), model.seq_len, model.codebook_size, labels.device
     if labels.numel() and (labels.min() < 0 or labels.max() >= model.num_classes):
-        raise ValueError(f"class id {int(labels.max() if labels.max() >= model.num_classes else labels.min())} is out "
-                         f"of range: the model has classes 0..{model.num_classes - 1}")
+        bad = int(labels.max() if labels.max() >= model.num_classes else labels.min())
+        raise ValueError(f"class id {bad} is out of range: the model has classes 0..{model.num_classes - 1}")
     if weights is not None:  # [conditional; unconditional] halves in one batch
         labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
         weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
     too_big = None
     if codebook_sizes is not None:
+        # VCQ section 3 (shared codebook): position t quantizes against the first K_t entries only, so codes
+        # >= K_t never occur there and their logits are masked before sampling
         sizes = torch.as_tensor(codebook_sizes, device=device)
         too_big = torch.arange(K, device=device)[None, :] >= sizes[:, None]  # (T, K)
     was_training = model.training
@@ -106,8 +109,8 @@ def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1
 
 
 def check_sampling_options(cfg_scale, temperature, top_k, top_p):
-    """Logits are u + w (c - u): w = 1.0 is no guidance and w < 1 would push away from the class, so it is refused.
-    (VCQ's tables write "cfg=0" for no guidance: the RAR convention, whose 0 is our 1.0.)"""
+    """Logits are u + w (c - u): w = 1.0 is no guidance and w < 1 would push away from the class, so it is
+    refused. (VCQ's tables write "cfg=0" for no guidance: the RAR convention, whose 0 is our 1.0.)"""
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1.0 (1.0 = no guidance), got {cfg_scale}")
     if temperature <= 0:
@@ -130,15 +133,23 @@ def generate(model, labels, cfg_scale=1.0, cfg_schedule='constant', cfg_power=1.
     return sample_tokens(model, labels, weights, temperature, top_k, top_p, codebook_sizes, generator)
 
 
-def load_gpt(path, device):
+def load_gpt(ckpt_path, device):
     """A GPT in eval mode and its checkpoint dict (without optimiser state) from a train_ar.py checkpoint."""
     from train_ar import GPT
     from tokenizer import load_checkpoint
-    ckpt = load_checkpoint(path, 'gpt')
-    model = GPT(**ckpt['model_args'])
-    model.load_state_dict(ckpt['model'])
-    ckpt.pop('optimizer', None)
-    return model.to(device).eval(), ckpt
+    checkpoint = load_checkpoint(ckpt_path, 'gpt')
+    model = GPT(**checkpoint['model_args'])
+    model.load_state_dict(checkpoint['model'])
+    checkpoint.pop('optimizer', None)
+    return model.to(device).eval(), checkpoint
+
+
+def sample_images(model, tokenizer, labels, **options):
+    """uint8 images (B, H, W, 3) on the CPU for class labels (B,): the codes of generate(model, labels,
+    **options) through the tokenizer's decoder."""
+    codes = generate(model, labels, **options)
+    images = tokenizer.decode(codes.reshape(len(labels), model.grid_h, model.grid_w)).float()
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 if __name__ == '__main__':
@@ -148,6 +159,7 @@ if __name__ == '__main__':
     from tokenizer import load_tokenizer, save_image_grid, setup_device, autocast_context
 
     # -----------------------------------------------------------------------------
+    # default config; override with config files / --key=value
     ckpt = 'out-ar/ckpt.pt'  # train_ar.py checkpoint
     tokenizer_ckpt = ''  # '' = the tokenizer the GPT was trained on (recorded in its checkpoint)
     out_dir = ''  # '' = the GPT checkpoint's folder
@@ -184,9 +196,11 @@ if __name__ == '__main__':
     if master:
         print(f"config: {config}")
 
-    model, gpt_ckpt = load_gpt(ckpt, device)
-    tokenizer = load_tokenizer(tokenizer_ckpt or gpt_ckpt['tokenizer_ckpt'], map_location=device)
-    codebook_sizes = gpt_ckpt.get('codebook_sizes')
+    # -----------------------------------------------------------------------------
+    # the GPT and the tokenizer that decodes its codes
+
+    model, gpt_checkpoint = load_gpt(ckpt, device)
+    tokenizer = load_tokenizer(tokenizer_ckpt or gpt_checkpoint['tokenizer_ckpt'], map_location=device)
     if tokenizer.quantizer.codebook_size != model.codebook_size:
         raise ValueError(f"the tokenizer has {tokenizer.quantizer.codebook_size} codes, the GPT predicts "
                          f"{model.codebook_size}")
@@ -196,22 +210,20 @@ if __name__ == '__main__':
         raise ValueError(f"grid_classes {bad} out of range: the model has classes 0..{model.num_classes - 1}")
     os.makedirs(out_dir, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(seed * world_size + rank)  # per-rank streams
+    codebook_sizes = gpt_checkpoint.get('codebook_sizes')  # VCQ: K_t per position; None otherwise
+    options = dict(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, cfg_power=cfg_power,
+                   temperature=temperature, top_k=top_k, top_p=top_p, codebook_sizes=codebook_sizes,
+                   generator=generator)
 
-    def make_images(labels):
-        # labels (B,) -> uint8 images (B, H, W, 3) on the CPU
-        with autocast:
-            codes = generate(model, labels, cfg_scale, cfg_schedule, cfg_power, temperature, top_k, top_p,
-                             codebook_sizes, generator)
-            images = tokenizer.decode(codes.reshape(len(labels), model.grid_h, model.grid_w)).float()
-        return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    # -----------------------------------------------------------------------------
+    # sampling: every rank samples the global indices rank, rank + world_size, ...; labels are index % classes
 
-    # every rank samples the global indices rank, rank + world_size, ...; labels are index % num_classes
     my_indices = torch.arange(rank, num_samples, world_size)
     parts, t0 = [], time.time()
     for start in tqdm(range(0, len(my_indices), batch_size), desc='sampling', disable=not master):
-        indices = my_indices[start:start + batch_size]
-        labels = (indices % model.num_classes).to(device)
-        parts.append(make_images(labels))
+        labels = (my_indices[start:start + batch_size] % model.num_classes).to(device)
+        with autocast:
+            parts.append(sample_images(model, tokenizer, labels, **options))
     if device_type == 'cuda':
         torch.cuda.synchronize()
     elapsed = time.time() - t0
@@ -221,7 +233,7 @@ if __name__ == '__main__':
     np.savez(part_path, indices=my_indices.numpy(), images=images.numpy())
     if ddp:
         dist.barrier()
-    if master:
+    if master:  # the ranks' parts merged into one .npz in index order, then the PNG grid
         arr_0, arr_1 = None, np.arange(num_samples) % model.num_classes
         for r in range(world_size):
             path = os.path.join(out_dir, f'{sample_name}_rank{r}.npz')
@@ -236,7 +248,9 @@ if __name__ == '__main__':
         os.replace(npz_path + '.tmp', npz_path)
         print(f"wrote {npz_path}: {arr_0.shape[0]} images {arr_0.shape[1]}x{arr_0.shape[2]}")
         grid_labels = torch.tensor(grid_classes, device=device).repeat_interleave(grid_per_class)
-        grid = make_images(grid_labels).permute(0, 3, 1, 2).float() / 127.5 - 1  # back to [-1, 1] for the writer
+        with autocast:
+            grid = sample_images(model, tokenizer, grid_labels, **options)
+        grid = grid.permute(0, 3, 1, 2).float() / 127.5 - 1  # back to [-1, 1] for the writer
         grid_path = os.path.join(out_dir, f'{sample_name}_grid.png')
         save_image_grid(grid, grid_path, nrow=grid_per_class)
         print(f"wrote {grid_path}: classes {list(grid_classes)}, one row each")

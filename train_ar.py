@@ -1,12 +1,12 @@
 """
-The AR stage: a LlamaGen GPT (class-conditional, next-token prediction over a frozen tokenizer's codes) and its
-training. The model section below is imported by sample.py and bench.py; the training script runs only as a script.
-One GPU or CPU:
+The AR stage: a LlamaGen GPT (class-conditional, next-token prediction over a frozen tokenizer's codes)
+and its training. The model section below is imported by sample.py and bench.py; the training section runs
+only as a script. One GPU or CPU:
     python train_ar.py config/ar_smoke.py
 DDP on one node (global batch split across ranks):
     torchrun --standalone --nproc_per_node=8 train_ar.py config/ar_gpt_b.py
-The first run encodes the training images once into codes_dir (default out_dir/codes) as .npy memmaps; later runs
-(and other GPT sizes pointed at the same codes_dir) reuse them.
+The first run encodes the training images once into codes_dir (default out_dir/codes) as .npy memmaps;
+later runs (and other GPT sizes pointed at the same codes_dir) reuse them.
 """
 import json
 import math
@@ -39,15 +39,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x_float = x.float()  # the mean square in fp32 even under bf16 autocast
-        return (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
 
 
 def rope_2d_angles(grid_h, grid_w, head_dim, base=10000.0):
-    """Rotation angles (T, head_dim // 2) for the T = grid_h * grid_w inputs of one sequence: the class token at input
-    0, then the codes in raster order (input i >= 1 holds code i - 1). Half the rotary pairs rotate with the row, half
-    with the column. The class token sits at (row 0, col 0) and code (r, c) at (r + 1, c + 1): a proper position one
-    step above-left of the grid. (LlamaGen instead gives the class token cos = sin = 0, which zeroes its q and k so
-    no query can attend to it by content; we do not copy that.) Only the last code is never an input, so T rows."""
+    """Rotation angles (T, head_dim // 2) for the T = grid_h * grid_w inputs of one sequence: the class
+    token at input 0, then the codes in raster order (input i >= 1 holds code i - 1). Half the rotary pairs
+    rotate with the row, half with the column. The class token sits at (row 0, col 0) and code (r, c) at
+    (r + 1, c + 1): a proper position one step above-left of the grid. (LlamaGen instead gives the class
+    token cos = sin = 0, which zeroes its q and k so no query can attend to it by content; we do not copy
+    that.) Only the last code is never an input, so T rows."""
     if head_dim % 4 != 0:
         raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
     quarter = head_dim // 4
@@ -77,7 +79,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, start_pos=None):
         B, L, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
+        qkv = self.qkv(x).reshape(B, L, 3, self.n_head, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if start_pos is None:  # training / full recompute: plain causal attention over the L inputs
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -114,10 +117,15 @@ class FeedForward(nn.Module):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
+def modulate(x, shift, scale):
+    # DiT's adaLN modulation
+    return x * (1 + scale) + shift
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block. With adaln (IBQ section 4.2, DiT-style reading): the class embedding gives a
-    per-block shift/scale after each RMSNorm and a gate on each residual branch; the modulation layer is
-    zero-initialised, so each block starts as the identity (adaLN-Zero)."""
+    """Pre-norm transformer block. With adaln (IBQ section 4.2, DiT-style reading): the class embedding
+    gives a per-block shift/scale after each RMSNorm and a gate on each residual branch; the modulation layer
+    is zero-initialised, so each block starts as the identity (adaLN-Zero)."""
     def __init__(self, n_embd, n_head, dropout, adaln):
         super().__init__()
         self.attention_norm = RMSNorm(n_embd)
@@ -130,17 +138,19 @@ class Block(nn.Module):
         if self.adaln is None:
             x = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
             return x + self.feed_forward(self.ffn_norm(x))
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond)[:, None].chunk(6, dim=-1)  # (B, 1, C) each
-        x = x + gate1 * self.attention(self.attention_norm(x) * (1 + scale1) + shift1, cos, sin, start_pos)
-        return x + gate2 * self.feed_forward(self.ffn_norm(x) * (1 + scale2) + shift2)
+        # (B, 1, C) each
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond)[:, None].chunk(6, dim=-1)
+        x = x + gate1 * self.attention(modulate(self.attention_norm(x), shift1, scale1), cos, sin, start_pos)
+        return x + gate2 * self.feed_forward(modulate(self.ffn_norm(x), shift2, scale2))
 
 
 class GPT(nn.Module):
     """Class-conditional next-token model over codes 0..codebook_size-1 on a grid_h x grid_w raster.
-    Inputs: [class embedding, code_0, ..., code_{T-2}] -> logits for code_0 .. code_{T-1}, T = grid_h * grid_w.
-    Class num_classes is the learned null class (used for label dropout in training and for CFG)."""
-    def __init__(self, codebook_size, num_classes, grid_h, grid_w, n_layer=12, n_head=12, n_embd=768, dropout=0.1,
-                 token_dropout=0.1, class_dropout=0.1, adaln=False):
+    Inputs: [class embedding, code_0, ..., code_{T-2}] -> logits for code_0 .. code_{T-1},
+    T = grid_h * grid_w. Class num_classes is the learned null class (used for label dropout in training and
+    for CFG)."""
+    def __init__(self, codebook_size, num_classes, grid_h, grid_w, n_layer=12, n_head=12, n_embd=768,
+                 dropout=0.1, token_dropout=0.1, class_dropout=0.1, adaln=False):
         super().__init__()
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd {n_embd} is not divisible by n_head {n_head}")
@@ -148,7 +158,7 @@ class GPT(nn.Module):
         self.grid_h, self.grid_w, self.seq_len = grid_h, grid_w, grid_h * grid_w
         self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
         self.class_embedding = nn.Embedding(num_classes, n_embd)
-        # the null class is a separate 1-D parameter so that it is not weight-decayed (it is seen in 10% of batches)
+        # the null class is a separate 1-D parameter so that it is not weight-decayed (seen in 10% of batches)
         self.null_class_embedding = nn.Parameter(torch.empty(n_embd))
         self.tok_embeddings = nn.Embedding(codebook_size, n_embd)
         self.token_dropout = nn.Dropout(token_dropout)
@@ -159,7 +169,7 @@ class GPT(nn.Module):
         angles = rope_2d_angles(grid_h, grid_w, n_embd // n_head)
         self.register_buffer('rope_cos', angles.cos(), persistent=False)  # (T, head_dim/2)
         self.register_buffer('rope_sin', angles.sin(), persistent=False)
-        # LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head; adaLN-Zero modulation
+        # LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head; adaLN-Zero
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -173,18 +183,20 @@ class GPT(nn.Module):
                 nn.init.zeros_(adaln[1].bias)
 
     def embed_classes(self, labels):
-        # labels (B,) in 0..num_classes (num_classes = null); training drops labels to null with p = class_dropout
+        # labels (B,) in 0..num_classes (num_classes = null); training drops labels to null w.p. class_dropout
         if self.training and self.class_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.class_dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        table = torch.cat([self.class_embedding.weight, self.null_class_embedding[None]])  # (num_classes + 1, C)
+        # (num_classes + 1, C)
+        table = torch.cat([self.class_embedding.weight, self.null_class_embedding[None]])
         return F.embedding(labels, table)  # (B, C)
 
     def forward(self, labels, codes=None, targets=None, start_pos=None):
-        """labels (B,); codes (B, L) long or None. Without start_pos: the inputs are [class, codes] at positions
-        0..L, causal attention, returns logits (B, L+1, K) (and the mean cross-entropy against targets (B, L+1) if
-        given). With start_pos (generation, after setup_kv_cache): start_pos == 0 prefills the class token (and any
-        codes); start_pos > 0 feeds codes at positions start_pos.. through the KV cache; logits for those inputs."""
+        """labels (B,); codes (B, L) long or None. Without start_pos: the inputs are [class, codes] at
+        positions 0..L, causal attention, returns logits (B, L+1, K) (and the mean cross-entropy against
+        targets (B, L+1) if given). With start_pos (generation, after setup_kv_cache): start_pos == 0 prefills
+        the class token (and any codes); start_pos > 0 feeds codes at positions start_pos.. through the KV
+        cache; logits for those inputs."""
         cond = self.embed_classes(labels)  # (B, C)
         x = self.tok_embeddings(codes) if codes is not None else cond[:, None][:, :0]  # (B, L, C)
         if start_pos is None or start_pos == 0:
@@ -199,7 +211,7 @@ class GPT(nn.Module):
         x = self.norm(x)
         if self.final_adaln is not None:
             shift, scale = self.final_adaln(cond)[:, None].chunk(2, dim=-1)
-            x = x * (1 + scale) + shift
+            x = modulate(x, shift, scale)
         logits = self.output(x).float()  # (B, L', K)
         if targets is None:
             return logits
@@ -227,7 +239,8 @@ class GPT(nn.Module):
         return 6 * N + 12 * self.n_layer * self.n_head * (self.n_embd // self.n_head) * self.seq_len
 
 
-def gpt_model_args(codebook_size, num_classes, grid_h, grid_w, ar_model, n_layer=0, n_head=0, n_embd=0, **options):
+def gpt_model_args(codebook_size, num_classes, grid_h, grid_w, ar_model, n_layer=0, n_head=0, n_embd=0,
+                   **options):
     """GPT(**args) for a preset name, with depth / heads / width overridden where given (0 = the preset's)."""
     if ar_model not in GPT_PRESETS:
         raise ValueError(f"unknown ar_model '{ar_model}'; expected one of {sorted(GPT_PRESETS)}")
@@ -242,11 +255,40 @@ def peak_bf16_flops(device):
     if not str(device).startswith('cuda'):
         return 0.0
     name = torch.cuda.get_device_name(device)
-    for key, flops in (('H100', 989e12), ('H200', 989e12), ('H800', 989e12), ('A100', 312e12), ('A800', 312e12),
-                       ('L40S', 362e12), ('4090', 165e12), ('A10', 125e12)):
+    for key, flops in (('H100', 989e12), ('H200', 989e12), ('H800', 989e12), ('A100', 312e12),
+                       ('A800', 312e12), ('L40S', 362e12), ('4090', 165e12), ('A10', 125e12)):
         if key in name:
             return flops
     return 0.0
+
+
+# -----------------------------------------------------------------------------
+# the training script's data helpers (pure functions of their arguments)
+
+def image_views(images, size, ten_crop, flip_augment):
+    """(B, 3, S', S') -> (B * views, 3, size, size), the views of one image adjacent: LlamaGen's ten crops
+    (5 crops + their flips, torchvision TenCrop order) of images read at 1.1x, or the image (and its
+    horizontal flip)."""
+    if ten_crop:
+        S1 = images.shape[-1]
+        c = (S1 - size) // 2
+        crops = [images[..., :size, :size], images[..., :size, S1 - size:], images[..., S1 - size:, :size],
+                 images[..., S1 - size:, S1 - size:], images[..., c:c + size, c:c + size]]
+        crops = crops + [crop.flip(-1) for crop in crops]
+    else:
+        crops = [images] + ([images.flip(-1)] if flip_augment else [])
+    return torch.stack(crops, dim=1).reshape(-1, 3, size, size)
+
+
+@lru_cache(maxsize=2)
+def epoch_order(epoch, seed, num_valid, num_images, views_per_image):
+    """Epoch `epoch` of the shuffled code stream: the order of the num_valid readable images (indices into
+    them) and the view drawn for each of the num_images images. A function of the epoch only, so a resumed
+    run continues exactly where it stopped."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(num_valid, generator=g)  # (num_valid,)
+    views = torch.randint(views_per_image, (num_images,), generator=g)  # (num_images,)
+    return order, views
 
 
 if __name__ == '__main__':
@@ -254,21 +296,20 @@ if __name__ == '__main__':
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
 
-    from tokenizer import (load_tokenizer, make_dataset, lr_multiplier, setup_device, autocast_context,
-                           atomic_save, truncate_log, append_log, load_checkpoint, tokenizer_weights,
-                           state_fingerprint, check_out_dir, check_resume_config, gather_rng_states,
-                           restore_rng_states)
+    from tokenizer import (load_tokenizer, make_dataset, setup_device, autocast_context, atomic_save,
+                           truncate_log, append_log, load_checkpoint, tokenizer_weights, state_fingerprint,
+                           check_out_dir, check_resume_config, gather_rng_states, restore_rng_states)
 
-    _before_config = set(globals())
     # -----------------------------------------------------------------------------
-    # default config: LlamaGen GPT-B on ImageNet 256 codes (config/ar_gpt_b.py); override with files / --key=value
+    # default config: LlamaGen GPT-B on ImageNet 256 codes (config/ar_gpt_b.py);
+    # override with config files / --key=value
     # I/O
     out_dir = 'out-ar'
     ckpt_interval = 5000
     log_interval = 50
     init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
     overwrite = False  # True: a run from scratch may replace the checkpoint already in out_dir
-    resume_allow = ''  # comma-separated config keys that may differ from the resumed checkpoint's (tokenizer.py)
+    resume_allow = ''  # comma-separated config keys that may differ from the resumed checkpoint's
     seed = 1337
     # codes
     tokenizer_ckpt = ''  # tokenizer checkpoint (train_tokenizer.py's out_dir/ckpt.pt); required
@@ -276,7 +317,7 @@ if __name__ == '__main__':
     data_dir = ''  # ImageFolder root (root/<class>/*.JPEG); '' = the built-in procedural dataset, no download
     num_images = 0  # size of the built-in dataset (0 = its default)
     image_size = 0  # 0 = the tokenizer's training image_size
-    ten_crop = True  # LlamaGen: centre crop at 1.1x, then the ten crops (5 crops + their flips) -> 10 views per image
+    ten_crop = True  # LlamaGen: centre crop at 1.1x, then ten crops (5 crops + flips) -> 10 views per image
     flip_augment = True  # without ten_crop: the image and its horizontal flip -> 2 views
     extract_batch_size = 16  # images per encoder batch and rank (x views per image)
     num_workers = 4
@@ -299,16 +340,18 @@ if __name__ == '__main__':
     beta1 = 0.9
     beta2 = 0.95
     weight_decay = 0.05  # on weight matrices only (not norms, biases, the null class, AdaLN layers)
-    lr_schedule = 'annealing'  # tokenizer.lr_multiplier: 'annealing', 'cosine' or 'constant'
-    warmup_frac = 0.0
-    constant_frac = 0.05
+    lr_schedule = 'annealing'  # get_lr below: 'annealing' (FVQ Table 6), 'cosine' or 'constant'
+    warmup_frac = 0.0  # linear warmup from 0.005x to 1x over this fraction of max_iters
+    constant_frac = 0.05  # 'annealing': 1x for this fraction of the steps after warmup (Table 6's
+    #                       "baselr(0.3)" = 0.3), then a linear decay to 0.01x at max_iters
     grad_clip = 1.0  # 0 = off
     # system
     device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     dtype = 'bfloat16'  # autocast dtype on GPU ('bfloat16' or 'float32'); the CPU always runs float32
     compile = False
     # -----------------------------------------------------------------------------
-    config_keys = [k for k, v in globals().items() if k not in _before_config and not k.startswith('_')
+    # the config keys: the lower-case globals of config types (the model section's GPT_PRESETS is not one)
+    config_keys = [k for k, v in globals().items() if k.islower() and not k.startswith('_')
                    and isinstance(v, (bool, int, float, str, tuple, list, dict))]
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     config = {k: globals()[k] for k in config_keys}
@@ -320,12 +363,15 @@ if __name__ == '__main__':
     if batch_size % (world_size * gradient_accumulation_steps) != 0:
         raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x "
                          f"gradient_accumulation_steps {gradient_accumulation_steps}")
+    if lr_schedule not in ('annealing', 'cosine', 'constant'):
+        raise ValueError(f"unknown lr_schedule '{lr_schedule}' "
+                         f"(expected 'annealing', 'cosine' or 'constant')")
     micro_batch = batch_size // (world_size * gradient_accumulation_steps)
     lr = learning_rate * batch_size / base_batch_size
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     autocast = autocast_context(device, dtype)
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    log_path = os.path.join(out_dir, 'log.jsonl')  # one JSON line per log interval (evaluate.py --mode=curves)
+    log_path = os.path.join(out_dir, 'log.jsonl')  # a JSON line per log interval (evaluate.py --mode=curves)
     check_out_dir(ckpt_path, init_from, overwrite)
     if master:
         print(f"config: {config}")
@@ -337,14 +383,17 @@ if __name__ == '__main__':
     if not tokenizer_ckpt:
         raise ValueError("tokenizer_ckpt is required (the checkpoint of a train_tokenizer.py run)")
     codes_dir = codes_dir or os.path.join(out_dir, 'codes')
-    tok_ckpt = load_checkpoint(tokenizer_ckpt, 'tokenizer', mmap=True)
-    image_size = image_size or tok_ckpt['config']['image_size']
+    tokenizer_checkpoint = load_checkpoint(tokenizer_ckpt, 'tokenizer', mmap=True)
+    image_size = image_size or tokenizer_checkpoint['config']['image_size']
     views_per_image = 10 if ten_crop else (2 if flip_augment else 1)
-    # the codes belong to these exact weights: a tokenizer retrained in place (same path, same iteration) differs here
-    extraction = dict(tokenizer_ckpt=os.path.abspath(tokenizer_ckpt), tokenizer_iter=tok_ckpt.get('iter_num', -1),
-                      tokenizer_fingerprint=state_fingerprint(tokenizer_weights(tok_ckpt)), data_dir=data_dir,
-                      num_images=num_images, image_size=image_size, views_per_image=views_per_image)
-    del tok_ckpt
+    # the codes belong to these exact weights: a tokenizer retrained in place (same path, same iteration)
+    # differs in its fingerprint
+    extraction = dict(tokenizer_ckpt=os.path.abspath(tokenizer_ckpt),
+                      tokenizer_iter=tokenizer_checkpoint.get('iter_num', -1),
+                      tokenizer_fingerprint=state_fingerprint(tokenizer_weights(tokenizer_checkpoint)),
+                      data_dir=data_dir, num_images=num_images, image_size=image_size,
+                      views_per_image=views_per_image)
+    del tokenizer_checkpoint
     meta_path = os.path.join(codes_dir, 'meta.json')
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
@@ -352,7 +401,8 @@ if __name__ == '__main__':
         differing = [k for k in extraction if meta.get(k) != extraction[k]]
         if differing:
             raise ValueError(f"{codes_dir} holds codes extracted with different settings: "
-                             + ", ".join(f"{k} (codes {meta.get(k)!r}, now {extraction[k]!r})" for k in differing)
+                             + ", ".join(f"{k} (codes {meta.get(k)!r}, now {extraction[k]!r})"
+                                         for k in differing)
                              + "; delete that folder or set codes_dir to another one")
         if master:
             print(f"reusing {meta['num_images']} x {views_per_image} code sequences in {codes_dir}")
@@ -369,26 +419,13 @@ if __name__ == '__main__':
         os.makedirs(codes_dir, exist_ok=True)
         codes_path, labels_path = os.path.join(codes_dir, 'codes.npy'), os.path.join(codes_dir, 'labels.npy')
         if master:  # rank 0 creates the files, every rank fills its own images' rows
-            np.lib.format.open_memmap(codes_path, mode='w+', dtype=code_dtype, shape=(N * views_per_image, T)).flush()
-            np.lib.format.open_memmap(labels_path, mode='w+', dtype=np.int64, shape=(N * views_per_image,)).flush()
+            num_rows = N * views_per_image
+            np.lib.format.open_memmap(codes_path, mode='w+', dtype=code_dtype, shape=(num_rows, T)).flush()
+            np.lib.format.open_memmap(labels_path, mode='w+', dtype=np.int64, shape=(num_rows,)).flush()
         if ddp:
             dist.barrier()
         codes_mm = np.lib.format.open_memmap(codes_path, mode='r+')
         labels_mm = np.lib.format.open_memmap(labels_path, mode='r+')
-
-        def views_of(images):
-            # (B, 3, S', S') -> (B * views, 3, S, S), views of one image adjacent
-            S = image_size
-            if ten_crop:
-                S1 = images.shape[-1]
-                c = (S1 - S) // 2
-                crops = [images[..., :S, :S], images[..., :S, S1 - S:], images[..., S1 - S:, :S],
-                         images[..., S1 - S:, S1 - S:], images[..., c:c + S, c:c + S]]
-                crops = crops + [crop.flip(-1) for crop in crops]  # torchvision TenCrop order
-            else:
-                crops = [images] + ([images.flip(-1)] if flip_augment else [])
-            return torch.stack(crops, dim=1).reshape(-1, 3, S, S)
-
         my_images = list(range(rank, N, world_size))
         loader = torch.utils.data.DataLoader(dataset, batch_size=extract_batch_size, sampler=my_images,
                                              collate_fn=list, num_workers=num_workers)
@@ -405,7 +442,8 @@ if __name__ == '__main__':
                 continue
             images = torch.stack([item[0] for _, item in kept]).to(device)
             with torch.no_grad(), autocast:
-                codes = tokenizer.encode(views_of(images)).reshape(len(kept), views_per_image, T)
+                views = image_views(images, image_size, ten_crop, flip_augment)
+                codes = tokenizer.encode(views).reshape(len(kept), views_per_image, T)
             codes = codes.cpu().numpy().astype(code_dtype)
             for (key, (_, label)), image_codes in zip(kept, codes):  # one row block per image
                 codes_mm[key * views_per_image:(key + 1) * views_per_image] = image_codes
@@ -417,13 +455,14 @@ if __name__ == '__main__':
             dist.barrier()
         if master:
             codebook_sizes = tokenizer.quantizer.codebook_sizes
-            if codebook_sizes is not None:  # VCQ: K_t travels with the codes, to the checkpoint and the sampler
+            if codebook_sizes is not None:  # VCQ: K_t travels with the codes, to the checkpoint and sampler
                 if codebook_sizes.numel() != T:
                     raise ValueError(f"the tokenizer's VCQ schedule has {codebook_sizes.numel()} positions, "
                                      f"but {image_size}px images give {T} tokens")
-                np.save(os.path.join(codes_dir, 'codebook_sizes.npy'), codebook_sizes.cpu().numpy().astype(np.int64))
-            meta = dict(extraction, grid_h=grid, grid_w=grid, codebook_size=K, dataset_classes=dataset.num_classes,
-                        vcq=codebook_sizes is not None)
+                np.save(os.path.join(codes_dir, 'codebook_sizes.npy'),
+                        codebook_sizes.cpu().numpy().astype(np.int64))
+            meta = dict(extraction, grid_h=grid, grid_w=grid, codebook_size=K,
+                        dataset_classes=dataset.num_classes, vcq=codebook_sizes is not None)
             with open(meta_path + '.tmp', 'w') as f:
                 json.dump(meta, f, indent=1)
             os.replace(meta_path + '.tmp', meta_path)  # written last: its presence marks complete codes
@@ -437,9 +476,14 @@ if __name__ == '__main__':
         if device_type == 'cuda':
             torch.cuda.empty_cache()
 
+    # -----------------------------------------------------------------------------
+    # data: an endless shuffled stream of the codes, a random view of every readable image per epoch
+
     codes_mm = np.load(os.path.join(codes_dir, 'codes.npy'), mmap_mode='r')  # (N * views, T)
     labels_all = np.load(os.path.join(codes_dir, 'labels.npy'))  # (N * views,)
-    codebook_sizes = (np.load(os.path.join(codes_dir, 'codebook_sizes.npy')).tolist() if meta['vcq'] else None)
+    codebook_sizes = None  # VCQ: K_t per position
+    if meta['vcq']:
+        codebook_sizes = np.load(os.path.join(codes_dir, 'codebook_sizes.npy')).tolist()
     num_classes = num_classes or meta['dataset_classes']
     image_labels = labels_all[::views_per_image]  # (N,)
     valid_images = torch.from_numpy(np.flatnonzero(image_labels >= 0))  # unreadable images are left out
@@ -447,41 +491,35 @@ if __name__ == '__main__':
         raise ValueError(f"{codes_dir} has no readable images")
     bad = image_labels[(image_labels >= num_classes)]
     if len(bad):
-        raise ValueError(f"class id {int(bad.max())} in {codes_dir}/labels.npy is out of range for num_classes="
-                         f"{num_classes} (valid ids 0..{num_classes - 1}; the null class {num_classes} is reserved)")
-
-    # the data order depends only on the micro-step: a resumed run continues exactly where it stopped
-    @lru_cache(maxsize=2)
-    def epoch_order(epoch):
-        g = torch.Generator().manual_seed(seed + epoch)
-        order = valid_images[torch.randperm(len(valid_images), generator=g)]  # (N_valid,) image indices
-        views = torch.randint(views_per_image, (len(image_labels),), generator=g)  # (N,) this epoch's view per image
-        return order, views
+        raise ValueError(f"class id {int(bad.max())} in {codes_dir}/labels.npy is out of range for "
+                         f"num_classes={num_classes} (valid ids 0..{num_classes - 1}; the null class "
+                         f"{num_classes} is reserved)")
 
     def get_batch(step):
-        """Micro-batch `step` of the endless shuffled stream (a random view of every image per epoch), this rank's
-        slice of it: codes (B, T) long, labels (B,) long on the device."""
+        """Micro-batch `step` of the stream, this rank's slice of it: codes (B, T) long, labels (B,) long on
+        the device. It depends only on the micro-step, so a resumed run continues exactly where it stopped."""
         positions = step * micro_batch * world_size + rank * micro_batch + torch.arange(micro_batch)
         epochs = positions // len(valid_images)
         rows = torch.empty(micro_batch, dtype=torch.long)
         for epoch in epochs.unique().tolist():  # at most two epochs meet in one batch
-            order, views = epoch_order(epoch)
+            order, views = epoch_order(epoch, seed, len(valid_images), len(image_labels), views_per_image)
             here = epochs == epoch
-            images = order[positions[here] % len(valid_images)]
+            images = valid_images[order[positions[here] % len(valid_images)]]
             rows[here] = images * views_per_image + views[images]
         rows = rows.numpy()
         codes = torch.from_numpy(codes_mm[rows].astype(np.int64))
         labels = torch.from_numpy(labels_all[rows])
         if device_type == 'cuda':
-            return codes.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True)
+            codes = codes.pin_memory().to(device, non_blocking=True)
+            labels = labels.pin_memory().to(device, non_blocking=True)
         return codes, labels
 
     # -----------------------------------------------------------------------------
     # model and optimiser
 
     torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model_args = gpt_model_args(meta['codebook_size'], num_classes, meta['grid_h'], meta['grid_w'], ar_model, n_layer,
-                                n_head, n_embd, dropout=dropout, token_dropout=token_dropout,
+    model_args = gpt_model_args(meta['codebook_size'], num_classes, meta['grid_h'], meta['grid_w'], ar_model,
+                                n_layer, n_head, n_embd, dropout=dropout, token_dropout=token_dropout,
                                 class_dropout=class_dropout, adaln=ar_adaln)
     model = GPT(**model_args).to(device)
     decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and 'adaln' not in name]
@@ -491,28 +529,29 @@ if __name__ == '__main__':
                                   fused=device_type == 'cuda')
     if master:
         print(f"GPT-{ar_model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-              f"({model.n_layer} layers, {model.n_head} heads, width {model.n_embd}), {model.seq_len} tokens, "
-              f"K = {model.codebook_size}{' (VCQ)' if codebook_sizes else ''}, {num_classes} classes, "
-              f"{len(valid_images)} images x {views_per_image} views")
+              f"({model.n_layer} layers, {model.n_head} heads, width {model.n_embd}), {model.seq_len} "
+              f"tokens, K = {model.codebook_size}{' (VCQ)' if codebook_sizes else ''}, {num_classes} "
+              f"classes, {len(valid_images)} images x {views_per_image} views")
 
     iter_num, rng_states = 0, None
     if init_from == 'resume':
-        ckpt = load_checkpoint(ckpt_path, 'gpt', device)
-        differing = sorted(k for k in set(model_args) | set(ckpt['model_args'])
-                           if model_args.get(k) != ckpt['model_args'].get(k))
+        checkpoint = load_checkpoint(ckpt_path, 'gpt', device)
+        saved_args = checkpoint['model_args']
+        differing = sorted(k for k in set(model_args) | set(saved_args)
+                           if model_args.get(k) != saved_args.get(k))
         if differing:
             raise ValueError(f"{ckpt_path} does not match the current config; differing model keys: "
-                             + ", ".join(f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, config {model_args.get(k)!r})"
-                                         for k in differing))
-        check_resume_config(ckpt_path, ckpt['config'], config, resume_allow)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        iter_num = ckpt['iter_num']
-        rng_states = ckpt['rng_states'][rank] if len(ckpt['rng_states']) == world_size else None
+                             + ", ".join(f"{k} (checkpoint {saved_args.get(k)!r}, "
+                                         f"config {model_args.get(k)!r})" for k in differing))
+        check_resume_config(ckpt_path, checkpoint['config'], config, resume_allow)
+        model.load_state_dict(checkpoint['model'])
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        iter_num = checkpoint['iter_num']
+        rng_states = checkpoint['rng_states'][rank] if len(checkpoint['rng_states']) == world_size else None
         if master:
-            truncate_log(log_path, iter_num)  # what the killed run logged after this checkpoint is logged again
+            truncate_log(log_path, iter_num)  # what the killed run logged after it is logged again
             print(f"resumed from {ckpt_path} at iter {iter_num}")
-        del ckpt
+        del checkpoint
     elif init_from != 'scratch':
         raise ValueError(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
     elif master and os.path.exists(log_path):
@@ -525,15 +564,26 @@ if __name__ == '__main__':
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
     restore_rng_states(rng_states, device_type, seed + rank + iter_num)  # per-rank streams (dropout)
 
-    def save_checkpoint():
-        all_states = gather_rng_states(device_type, ddp, world_size)
-        if master:
-            atomic_save({'kind': 'gpt', 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                         'model_args': model_args, 'config': config, 'iter_num': iter_num,
-                         'data_step': iter_num * gradient_accumulation_steps, 'rng_states': all_states,
-                         'tokenizer_ckpt': os.path.abspath(tokenizer_ckpt), 'codebook_sizes': codebook_sizes,
-                         'image_size': image_size}, ckpt_path)
-            print(f"saved checkpoint to {ckpt_path} at iter {iter_num}", flush=True)
+    # -----------------------------------------------------------------------------
+    # learning-rate schedule (FVQ Table 6's terms)
+
+    def get_lr(it):
+        """'annealing': linear warmup from 0.005x to 1x over warmup_frac of max_iters, 1x for constant_frac
+        of the remaining steps, then linear decay to 0.01x at max_iters; 'cosine': the same warmup, then
+        cosine from 1x to 0.01x; 'constant': 1x throughout."""
+        if lr_schedule == 'constant':
+            return lr
+        warmup_iters = warmup_frac * max_iters
+        if it < warmup_iters:
+            return lr * (0.005 + (1 - 0.005) * it / warmup_iters)
+        if lr_schedule == 'annealing':
+            decay_start = warmup_iters + constant_frac * (max_iters - warmup_iters)
+            if it < decay_start:
+                return lr
+            progress = min(1.0, (it - decay_start) / max(1.0, max_iters - decay_start))
+            return lr * (1 + (0.01 - 1) * progress)
+        progress = min(1.0, (it - warmup_iters) / max(1.0, max_iters - warmup_iters))  # cosine
+        return lr * (0.01 + (1 - 0.01) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -545,10 +595,17 @@ if __name__ == '__main__':
     t0, start_iter = time.time(), iter_num
     while True:
         if iter_num > start_iter and (iter_num % ckpt_interval == 0 or iter_num == max_iters):
-            save_checkpoint()
+            all_rng_states = gather_rng_states(device_type, ddp, world_size)
+            if master:
+                atomic_save({'kind': 'gpt', 'model': raw_model.state_dict(),
+                             'optimizer': optimizer.state_dict(), 'model_args': model_args, 'config': config,
+                             'iter_num': iter_num, 'data_step': iter_num * gradient_accumulation_steps,
+                             'rng_states': all_rng_states, 'tokenizer_ckpt': os.path.abspath(tokenizer_ckpt),
+                             'codebook_sizes': codebook_sizes, 'image_size': image_size}, ckpt_path)
+                print(f"saved checkpoint to {ckpt_path} at iter {iter_num}", flush=True)
         if iter_num >= max_iters:
             break
-        step_lr = lr * lr_multiplier(iter_num, max_iters, lr_schedule, warmup_frac, constant_frac)
+        step_lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group['lr'] = step_lr
         loss_sum = torch.zeros((), device=device)  # read (a GPU sync) only when logging
@@ -556,7 +613,8 @@ if __name__ == '__main__':
             codes, labels = get_batch(iter_num * gradient_accumulation_steps + micro_step)
             last = micro_step == gradient_accumulation_steps - 1
             with (model.no_sync() if ddp and not last else nullcontext()), autocast:
-                _, loss = model(labels, codes[:, :-1], targets=codes)  # inputs [class, x_0..x_{T-2}] -> x_0..x_{T-1}
+                # inputs [class, x_0..x_{T-2}] -> targets x_0..x_{T-1}
+                _, loss = model(labels, codes[:, :-1], targets=codes)
                 (loss / gradient_accumulation_steps).backward()
             loss_sum += loss.detach() / gradient_accumulation_steps
         if grad_clip > 0:
@@ -574,8 +632,9 @@ if __name__ == '__main__':
                       'mfu': flops_per_iter / dt / peak_flops if peak_flops else None}
             append_log(log_path, record)
             mfu = f"{100 * record['mfu']:.2f}%" if peak_flops else 'n/a'
-            print(f"iter {iter_num}: loss {record['loss']:.6f}, lr {step_lr:.3e}, {record['tok_per_s']:.0f} tok/s, "
-                  f"{record['ms_per_iter']:.1f} ms/iter, MFU {mfu}", flush=True)
+            print(f"iter {iter_num}: loss {record['loss']:.6f}, lr {step_lr:.3e}, "
+                  f"{record['tok_per_s']:.0f} tok/s, {record['ms_per_iter']:.1f} ms/iter, MFU {mfu}",
+                  flush=True)
 
     if ddp:
         dist.destroy_process_group()

@@ -25,7 +25,8 @@ def test_quantizer_bench_command_line():
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     line = result.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r'quantizer kind=ibq K=256 D=16 N=300 device=cpu: fwd\+bwd (\d+\.\d) ms, peak n/a', line)
+    match = re.fullmatch(r'quantizer kind=ibq K=256 D=16 N=300 device=cpu: fwd\+bwd (\d+\.\d) ms, peak n/a',
+                         line)
     assert match and float(match.group(1)) > 0, line
 
 
@@ -35,21 +36,24 @@ def test_quantizer_bench_last_line(kind, capsys, monkeypatch):
     line = run_bench_in_process(['--what=quantizer', f'--kind={kind}', '--codebook_size=256', '--dim=16',
                                  '--tokens=512', '--chunk_size=100', '--warmup_steps=1', '--steps=1', *extra],
                                 capsys, monkeypatch)
-    match = re.fullmatch(rf'quantizer kind={kind} K=256 D=16 N=512 device=cpu: fwd\+bwd (\d+\.\d) ms, peak n/a', line)
+    match = re.fullmatch(rf'quantizer kind={kind} K=256 D=16 N=512 device=cpu: fwd\+bwd (\d+\.\d) ms, '
+                         r'peak n/a', line)
     assert match and float(match.group(1)) > 0, line
 
 
 def test_bridge_flops_counts_the_projector(capsys, monkeypatch):
-    line = run_bench_in_process(['--what=bridge_flops', '--codebook_size=256', '--dim=16', '--projector=linear'],
-                                capsys, monkeypatch)
+    line = run_bench_in_process(['--what=bridge_flops', '--codebook_size=256', '--dim=16',
+                                 '--projector=linear'], capsys, monkeypatch)
     assert line == f'bridge projector=linear K=256 D=16: {2 * 256 * 16 * 16} FLOPs = 0.00 GMACs', line
-    # VQBridge, K=256 codes of D=16 in groups of 16 -> T=16 tokens of width 32, 2 blocks, 4 heads, MLP ratio 2;
-    # multiply-accumulates per layer, attention (QK^T and AV) included:
+    # VQBridge, K=256 codes of D=16 in groups of 16 -> T=16 tokens of width 32, 2 blocks, 4 heads, MLP
+    # ratio 2; multiply-accumulates per layer, attention (QK^T and AV) included:
     T, d, gD = 16, 32, 16 * 16
-    block = T * d * 3 * d + 2 * T * T * d + T * d * d + 2 * T * d * 2 * d + d * 6 * d  # qkv, attn, proj, mlp, adaLN
+    # qkv, attention, proj, mlp, adaLN
+    block = T * d * 3 * d + 2 * T * T * d + T * d * d + 2 * T * d * 2 * d + d * 6 * d
     macs = T * gD * d + 2 * block + d * 2 * d + T * d * gD  # compress, blocks, final adaLN, expand
-    line = run_bench_in_process(['--what=bridge_flops', '--codebook_size=256', '--dim=16', '--projector=vqbridge',
-                                 '--bridge_group_size=16', '--bridge_dim=32'], capsys, monkeypatch)
+    line = run_bench_in_process(['--what=bridge_flops', '--codebook_size=256', '--dim=16',
+                                 '--projector=vqbridge', '--bridge_group_size=16', '--bridge_dim=32'],
+                                capsys, monkeypatch)
     assert line == f'bridge projector=vqbridge K=256 D=16: {2 * macs} FLOPs = 0.00 GMACs', line
 
 
@@ -59,8 +63,8 @@ def test_unknown_what_is_an_error(capsys, monkeypatch):
 
 
 def test_tokenizer_bench_last_line(capsys, monkeypatch):
-    line = run_bench_in_process(['--what=tokenizer', '--tokenizer_config=config/smoke.py', '--tokenizer_batch=2',
-                                 '--warmup_steps=1', '--steps=1'], capsys, monkeypatch)
+    line = run_bench_in_process(['--what=tokenizer', '--tokenizer_config=config/smoke.py',
+                                 '--tokenizer_batch=2', '--warmup_steps=1', '--steps=1'], capsys, monkeypatch)
     match = re.fullmatch(r'tokenizer config=config/smoke.py batch=2 32px device=cpu: (\d+\.\d\d) img/s, '
                          r'(\d+\.\d) ms/iter, peak n/a', line)
     assert match and float(match.group(1)) > 0, line

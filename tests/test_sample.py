@@ -30,14 +30,16 @@ def test_cfg_schedules_start_at_one_and_end_at_w():
         assert (weights.diff() >= -1e-12).all(), schedule  # non-decreasing ramps
     assert torch.equal(cfg_weights('constant', w, p, T), torch.full((T,), w, dtype=torch.float64))
     # on a constant codebook, codebook-size-aware CFG is the standard cosine-power schedule
-    assert torch.equal(cfg_weights('codebook_size_aware', w, p, T, [4096] * T), cfg_weights('cosine', w, p, T))
+    constant = [4096] * T
+    assert torch.equal(cfg_weights('codebook_size_aware', w, p, T, constant), cfg_weights('cosine', w, p, T))
     # VCQ: r_t = (log K_t - log K_min) / (log K_max - log K_min) inside the cosine-power formula
     t = 200
     r = (math.log(vcq_sizes[t]) - math.log(2)) / (math.log(16384) - math.log(2))
     expected = 1 + (w - 1) * (1 - math.cos(math.pi * r ** p)) / 2
     assert abs(cfg_weights('codebook_size_aware', w, p, T, vcq_sizes)[t].item() - expected) < 1e-9
     x = t / (T - 1)
-    assert abs(cfg_weights('cosine', w, p, T)[t].item() - (1 + (w - 1) * (1 - math.cos(math.pi * x ** p)) / 2)) < 1e-9
+    cosine = 1 + (w - 1) * (1 - math.cos(math.pi * x ** p)) / 2
+    assert abs(cfg_weights('cosine', w, p, T)[t].item() - cosine) < 1e-9
     assert abs(cfg_weights('linear', w, p, T)[t].item() - (1 + (w - 1) * x)) < 1e-9
     with pytest.raises(ValueError, match='unknown cfg_schedule'):
         cfg_weights('exp', w, p, T)
@@ -51,7 +53,8 @@ def test_top_k_one_is_greedy():
     logits = torch.randn(64, 100) * 3
     g = torch.Generator().manual_seed(0)
     assert torch.equal(sample_from_logits(logits, temperature=2.0, top_k=1, generator=g), logits.argmax(-1))
-    model = tiny_gpt()  # whole sequences: top_k=1 sampling equals argmax decoding (also checked against recompute)
+    # whole sequences: top_k=1 sampling equals argmax decoding (also checked against a full recompute)
+    model = tiny_gpt()
     labels = torch.tensor([2, 5])
     greedy = generate(model, labels, top_k=1, temperature=0.7)
     assert torch.equal(greedy, generate(model, labels, top_k=1, temperature=3.0, top_p=0.5))
@@ -105,6 +108,7 @@ def test_class_id_out_of_range_is_an_error():
 # -----------------------------------------------------------------------------
 # DDP (torchrun, gloo on CPU) code extraction, training and sampling on a VCQ tokenizer
 
+@pytest.mark.slow
 def test_ddp_vcq_chain(tmp_path):
     tok = save_tiny_tokenizer(tmp_path / 'tok.pt', quantizer_args={'vcq_schedule': 'cosine', 'vcq_k_min': 2,
                                                                    'vcq_seq_len': 256})
@@ -125,20 +129,22 @@ def test_ddp_vcq_chain(tmp_path):
     tokenizer = load_tokenizer(tok)
     image = make_dataset('', 32, train=True, num_images=7, augment=False)[5][0][None]
     codes = np.load(out / 'codes' / 'codes.npy')
-    np.testing.assert_array_equal(codes[10:12], tokenizer.encode(torch.cat([image, image.flip(-1)])).reshape(2, 256))
+    direct = tokenizer.encode(torch.cat([image, image.flip(-1)])).reshape(2, 256)
+    np.testing.assert_array_equal(codes[10:12], direct)
     sizes = tokenizer.quantizer.codebook_sizes
     assert torch.equal(torch.from_numpy(np.load(out / 'codes' / 'codebook_sizes.npy')), sizes)
     assert (torch.from_numpy(codes.astype(np.int64)) < sizes[None]).all()
-    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
-    assert ckpt['codebook_sizes'] == sizes.tolist() and ckpt['iter_num'] == 2
-    result = run(['sample.py', f'--ckpt={out / "ckpt.pt"}', '--num_samples=5', '--batch_size=2', '--cfg_scale=3.0',
-                  '--cfg_schedule=codebook_size_aware', '--cfg_power=1.5', '--grid_classes=(0,)',
-                  '--grid_per_class=2', '--device=cpu'])
+    checkpoint = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert checkpoint['codebook_sizes'] == sizes.tolist() and checkpoint['iter_num'] == 2
+    result = run(['sample.py', f'--ckpt={out / "ckpt.pt"}', '--num_samples=5', '--batch_size=2',
+                  '--cfg_scale=3.0', '--cfg_schedule=codebook_size_aware', '--cfg_power=1.5',
+                  '--grid_classes=(0,)', '--grid_per_class=2', '--device=cpu'])
     assert 'images/s' in result.stdout
     with np.load(out / 'samples.npz') as f:
         assert f['arr_0'].shape == (5, 32, 32, 3) and f['arr_0'].dtype == np.uint8
         np.testing.assert_array_equal(f['arr_1'], np.arange(5) % 10)
-    assert sorted(os.listdir(out)) == ['ckpt.pt', 'codes', 'log.jsonl', 'samples.npz', 'samples_grid.png']  # rank parts merged
+    # the rank parts merged
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'codes', 'log.jsonl', 'samples.npz', 'samples_grid.png']
 
 
 @pytest.mark.parametrize('option,message', [
@@ -153,8 +159,10 @@ def test_bad_sampling_options_are_refused(option, message):
     assert message in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arg', ['--num_samples=0', '--batch_size=0', '--cfg_scale=0.5', '--top_p=2.0'])
 def test_sample_script_refuses_bad_options_before_writing(arg, tmp_path):
-    result = subprocess.run([sys.executable, 'sample.py', '--ckpt=does-not-matter.pt', f'--out_dir={tmp_path / "s"}',
-                             '--device=cpu', arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, 'sample.py', '--ckpt=does-not-matter.pt',
+                             f'--out_dir={tmp_path / "s"}', '--device=cpu', arg],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and 'must be' in result.stderr and not os.path.exists(tmp_path / 's')

@@ -13,12 +13,12 @@ from tokenizer import Tokenizer, atomic_save
 from train_ar import GPT, GPT_PRESETS, gpt_model_args, rope_2d_angles, ffn_hidden_size
 from sample import generate
 
-TINY_TOKENIZER = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, quantizer='vq', codebook_size=64,
-                      code_dim=8)
+TINY_TOKENIZER = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, quantizer='vq',
+                      codebook_size=64, code_dim=8)
 
 
 def save_tiny_tokenizer(path, quantizer_args=None, image_size=32):
-    """A random tiny tokenizer checkpoint (32px -> 16x16 codes, K = 64), as train_tokenizer.py would write it."""
+    """A random tiny tokenizer checkpoint (32px -> 16x16 codes, K = 64), as train_tokenizer.py writes it."""
     torch.manual_seed(0)
     model_args = dict(TINY_TOKENIZER, quantizer_args=quantizer_args)
     model = Tokenizer(**model_args)
@@ -61,7 +61,8 @@ def test_presets_match_llamagen_sizes():
         n = sum(p.numel() for p in model.parameters())
         assert abs(n - count) / count < 0.02, (name, n)
         assert model.n_embd // model.n_head == 64
-    assert ffn_hidden_size(768) == 2048 and ffn_hidden_size(1280) == 3584  # 2/3 * 4 * dim, up to a multiple of 256
+    # 2/3 * 4 * dim, rounded up to a multiple of 256
+    assert ffn_hidden_size(768) == 2048 and ffn_hidden_size(1280) == 3584
 
 
 @pytest.mark.parametrize('name', sorted(GPT_PRESETS))
@@ -78,7 +79,8 @@ def test_shapes_for_every_preset(name, adaln):
     assert torch.isclose(loss, torch.tensor(np.log(50.0), dtype=loss.dtype), atol=1e-4)  # zero head: uniform
     loss.backward()
     assert model.tok_embeddings.weight.grad is not None
-    assert all(not n.endswith('bias') or 'adaln' in n for n, _ in model.named_parameters())  # no biases (but adaLN)
+    # no biases (but adaLN's)
+    assert all(not n.endswith('bias') or 'adaln' in n for n, _ in model.named_parameters())
 
 
 def test_causal_mask():
@@ -95,7 +97,8 @@ def test_causal_mask():
 
 def test_class_token_has_a_real_position():
     angles = rope_2d_angles(3, 4, 16)  # (12, 8): 4 row frequencies then 4 column frequencies
-    assert angles.shape == (12, 8) and torch.equal(angles[0], torch.zeros(8))  # class token at (0, 0): no rotation
+    # the class token at (0, 0): no rotation
+    assert angles.shape == (12, 8) and torch.equal(angles[0], torch.zeros(8))
     freqs = angles[1, :4]  # code 0 sits at (1, 1)
     r, c = divmod(6, 4)  # code 6 = input 7
     torch.testing.assert_close(angles[7, :4], (r + 1) * freqs)
@@ -160,12 +163,14 @@ def test_kv_cache_multi_token_steps_equal_full_forward(adaln):
 
 @pytest.fixture(scope='module')
 def codes_setup(tmp_path_factory):
-    """Tiny tokenizer + its codes (20 built-in images x 2 flip views), extracted once by train_ar.py (max_iters=0)."""
+    """Tiny tokenizer + its codes (20 built-in images x 2 flip views), extracted once by train_ar.py
+    (max_iters=0)."""
     root = tmp_path_factory.mktemp('ar')
     tok = save_tiny_tokenizer(root / 'tok.pt')
     codes_dir = str(root / 'codes')
-    run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', f'--out_dir={root / "x"}',
-               '--device=cpu', '--num_images=20', '--ten_crop=False', '--num_workers=0', '--max_iters=0')
+    run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}',
+               f'--out_dir={root / "x"}', '--device=cpu', '--num_images=20', '--ten_crop=False',
+               '--num_workers=0', '--max_iters=0')
     return root, tok, codes_dir
 
 
@@ -177,6 +182,7 @@ def losses_of(stdout):
     return [float(x) for x in re.findall(r'loss ([0-9.]+)', stdout)]
 
 
+@pytest.mark.slow
 def test_codes_extraction(codes_setup):
     root, tok, codes_dir = codes_setup
     codes = np.load(os.path.join(codes_dir, 'codes.npy'))
@@ -193,11 +199,13 @@ def test_codes_extraction(codes_setup):
     both = tokenizer.encode(torch.cat([image, image.flip(-1)])).reshape(2, 256)
     np.testing.assert_array_equal(codes[6:8], both.numpy())
     # other settings against the same folder are refused
-    result = run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', '--num_images=30',
-                        f'--out_dir={root / "y"}', '--device=cpu', '--ten_crop=False', '--max_iters=0', check=False)
+    result = run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}',
+                        '--num_images=30', f'--out_dir={root / "y"}', '--device=cpu', '--ten_crop=False',
+                        '--max_iters=0', check=False)
     assert result.returncode != 0 and 'num_images' in result.stderr and 'different settings' in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(codes_setup, tmp_path):
     root, tok, codes_dir = codes_setup
     common = [f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', '--ten_crop=False', '--num_images=20',
@@ -225,38 +233,72 @@ def test_resume_equals_uninterrupted(codes_setup, tmp_path):
     assert groups[0]['weight_decay'] == 0.05 and groups[1]['weight_decay'] == 0.0
     assert len(groups[1]['params']) == 2 * 2 + 1 + 1  # 2 norms per block, final norm, null class
     # a different model is refused, naming the differing keys
-    bad = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=8', '--init_from=resume',
-                     '--n_embd=64', check=False)
+    bad = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=8',
+                     '--init_from=resume', '--n_embd=64', check=False)
     assert bad.returncode != 0 and 'n_embd' in bad.stderr and 'differing model keys' in bad.stderr
     # a changed experiment is refused unless allowed; where the run is watched from may change
-    bad = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=8', '--init_from=resume',
-                     '--batch_size=8', '--log_interval=5', check=False)
-    assert bad.returncode != 0 and 'another config: batch_size (checkpoint 4, now 8), max_iters (checkpoint 6, ' \
-        'now 8)' in bad.stderr and '--resume_allow=batch_size,max_iters' in bad.stderr
+    bad = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=8',
+                     '--init_from=resume', '--batch_size=8', '--log_interval=5', check=False)
+    assert bad.returncode != 0 and 'another config: batch_size (checkpoint 4, now 8), max_iters ' \
+        '(checkpoint 6, now 8)' in bad.stderr and '--resume_allow=batch_size,max_iters' in bad.stderr
     # and a run from scratch does not overwrite the checkpoint
     bad = run_script('train_ar.py', *common, f'--out_dir={tmp_path / "half"}', '--max_iters=6', check=False)
-    assert bad.returncode != 0 and 'ckpt.pt already exists' in bad.stderr and '--init_from=resume' in bad.stderr
+    assert bad.returncode != 0 and 'ckpt.pt already exists' in bad.stderr
+    assert '--init_from=resume' in bad.stderr
     assert torch.load(tmp_path / 'half' / 'ckpt.pt', weights_only=False)['iter_num'] == 6
 
 
+@pytest.mark.slow
+@pytest.mark.slow
+def test_annealing_lr_schedule_is_logged(codes_setup, tmp_path):
+    """FVQ Table 6's annealing: warmup from 0.005x over warmup_frac of max_iters, 1x for constant_frac of the
+    steps AFTER warmup, then linear decay to 0.01x at max_iters. log.jsonl's record for iter i holds the lr
+    of iteration i - 1."""
+    root, tok, codes_dir = codes_setup
+    run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', '--ten_crop=False',
+               '--num_images=20', f'--out_dir={tmp_path}', *TINY_RUN, '--max_iters=8',
+               '--lr_schedule=annealing', '--warmup_frac=0.25', '--constant_frac=0.5')
+    records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert [r['iter'] for r in records] == list(range(1, 9))
+    base_lr = 3e-3  # learning_rate at batch_size == base_batch_size
+    warmup = 0.25 * 8  # iterations 0, 1 warm up
+    decay_start = warmup + 0.5 * (8 - warmup)  # 1x for half of the 6 post-warmup steps: iterations 2, 3, 4
+    expected = []
+    for it in range(8):
+        if it < warmup:
+            expected.append(base_lr * (0.005 + 0.995 * it / warmup))
+        elif it < decay_start:
+            expected.append(base_lr)
+        else:
+            expected.append(base_lr * (1 - 0.99 * (it - decay_start) / (8 - decay_start)))
+    assert [r['lr'] for r in records] == pytest.approx(expected, rel=1e-9)
+    # the same numbers spelled out (constant_frac of all max_iters would still give 1x at iteration 6)
+    multipliers = [0.005, 0.5025, 1, 1, 1, 1, 1 - 0.99 / 3, 1 - 0.99 * 2 / 3]
+    assert [r['lr'] for r in records] == pytest.approx([base_lr * m for m in multipliers], rel=1e-9)
+
+
+@pytest.mark.slow
 def test_codes_of_a_retrained_tokenizer_are_not_reused(tmp_path):
     """A tokenizer retrained in place (same path, same iteration, another seed) has other weights: the codes
     extracted from the old one are refused, naming the fingerprint."""
     tiny = ['--image_size=32', '--ch=16', '--ch_mult=(1,2)', '--num_res_blocks=1', '--z_channels=16',
-            '--codebook_size=64', '--code_dim=8', '--perceptual_weight=0.0', '--disc_weight=0.0', '--num_workers=0',
-            '--device=cpu', '--batch_size=2', '--base_batch_size=2', '--max_iters=2', '--eval_images=2',
-            f'--out_dir={tmp_path / "tok"}']
+            '--codebook_size=64', '--code_dim=8', '--perceptual_weight=0.0', '--disc_weight=0.0',
+            '--num_workers=0', '--device=cpu', '--batch_size=2', '--base_batch_size=2', '--max_iters=2',
+            '--eval_images=2', f'--out_dir={tmp_path / "tok"}']
     run_script('train_tokenizer.py', *tiny)
-    ar = ['train_ar.py', f'--tokenizer_ckpt={tmp_path / "tok" / "ckpt.pt"}', f'--codes_dir={tmp_path / "codes"}',
-          '--num_images=4', '--ten_crop=False', '--num_workers=0', '--device=cpu', '--max_iters=0',
-          f'--out_dir={tmp_path / "ar"}']
+    ar = ['train_ar.py', f'--tokenizer_ckpt={tmp_path / "tok" / "ckpt.pt"}',
+          f'--codes_dir={tmp_path / "codes"}', '--num_images=4', '--ten_crop=False', '--num_workers=0',
+          '--device=cpu', '--max_iters=0', f'--out_dir={tmp_path / "ar"}']
     run_script(*ar)
     run_script(*ar)  # same tokenizer: the codes are reused
-    run_script('train_tokenizer.py', *tiny, '--seed=7', '--overwrite=True')  # retrained in place, same iteration
+    # retrained in place, same iteration
+    run_script('train_tokenizer.py', *tiny, '--seed=7', '--overwrite=True')
     result = run_script(*ar, check=False)
-    assert result.returncode != 0 and 'tokenizer_fingerprint' in result.stderr and 'different settings' in result.stderr
+    assert result.returncode != 0 and 'tokenizer_fingerprint' in result.stderr
+    assert 'different settings' in result.stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_other_kind_is_named(codes_setup, tmp_path):
     root, tok, codes_dir = codes_setup
     run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', '--ten_crop=False',
@@ -264,35 +306,38 @@ def test_a_checkpoint_of_the_other_kind_is_named(codes_setup, tmp_path):
     gpt = str(tmp_path / 'ckpt.pt')
     result = run_script('train_ar.py', f'--tokenizer_ckpt={gpt}', f'--out_dir={tmp_path / "x"}', *TINY_RUN,
                         check=False)
-    assert result.returncode != 0 and f"'{gpt}' is a gpt checkpoint (written by train_ar.py), but a tokenizer " \
-        "checkpoint (written by train_tokenizer.py) is expected here" in result.stderr
+    assert result.returncode != 0 and f"'{gpt}' is a gpt checkpoint (written by train_ar.py), but a " \
+        "tokenizer checkpoint (written by train_tokenizer.py) is expected here" in result.stderr
     assert not os.path.exists(tmp_path / 'x')  # nothing was created for a run that could not start
     result = run_script('sample.py', f'--ckpt={tok}', '--device=cpu', check=False)
     assert result.returncode != 0 and 'is a tokenizer checkpoint' in result.stderr
 
 
+@pytest.mark.slow
 def test_class_id_out_of_range_is_an_error(codes_setup, tmp_path):
     root, tok, codes_dir = codes_setup
-    result = run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', '--ten_crop=False',
-                        '--num_images=20', '--num_classes=5', f'--out_dir={tmp_path}', *TINY_RUN, '--max_iters=1',
-                        check=False)
+    result = run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}',
+                        '--ten_crop=False', '--num_images=20', '--num_classes=5', f'--out_dir={tmp_path}',
+                        *TINY_RUN, '--max_iters=1', check=False)
     assert result.returncode != 0 and 'class id 9' in result.stderr and 'out of range' in result.stderr
 
 
+@pytest.mark.slow
 def test_whole_chain_tokenizer_codes_gpt_samples(tmp_path):
-    """tokenizer checkpoint -> ten-crop codes -> train_ar.py -> sample.py -> evaluate.py --mode=gen, all on CPU."""
+    """tokenizer checkpoint -> ten-crop codes -> train_ar.py -> sample.py -> evaluate.py --mode=gen, all on
+    CPU."""
     tok = save_tiny_tokenizer(tmp_path / 'tok.pt')
     out = tmp_path / 'ar'
-    train = run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--out_dir={out}', '--num_images=10', *TINY_RUN,
-                       '--max_iters=4')
+    train = run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--out_dir={out}', '--num_images=10',
+                       *TINY_RUN, '--max_iters=4')
     assert len(losses_of(train.stdout)) == 4 and 'MFU n/a' in train.stdout
     codes = np.load(out / 'codes' / 'codes.npy', mmap_mode='r')
     assert codes.shape == (100, 256)  # 10 images x 10 crops
-    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
-    assert ckpt['codebook_sizes'] is None and ckpt['tokenizer_ckpt'] == tok
-    run_script('sample.py', f'--ckpt={out / "ckpt.pt"}', '--num_samples=5', '--batch_size=5', '--cfg_scale=2.0',
-               '--cfg_schedule=cosine', '--cfg_power=1.5', '--top_k=20', '--grid_classes=(1, 4)',
-               '--grid_per_class=2', '--device=cpu')
+    checkpoint = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert checkpoint['codebook_sizes'] is None and checkpoint['tokenizer_ckpt'] == tok
+    run_script('sample.py', f'--ckpt={out / "ckpt.pt"}', '--num_samples=5', '--batch_size=5',
+               '--cfg_scale=2.0', '--cfg_schedule=cosine', '--cfg_power=1.5', '--top_k=20',
+               '--grid_classes=(1, 4)', '--grid_per_class=2', '--device=cpu')
     with np.load(out / 'samples.npz') as f:
         assert f['arr_0'].shape == (5, 32, 32, 3) and f['arr_0'].dtype == np.uint8
         np.testing.assert_array_equal(f['arr_1'], np.arange(5) % 10)
@@ -303,8 +348,10 @@ def test_whole_chain_tokenizer_codes_gpt_samples(tmp_path):
         torch.manual_seed(0)
         torch.save(evaluate.FIDInceptionV3().state_dict(), tmp_path / 'inception_random.pth')
         result = run_script('evaluate.py', '--mode=gen', f'--samples={out / "samples.npz"}',
-                            f'--ref={out / "samples.npz"}', f'--inception_weights={tmp_path / "inception_random.pth"}',
-                            f'--out_dir={tmp_path / "eval"}', '--device=cpu', '--is_splits=1', '--ref_cache=False')
+                            f'--ref={out / "samples.npz"}',
+                            f'--inception_weights={tmp_path / "inception_random.pth"}',
+                            f'--out_dir={tmp_path / "eval"}', '--device=cpu', '--is_splits=1',
+                            '--ref_cache=False')
         results = json.load(open(tmp_path / 'eval' / 'eval_gen.json'))
         assert results['num_samples'] == 5 and np.isfinite(results['fid']), result.stdout
 
@@ -312,12 +359,14 @@ def test_whole_chain_tokenizer_codes_gpt_samples(tmp_path):
 # -----------------------------------------------------------------------------
 # bench.py's AR branches
 
+@pytest.mark.slow
 def test_bench_ar_and_sample_tiny_cpu():
     ar = run_script('bench.py', '--what=ar', '--ar_model=B', '--n_layer=2', '--n_embd=48', '--ar_batch=2',
                     '--codebook_size=64', '--warmup_steps=1', '--steps=2', '--device=cpu')
     last = ar.stdout.strip().splitlines()[-1]
     assert re.match(r'ar preset=B batch=2 device=cpu: [0-9.]+ tok/s, [0-9.]+ ms/iter, MFU n/a', last), last
-    smp = run_script('bench.py', '--what=sample', '--ar_model=B', '--n_layer=2', '--n_embd=48', '--ar_batch=2',
-                     '--codebook_size=64', '--ar_tokens=16', '--warmup_steps=0', '--steps=1', '--device=cpu')
+    smp = run_script('bench.py', '--what=sample', '--ar_model=B', '--n_layer=2', '--n_embd=48',
+                     '--ar_batch=2', '--codebook_size=64', '--ar_tokens=16', '--warmup_steps=0', '--steps=1',
+                     '--device=cpu')
     last = smp.stdout.strip().splitlines()[-1]
     assert re.match(r'sample preset=B batch=2 cfg=2.0 tokens=16 device=cpu: [0-9.]+ images/s', last), last
