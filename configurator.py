@@ -15,7 +15,8 @@ def _apply_config(g, argv):
     def check(key, value, source):
         if key.startswith('_') or key not in g or not isinstance(g[key], config_types):
             raise ValueError(f"unknown config key '{key}' (from {source}); valid keys: "
-                             + ", ".join(k for k, v in g.items() if not k.startswith('_') and isinstance(v, config_types)))
+                             + ", ".join(k for k, v in g.items()
+                                         if not k.startswith('_') and isinstance(v, config_types)))
         default = g[key]
         ok = type(value) == type(default) or (type(default) == float and type(value) == int)
         if not ok:
@@ -34,7 +35,8 @@ def _apply_config(g, argv):
                 raise FileNotFoundError(f"config file '{arg}' cannot be read: {e}") from None
             print(f"Overriding config with {arg}:\n{source}")
             namespace = {}
-            exec(builtins.compile(source, arg, 'exec'), namespace)  # the script's `compile` flag shadows the builtin
+            # the script's `compile` flag shadows the builtin
+            exec(builtins.compile(source, arg, 'exec'), namespace)
             for key, value in namespace.items():
                 if key.startswith('__') or type(value).__name__ in ('module', 'function', 'type'):
                     continue

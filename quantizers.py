@@ -5,10 +5,10 @@ All vector quantizers of nanoVQ in one file:
   - IBQ (Index Backpropagation Quantization): straight-through on the one-hot index over softmax(z . C^T), so
     every code gets a gradient.
   - VCQ: any of them with a per-position codebook size K_t (token t may only use the first K_t codes).
-Every quantizer maps z (B, D, H, W) -> (z_q (B, D, H, W), loss scalar, info dict) and counts the codes of its recent
-training tokens to report codebook usage; info holds tensors (no host sync inside the training step: read them once
-per log interval). The (tokens x K) distance / logit matrices only ever exist for
-`chunk_size` tokens at a time, so K = 262,144 with 8,192 tokens never materialises the whole (8192 x 262144) matrix.
+Every quantizer maps z (B, D, H, W) -> (z_q (B, D, H, W), loss scalar, info dict) and counts the codes of its
+recent training tokens to report codebook usage; info holds tensors (no host sync inside the training step:
+read them once per log interval). The (tokens x K) distance / logit matrices only ever exist for `chunk_size`
+tokens at a time, so K = 262,144 with 8,192 tokens never materialises the whole (8192 x 262144) matrix.
 The quantization arithmetic runs in float32 with autocast off: bf16 distances cannot separate 262k codes.
 """
 import math
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 def codebook_size_schedule(kind, k_min, k_max, seq_len, gamma=2.5):
     """K_t for t = 0 .. seq_len-1: K_t = round(k_min + (k_max - k_min) * s(t / (seq_len - 1)))."""
     if not 1 <= k_min <= k_max:
-        raise ValueError(f"codebook_size_schedule needs 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+        raise ValueError(f"codebook_size_schedule needs 1 <= k_min <= k_max, "
+                         f"got k_min={k_min}, k_max={k_max}")
     if seq_len < 1:
         raise ValueError(f"codebook_size_schedule needs seq_len >= 1, got {seq_len}")
     x = torch.arange(seq_len, dtype=torch.float64) / max(seq_len - 1, 1)
@@ -37,7 +38,8 @@ def codebook_size_schedule(kind, k_min, k_max, seq_len, gamma=2.5):
     elif kind == 'power':
         s = x ** gamma
     else:
-        raise ValueError(f"unknown codebook size schedule '{kind}'; expected 'constant', 'linear', 'cosine' or 'power'")
+        raise ValueError(f"unknown codebook size schedule '{kind}'; "
+                         f"expected 'constant', 'linear', 'cosine' or 'power'")
     return torch.round(k_min + (k_max - k_min) * s).long()
 
 
@@ -87,10 +89,10 @@ def nearest_codes(z_flat, codebook, chunk_size, token_codebook_sizes=None):
 
 
 def _perplexity(indices, K):
-    # exp(entropy) of the batch's code histogram, as a tensor (index_add_ rather than bincount: no host sync
-    # on GPU)
-    counts = torch.zeros(K, device=indices.device).index_add_(0, indices.reshape(-1), torch.ones(indices.numel(),
-                                                                                                  device=indices.device))
+    # exp(entropy) of the batch's code histogram, as a tensor
+    # (index_add_ rather than bincount: no host sync on GPU)
+    counts = torch.zeros(K, device=indices.device).index_add_(
+        0, indices.reshape(-1), torch.ones(indices.numel(), device=indices.device))
     p = counts / counts.sum()
     return torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())
 
@@ -113,7 +115,8 @@ class RecentCodes(nn.Module):
 
     @torch.no_grad()
     def record(self, indices):
-        indices = indices.reshape(-1)[-self.size:]  # a batch longer than the window: only its last `size` count
+        # a batch longer than the window: only its last `size` count
+        indices = indices.reshape(-1)[-self.size:]
         n = indices.numel()
         slots = (self.position + torch.arange(n, device=indices.device)) % self.size
         ones = torch.ones(n, dtype=torch.long, device=indices.device)
@@ -142,8 +145,8 @@ def _setup_schedule(module, K, vcq_schedule, vcq_k_min, vcq_seq_len, vcq_gamma):
     if vcq_schedule == '':
         module.codebook_sizes = None
     else:
-        module.register_buffer('codebook_sizes', codebook_size_schedule(vcq_schedule, vcq_k_min, K, vcq_seq_len,
-                                                                         vcq_gamma))
+        module.register_buffer('codebook_sizes',
+                               codebook_size_schedule(vcq_schedule, vcq_k_min, K, vcq_seq_len, vcq_gamma))
 
 
 def _token_codebook_sizes(codebook_sizes, B, H, W):
@@ -151,8 +154,8 @@ def _token_codebook_sizes(codebook_sizes, B, H, W):
     if codebook_sizes is None:
         return None
     if H * W != codebook_sizes.numel():
-        raise ValueError(f"VCQ schedule has {codebook_sizes.numel()} positions but the latent grid is {H}x{W} = "
-                         f"{H * W} tokens; set vcq_seq_len to {H * W}")
+        raise ValueError(f"VCQ schedule has {codebook_sizes.numel()} positions but the latent grid is "
+                         f"{H}x{W} = {H * W} tokens; set vcq_seq_len to {H * W}")
     return codebook_sizes.repeat(B)
 
 
@@ -209,8 +212,8 @@ def modulate(x, shift, scale):
 
 class BridgeBlock(nn.Module):
     """DiT block (adaLN-Zero). In the bridge the condition is one learned vector, so the modulation is a
-    learned shift/scale/gate per block whose gates start at zero: the block starts as the identity, as in the
-    release."""
+    learned shift/scale/gate per block whose gates start at zero: the block starts as the identity,
+    as in the release."""
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
@@ -228,7 +231,8 @@ class BridgeBlock(nn.Module):
         T, dim = x.shape
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.modulation(c).chunk(6)
         h = modulate(self.norm1(x), shift_attn, scale_attn)
-        q, k, v = self.qkv(h).reshape(T, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)  # 3 x (heads, T, hd)
+        # 3 x (heads, T, hd)
+        q, k, v = self.qkv(h).reshape(T, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)
         h = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(T, dim)
         x = x + gate_attn * self.proj(h)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
@@ -239,27 +243,29 @@ class BridgeBlock(nn.Module):
 class VQBridge(nn.Module):
     """Maps the raw codebook (K, D) to the codebook used for quantization (K, D): groups of group_size
     consecutive codes -> linear to dim (eq. 8) -> depth adaLN-Zero ViT blocks (eq. 9) -> LayerNorm + linear
-    back to group_size*D (eq. 10) -> reshape (eq. 11). As released (yfChang-cv/FVQ qbridge.py, the code behind
-    Table 3): the codebook is a sqrt(K) x sqrt(K) image of D channels cut into p x p patches (p*p =
-    group_size); our 1D groups of p*p consecutive codes are those patches up to a fixed permutation of code
-    indices, so group t gets the 2D sin-cos embedding of patch t's grid position. The release's patch
-    embedding has no LayerNorm; eq. 8 as printed has one (compress_norm=True). The blocks are DiT's,
-    conditioned on one learned vector; the final layer is zero-initialised, so every mapped code starts at 0
-    and the codes separate as the expand layer learns."""
+    back to group_size*D (eq. 10) -> reshape (eq. 11).
+    As released (yfChang-cv/FVQ qbridge.py, the code behind Table 3): the codebook is a sqrt(K) x sqrt(K)
+    image of D channels cut into p x p patches (p*p = group_size); our 1D groups of p*p consecutive codes are
+    those patches up to a fixed permutation of code indices, so group t gets the 2D sin-cos embedding of patch
+    t's grid position. The release's patch embedding has no LayerNorm; eq. 8 as printed has one
+    (compress_norm=True). The blocks are DiT's, conditioned on one learned vector; the final layer is
+    zero-initialised, so every mapped code starts at 0 and the codes separate as the expand layer learns."""
 
     def __init__(self, K, D, group_size, dim=256, depth=2, heads=4, mlp_ratio=2.0, compress_norm=False,
                  zero_init=True):
         super().__init__()
         if group_size < 1 or K % group_size != 0:
-            raise ValueError(f"VQBridge: codebook size K={K} is not divisible by the group size g={group_size} "
-                             f"(bridge_group_size); pick a g that divides K, e.g. a power of two for K = 2^n")
+            raise ValueError(f"VQBridge: codebook size K={K} is not divisible by the group size "
+                             f"g={group_size} (bridge_group_size); pick a g that divides K, "
+                             f"e.g. a power of two for K = 2^n")
         if dim % heads != 0 or dim % 4 != 0:
             raise ValueError(f"VQBridge: bridge_dim={dim} must be divisible by 4 and by bridge_heads={heads}")
         self.K, self.D, self.group_size = K, D, group_size
         self.compress = nn.Linear(group_size * D, dim)
         self.compress_norm = nn.LayerNorm(dim) if compress_norm else nn.Identity()
         T = K // group_size
-        grid_h = max(h for h in range(1, math.isqrt(T) + 1) if T % h == 0)  # square when T is (the release's Ks)
+        # the grid is square when T is (the release's Ks)
+        grid_h = max(h for h in range(1, math.isqrt(T) + 1) if T % h == 0)
         self.register_buffer('pos_embed', sincos_2d(grid_h, T // grid_h, dim), persistent=False)  # (T, dim)
         self.condition = nn.Parameter(torch.randn(dim) * 0.02)  # DiT's label embedding with a single class
         self.blocks = nn.ModuleList([BridgeBlock(dim, heads, mlp_ratio) for _ in range(depth)])
@@ -278,9 +284,9 @@ class VQBridge(nn.Module):
 
     @torch.no_grad()
     def live_slots(self):
-        # slot s of every group is row block s of the expand layer; a block still at its zero init maps every
-        # group's slot-s code to 0, and it gets a gradient only once some token picks such a zero code: usage
-        # <= live / g
+        # slot s of every group is row block s of the expand layer; a block still at its zero init
+        # maps every group's slot-s code to 0, and it gets a gradient only once some token picks such
+        # a zero code: usage <= live / g
         return (self.expand.weight.reshape(self.group_size, -1).abs().amax(1) > 0).sum()
 
     def forward(self, codes):
@@ -304,9 +310,9 @@ class VectorQuantizer(nn.Module):
     FVQ). Without a projector (plain VQ, LlamaGen) l2_norm also normalises z and the codes in every forward.
     With projector != '' (FVQ) the codes used are projector(raw codebook), computed once per forward, and are
     never normalised (the release's --codebook-l2-norm is init-time only, and its scripts leave it off); the
-    raw codebook then gets gradients only through the projector. projector: 'vqbridge' (FVQ), 'linear'
-    (SimVQ's single D -> D layer) or 'mlp5' (5 linear layers with ReLU), the baselines of FVQ Tables 5 and
-    10."""
+    raw codebook then gets gradients only through the projector.
+    projector: 'vqbridge' (FVQ), 'linear' (SimVQ's single D -> D layer) or 'mlp5' (5 linear layers with ReLU),
+    the baselines of FVQ Tables 5 and 10."""
 
     def __init__(self, codebook_size, dim, *, beta=0.25, l2_norm=False, projector='', chunk_size=1024,
                  usage_window=0, usage_tokens=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5,
@@ -322,13 +328,15 @@ class VectorQuantizer(nn.Module):
         if projector == '':
             self.projector = None
         elif projector == 'vqbridge':
-            self.projector = VQBridge(K, D, bridge_group_size or bridge_group_size_for(K), bridge_dim, bridge_depth,
-                                      bridge_heads, bridge_mlp_ratio, bridge_compress_norm, bridge_zero_init)
+            self.projector = VQBridge(K, D, bridge_group_size or bridge_group_size_for(K), bridge_dim,
+                                      bridge_depth, bridge_heads, bridge_mlp_ratio, bridge_compress_norm,
+                                      bridge_zero_init)
         elif projector == 'linear':
             self.projector = nn.Linear(D, D)
         elif projector == 'mlp5':
-            self.projector = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D),
-                                           nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D))
+            self.projector = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(),
+                                           nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(),
+                                           nn.Linear(D, D))
         else:
             raise ValueError(f"unknown projector '{projector}'; expected '', 'vqbridge', 'linear' or 'mlp5'")
         self.normalize_forward = l2_norm and self.projector is None  # never behind a projector
@@ -372,7 +380,8 @@ def fvq_to_vq_checkpoint(ckpt):
     the EMA weights, when present, are exported the same way."""
     args = ckpt['model_args']
     if args.get('quantizer') != 'fvq':
-        raise ValueError(f"fvq_to_vq_checkpoint needs an FVQ checkpoint, got quantizer={args.get('quantizer')!r}")
+        raise ValueError(f"fvq_to_vq_checkpoint needs an FVQ checkpoint, "
+                         f"got quantizer={args.get('quantizer')!r}")
     options = dict(args.get('quantizer_args') or {})
     fvq = make_quantizer('fvq', args['codebook_size'], args['code_dim'], **options)
     prefix = 'quantizer.'
@@ -451,8 +460,8 @@ class _IBQChunked(torch.autograd.Function):
                 if too_big is not None:
                     logits.masked_fill_(too_big, float('-inf'))
                 if ctx.with_entropy:
-                    # dH/dx_k = -p_k (log p_k + H); d(sum_k a_k p_k)/dx_k = p_k (a_k - sum_j p_j a_j); x =
-                    # logits / T
+                    # dH/dx_k = -p_k (log p_k + H); d(sum_k a_k p_k)/dx_k = p_k (a_k - sum_j p_j a_j)
+                    # with x = logits / T
                     probs_t, log_probs_t = _tempered_softmax(logits, T, too_big)
                     entropy = -torch.linalg.vecdot(probs_t, log_probs_t)[:, None]  # (n, 1)
                     grad_logits = log_probs_t.add_(entropy).mul_(probs_t).mul_(-grad_sample_entropy / (N * T))
@@ -485,30 +494,35 @@ def _tempered_softmax(logits, temperature, too_big):
 
 
 class IndexBackpropQuantizer(nn.Module):
-    """IBQ. logits = z C^T; Ind = onehot(argmax) - sg(softmax) + softmax; z_q = Ind C (no straight-through on z: the
-    encoder gets the decoder's gradient through the softmax). Double quantization loss with z_q' = onehot C (means):
+    """IBQ. logits = z C^T; Ind = onehot(argmax) - sg(softmax) + softmax; z_q = Ind C (no straight-through on
+    z: the encoder gets the decoder's gradient through the softmax).
+    Double quantization loss with z_q' = onehot C (means):
     ibq_beta_term='codebook' (TencentARC/SEED-Voken, the code behind IBQ Tables 1-5; the default):
         |z_q - z|^2 + |z - sg z_q'|^2 + beta |sg z - z_q'|^2
     ibq_beta_term='commit' (eq. 12 as printed): |z_q - z|^2 + |sg z - z_q'|^2 + beta |z - sg z_q'|^2
-    plus the MAGVIT-v2 entropy penalty entropy_weight * (mean_n H(p_n) - H(mean_n p_n)), p = softmax(logits / T).
-    The readable (N, K) formula is ibq_reference() below; this module computes the same in chunks of tokens."""
+    plus the MAGVIT-v2 entropy penalty entropy_weight * (mean_n H(p_n) - H(mean_n p_n)),
+    p = softmax(logits / T). The readable (N, K) formula is ibq_reference() below; this module computes
+    the same in chunks of tokens."""
 
     # defaults from TencentARC/SEED-Voken configs/IBQ/gpu/imagenet_ibqgan_{16384,262144}.yaml: beta 0.25,
     # entropy_loss_weight 0.05, entropy_temperature 0.01, l2_normalize False
-    def __init__(self, codebook_size, dim, *, beta=0.25, ibq_beta_term='codebook', l2_norm=False, entropy_weight=0.05,
-                 entropy_temperature=0.01, chunk_size=1024, usage_window=0, usage_tokens=0, vcq_schedule='',
-                 vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5):
+    def __init__(self, codebook_size, dim, *, beta=0.25, ibq_beta_term='codebook', l2_norm=False,
+                 entropy_weight=0.05, entropy_temperature=0.01, chunk_size=1024, usage_window=0,
+                 usage_tokens=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5):
         super().__init__()
         K, D = codebook_size, dim
         _check_common(chunk_size, vcq_schedule)
         if entropy_temperature <= 0:
             raise ValueError(f"entropy_temperature must be > 0, got {entropy_temperature}")
         if ibq_beta_term not in ('codebook', 'commit'):
-            raise ValueError(f"ibq_beta_term must be 'codebook' (SEED-Voken) or 'commit' (eq. 12), got {ibq_beta_term!r}")
+            raise ValueError(f"ibq_beta_term must be 'codebook' (SEED-Voken) or 'commit' (eq. 12), "
+                             f"got {ibq_beta_term!r}")
         self.codebook_size, self.dim = K, D
-        self.beta, self.ibq_beta_term, self.l2_norm, self.chunk_size = beta, ibq_beta_term, l2_norm, chunk_size
+        self.beta, self.ibq_beta_term = beta, ibq_beta_term
+        self.l2_norm, self.chunk_size = l2_norm, chunk_size
         self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
-        self.embedding = nn.Parameter(torch.randn(K, D))  # N(0, 1): SEED-Voken keeps nn.Embedding's default init
+        # N(0, 1): SEED-Voken keeps nn.Embedding's default init
+        self.embedding = nn.Parameter(torch.randn(K, D))
         _setup_usage(self, K, usage_window, usage_tokens)
         _setup_schedule(self, K, vcq_schedule, vcq_k_min, vcq_seq_len, vcq_gamma)
 
@@ -529,8 +543,8 @@ class IndexBackpropQuantizer(nn.Module):
                 z_flat = F.normalize(z_flat, dim=-1)
             with_entropy = self.entropy_weight != 0
             z_q, sample_entropy, avg_entropy, indices = _IBQChunked.apply(
-                z_flat, codebook, _token_codebook_sizes(self.codebook_sizes, B, H, W), self.entropy_temperature,
-                self.chunk_size, with_entropy)
+                z_flat, codebook, _token_codebook_sizes(self.codebook_sizes, B, H, W),
+                self.entropy_temperature, self.chunk_size, with_entropy)
             z_q_hard = codebook[indices]  # (N, D) z_q' of eq. 11
             soft_loss = F.mse_loss(z_q, z_flat)
             codebook_loss = F.mse_loss(z_q_hard, z_flat.detach())
@@ -541,8 +555,9 @@ class IndexBackpropQuantizer(nn.Module):
             else:
                 loss = soft_loss + codebook_loss + self.beta * commit_loss
             loss = loss + self.entropy_weight * entropy_loss
-        info = _info(self, indices, B, H, W, soft_loss=soft_loss, codebook_loss=codebook_loss, commit_loss=commit_loss,
-                     entropy_loss=entropy_loss, sample_entropy=sample_entropy, avg_entropy=avg_entropy)
+        info = _info(self, indices, B, H, W, soft_loss=soft_loss, codebook_loss=codebook_loss,
+                     commit_loss=commit_loss, entropy_loss=entropy_loss, sample_entropy=sample_entropy,
+                     avg_entropy=avg_entropy)
         return _channels_first(z_q, B, H, W), loss, info
 
 
@@ -553,7 +568,8 @@ def ibq_reference(z, codebook, beta=0.25, ibq_beta_term='codebook', entropy_weig
     codebook_sizes (N,) or None. -> z_q (N, D), loss, indices (N,)"""
     K = codebook.shape[0]
     logits = z @ codebook.t()  # (N, K), eq. 3
-    masked = None if codebook_sizes is None else torch.arange(K, device=z.device)[None, :] >= codebook_sizes[:, None]
+    masked = None if codebook_sizes is None else (torch.arange(K, device=z.device)[None, :]
+                                                  >= codebook_sizes[:, None])
     if masked is not None:  # VCQ section 3: token n may only use the first K_n codes
         logits = logits.masked_fill(masked, float('-inf'))
     soft = logits.softmax(1)  # eq. 4
@@ -578,8 +594,8 @@ def ibq_reference(z, codebook, beta=0.25, ibq_beta_term='codebook', entropy_weig
 # -----------------------------------------------------------------------------
 # options, and the one constructor every script uses
 
-# every make_quantizer option: the kinds it applies to (the projector and VCQ options apply conditionally,
-# below)
+# every make_quantizer option: the kinds it applies to
+# (the projector and VCQ options apply conditionally, below)
 QUANTIZER_OPTIONS = {
     'beta': ('vq', 'fvq', 'ibq'), 'l2_norm': ('vq', 'fvq', 'ibq'), 'chunk_size': ('vq', 'fvq', 'ibq'),
     'usage_window': ('vq', 'fvq', 'ibq'), 'usage_tokens': ('vq', 'fvq', 'ibq'),
@@ -587,8 +603,8 @@ QUANTIZER_OPTIONS = {
     'projector': ('fvq',), 'bridge_group_size': ('fvq',), 'bridge_dim': ('fvq',), 'bridge_depth': ('fvq',),
     'bridge_heads': ('fvq',), 'bridge_mlp_ratio': ('fvq',), 'bridge_compress_norm': ('fvq',),
     'bridge_zero_init': ('fvq',),
-    'vcq_schedule': ('vq', 'fvq', 'ibq'), 'vcq_k_min': ('vq', 'fvq', 'ibq'), 'vcq_seq_len': ('vq', 'fvq', 'ibq'),
-    'vcq_gamma': ('vq', 'fvq', 'ibq'),
+    'vcq_schedule': ('vq', 'fvq', 'ibq'), 'vcq_k_min': ('vq', 'fvq', 'ibq'),
+    'vcq_seq_len': ('vq', 'fvq', 'ibq'), 'vcq_gamma': ('vq', 'fvq', 'ibq'),
 }
 
 
@@ -612,11 +628,13 @@ def options_from_config(kind, config, defaults):
     effect for `kind`. A key that would have no effect but differs from the script's default is an error
     naming it (it would be silently ignored otherwise, e.g. vcq_k_min without a vcq_schedule)."""
     applicable = quantizer_options(kind, config.get('projector', 'vqbridge'), config.get('vcq_schedule', ''))
-    ignored = [k for k in QUANTIZER_OPTIONS if k in config and k not in applicable and config[k] != defaults[k]]
+    ignored = [k for k in QUANTIZER_OPTIONS
+               if k in config and k not in applicable and config[k] != defaults[k]]
     if ignored:
         raise ValueError(f"config key(s) {ignored} have no effect with quantizer='{kind}'"
                          + (f", projector={config['projector']!r}" if kind == 'fvq' else '')
-                         + f", vcq_schedule={config.get('vcq_schedule', '')!r}; remove them or change the quantizer")
+                         + f", vcq_schedule={config.get('vcq_schedule', '')!r}; "
+                           f"remove them or change the quantizer")
     return {k: config[k] for k in applicable if k in config}
 
 
@@ -625,7 +643,8 @@ def make_quantizer(kind, codebook_size, dim, **options):
     projector= 'linear' | 'mlp5' give the FVQ Table 5 baselines) or 'ibq'. options: any of
     quantizer_options(kind, ...); one that would have no effect for this kind is an error naming it."""
     if not (isinstance(codebook_size, int) and codebook_size >= 2 and isinstance(dim, int) and dim >= 1):
-        raise ValueError(f"codebook_size must be an int >= 2 and dim an int >= 1, got {codebook_size!r}, {dim!r}")
+        raise ValueError(f"codebook_size must be an int >= 2 and dim an int >= 1, "
+                         f"got {codebook_size!r}, {dim!r}")
     valid = quantizer_options(kind, options.get('projector', 'vqbridge'), options.get('vcq_schedule', ''))
     unknown = [name for name in options if name not in valid]
     if unknown:
@@ -638,6 +657,7 @@ def make_quantizer(kind, codebook_size, dim, **options):
         return VectorQuantizer(codebook_size, dim, **{'l2_norm': True, **options})
     if kind == 'fvq':
         if options.get('projector', 'vqbridge') == '':
-            raise ValueError("quantizer 'fvq' needs a projector ('vqbridge', 'linear' or 'mlp5'); use 'vq' for none")
+            raise ValueError("quantizer 'fvq' needs a projector ('vqbridge', 'linear' or 'mlp5'); "
+                             "use 'vq' for none")
         return VectorQuantizer(codebook_size, dim, **{'projector': 'vqbridge', **options})
     return IndexBackpropQuantizer(codebook_size, dim, **options)

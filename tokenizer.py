@@ -39,7 +39,8 @@ class ResnetBlock(nn.Module):
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.nin_shortcut = (nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels
+                             else nn.Identity())
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -57,7 +58,8 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (B, 1, HW, C)
+        # 3 x (B, 1, HW, C)
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
         return x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H, W))
 
@@ -186,9 +188,9 @@ class Tokenizer(nn.Module):
 
 
 def load_tokenizer(path, map_location='cpu', ema=True):
-    """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py: its EMA weights when the run
-    kept them (ema_decay > 0; what IBQ's release evaluates and extracts codes with) unless ema=False, else its
-    weights."""
+    """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py: its EMA weights when
+    the run kept them (ema_decay > 0; what IBQ's release evaluates and extracts codes with) unless
+    ema=False, else its weights."""
     ckpt = load_checkpoint(path, 'tokenizer', map_location)
     model = Tokenizer(**ckpt['model_args'])
     model.load_state_dict(tokenizer_weights(ckpt, ema))
@@ -244,7 +246,8 @@ def gen_loss_fn(kind, logits_fake):
         return F.softplus(-logits_fake).mean()
     if kind == 'non_saturating_per_image':
         return F.softplus(-logits_fake.flatten(1).mean(1)).mean()
-    raise ValueError(f"unknown gen_loss '{kind}' (expected 'hinge', 'non_saturating' or 'non_saturating_per_image')")
+    raise ValueError(f"unknown gen_loss '{kind}' (expected 'hinge', 'non_saturating' or "
+                     f"'non_saturating_per_image')")
 
 
 def lecam_loss(logits_real, logits_fake, ema_real, ema_fake):
@@ -274,7 +277,8 @@ def diff_augment(x):
     sy, sx = int(H * 0.125 + 0.5), int(W * 0.125 + 0.5)
     ty = torch.randint(-sy, sy + 1, (B, 1, 1), device=x.device)
     tx = torch.randint(-sx, sx + 1, (B, 1, 1), device=x.device)
-    rows = (torch.arange(H, device=x.device)[None, :, None] + ty + 1).clamp(0, H + 1)  # (B, H, 1), +1: the zero pad
+    # +1: the zero pad
+    rows = (torch.arange(H, device=x.device)[None, :, None] + ty + 1).clamp(0, H + 1)  # (B, H, 1)
     cols = (torch.arange(W, device=x.device)[None, None, :] + tx + 1).clamp(0, W + 1)  # (B, 1, W)
     padded = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)  # (B, H+2, W+2, C)
     x = padded[torch.arange(B, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
@@ -315,8 +319,8 @@ def center_crop_arr(pil_image, image_size):
 
 
 def random_crop_arr(pil_image, image_size, rng, min_crop_frac=0.8):
-    """ADM/LlamaGen's random crop: short side resized to a random size in [S, S/min_crop_frac], random
-    crop."""
+    """ADM/LlamaGen's random crop: short side resized to a random size in [S, S/min_crop_frac],
+    then a random crop."""
     short = rng.integers(image_size, math.ceil(image_size / min_crop_frac) + 1)
     while min(*pil_image.size) >= 2 * short:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
@@ -329,7 +333,8 @@ def random_crop_arr(pil_image, image_size, rng, min_crop_frac=0.8):
 
 
 def to_tensor(arr):
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)  # (H,W,3) uint8 -> (3,H,W)
+    # (H,W,3) uint8 -> (3,H,W)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def split_key(key):
@@ -340,12 +345,15 @@ def split_key(key):
 class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, image_size, augment):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"data_dir '{root}' is not a directory (expected root/<class>/<image files>)")
+            raise FileNotFoundError(f"data_dir '{root}' is not a directory "
+                                    f"(expected root/<class>/<image files>)")
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
         self.samples = [(os.path.join(root, c, f), label) for label, c in enumerate(classes)
-                        for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+                        for f in sorted(os.listdir(os.path.join(root, c)))
+                        if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.samples:
-            raise FileNotFoundError(f"data_dir '{root}' has no images in class folders ({', '.join(IMAGE_EXTENSIONS)})")
+            raise FileNotFoundError(f"data_dir '{root}' has no images in class folders "
+                                    f"({', '.join(IMAGE_EXTENSIONS)})")
         self.num_classes, self.image_size, self.augment = len(classes), image_size, augment
 
     def __len__(self):
@@ -441,8 +449,9 @@ def split_held_out(samples, n):
     """An ImageFolder's samples -> (training samples, n held-out samples): a fixed random choice (seed 0), so
     train_tokenizer.py and evaluate.py --split=heldout agree on which images were never trained on."""
     if not 0 < n < len(samples):
-        raise ValueError(f"eval_images = {n} must be between 1 and the number of images minus one ({len(samples)} "
-                         f"images in the folder); lower eval_images or give a separate eval_data_dir")
+        raise ValueError(f"eval_images = {n} must be between 1 and the number of images minus one "
+                         f"({len(samples)} images in the folder); "
+                         f"lower eval_images or give a separate eval_data_dir")
     perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
     return [samples[i] for i in sorted(perm[n:])], [samples[i] for i in sorted(perm[:n])]
 
@@ -474,7 +483,8 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
             for p in range(position, position + self.batch_size):
                 if p // self.num_items != epoch:
                     epoch = p // self.num_items
-                    order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
+                    order = torch.randperm(self.num_items,
+                                           generator=torch.Generator().manual_seed(self.seed + epoch))
                 keys.append((int(order[p % self.num_items]), (self.seed, p)))
             yield keys
             position += global_batch
@@ -549,8 +559,10 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or 'file write failed' in str(e)
-        raise OSError(f"could not write {path}: {'the disk is full' if full else e}; the partial file was removed"
-                      + (f" and the previous {os.path.basename(path)} is intact" if os.path.exists(path) else '')
+        raise OSError(f"could not write {path}: {'the disk is full' if full else e}; "
+                      f"the partial file was removed"
+                      + (f" and the previous {os.path.basename(path)} is intact"
+                         if os.path.exists(path) else '')
                       + " (free some space, or point out_dir elsewhere, and resume)") from e
     os.replace(tmp, path)
 
@@ -566,19 +578,20 @@ def load_checkpoint(path, kind, map_location='cpu', mmap=False):
     try:
         ckpt = torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
     except Exception as e:
-        raise ValueError(f"checkpoint '{path}' is damaged (truncated or not a PyTorch checkpoint): {e}") from None
+        raise ValueError(f"checkpoint '{path}' is damaged "
+                         f"(truncated or not a PyTorch checkpoint): {e}") from None
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
         raise ValueError(f"'{path}' is not a {kind} checkpoint: it has no 'model' / 'model_args' entries")
     found = ckpt.get('kind', 'gpt' if 'n_layer' in ckpt['model_args'] else 'tokenizer')
     if found != kind:
-        raise ValueError(f"'{path}' is a {found} checkpoint ({CHECKPOINT_KINDS[found]}), but a {kind} checkpoint "
-                         f"({CHECKPOINT_KINDS[kind]}) is expected here")
+        raise ValueError(f"'{path}' is a {found} checkpoint ({CHECKPOINT_KINDS[found]}), "
+                         f"but a {kind} checkpoint ({CHECKPOINT_KINDS[kind]}) is expected here")
     return ckpt
 
 
 def state_fingerprint(state_dict):
-    """sha256 (hex, 16 characters) of a state_dict's names, shapes, dtypes and values: identifies the
-    weights."""
+    """sha256 (hex, 16 characters) of a state_dict's names, shapes, dtypes and values:
+    identifies the weights."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
@@ -588,22 +601,23 @@ def state_fingerprint(state_dict):
 
 
 # config keys that may differ between a run and the checkpoint it resumes: they change how the run is watched
-# or where it runs, not the experiment. Anything else needs --resume_allow=key1,key2 (the rare intended
-# change).
-RESUME_FREE_KEYS = ('init_from', 'overwrite', 'resume_allow', 'eval_interval', 'log_interval', 'ckpt_interval',
-                    'num_workers', 'extract_batch_size', 'device', 'compile')
+# or where it runs, not the experiment.
+# Anything else needs --resume_allow=key1,key2 (the rare intended change).
+RESUME_FREE_KEYS = ('init_from', 'overwrite', 'resume_allow', 'eval_interval', 'log_interval',
+                    'ckpt_interval', 'num_workers', 'extract_batch_size', 'device', 'compile')
 
 
 def check_out_dir(ckpt_path, init_from, overwrite):
     """A run from scratch never overwrites a checkpoint it was not told to."""
     if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
-        raise FileExistsError(f"{ckpt_path} already exists: continue that run with --init_from=resume, or start a "
-                              f"new one in another out_dir (or over this one with --overwrite=True)")
+        raise FileExistsError(f"{ckpt_path} already exists: continue that run with --init_from=resume, "
+                              f"or start a new one in another out_dir "
+                              f"(or over this one with --overwrite=True)")
 
 
 def check_resume_config(ckpt_path, ckpt_config, config, resume_allow):
-    """Resuming with a config that changes the experiment (data, sizes, schedule, ...) is an error listing the
-    keys."""
+    """Resuming with a config that changes the experiment (data, sizes, schedule, ...) is an error
+    listing the keys."""
     allowed = set(RESUME_FREE_KEYS) | {k.strip() for k in resume_allow.split(',') if k.strip()}
     differing = sorted(k for k in set(config) | set(ckpt_config)
                        if k not in allowed and config.get(k, '<unset>') != ckpt_config.get(k, '<unset>'))
@@ -639,8 +653,8 @@ def truncate_log(path, iter_num):
 
 
 def append_log(path, record):
-    """One JSON line per log interval or evaluation (out_dir/log.jsonl; evaluate.py --mode=curves plots
-    them)."""
+    """One JSON line per log interval or evaluation
+    (out_dir/log.jsonl; evaluate.py --mode=curves plots them)."""
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 

@@ -1,8 +1,11 @@
 """
 Trains a VQ image tokenizer (VQGAN + VQ / IBQ / FVQ / VCQ quantizer) with reconstruction, LPIPS, quantizer,
-GAN and LeCAM losses. One GPU or CPU: python train_tokenizer.py config/smoke.py DDP on one node (global batch
-split across ranks): torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/fvq_262k.py Writes
-out_dir/ckpt.pt, out_dir/log.jsonl (one JSON line per log interval and evaluation) and reconstruction grids.
+GAN and LeCAM losses. One GPU or CPU:
+    python train_tokenizer.py config/smoke.py
+DDP on one node (global batch split across ranks):
+    torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/fvq_262k.py
+Writes out_dir/ckpt.pt, out_dir/log.jsonl (one JSON line per log interval and evaluation) and
+reconstruction grids.
 """
 import copy
 import math
@@ -16,10 +19,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from quantizers import options_from_config, bridge_group_size_for
 from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, lecam_loss,
-                       adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate, ShardedBatchSampler,
-                       setup_device, autocast_context, atomic_save, save_image_grid, truncate_log,
-                       append_log, load_checkpoint, check_out_dir, check_resume_config, gather_rng_states,
-                       restore_rng_states)
+                       adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate,
+                       ShardedBatchSampler, setup_device, autocast_context, atomic_save, save_image_grid,
+                       truncate_log, append_log, load_checkpoint, check_out_dir, check_resume_config,
+                       gather_rng_states, restore_rng_states)
 
 # -----------------------------------------------------------------------------
 # default config: LlamaGen VQ-16 on ImageNet 256 (config/vq_16k.py); override with config files / --key=value
@@ -48,13 +51,14 @@ quantizer = 'vq'  # 'vq', 'ibq' or 'fvq'
 codebook_size = 16384
 code_dim = 8
 # quantizer options (quantizers.make_quantizer's): each takes effect for some quantizers only, and changing
-# one that has no effect for `quantizer` is an error. All resolved values are recorded in the checkpoint's
-# model_args.
+# one that has no effect for `quantizer` is an error.
+# All resolved values are recorded in the checkpoint's model_args.
 beta = 0.25  # commitment weight
 l2_norm = True  # vq: l2-normalised codes and z (LlamaGen); fvq: the raw codes normalised once at init (the
 #                 release's flag; its scripts leave it off); ibq: cosine logits (off in the release)
 chunk_size = 1024  # tokens per (chunk, K) distance / logit block
-usage_window = 0  # window_usage: distinct codes among the last max(65536, K + 1) tokens (the release's; 0 = that)
+# window_usage: distinct codes among the last max(65536, K + 1) tokens (the release's; 0 = that)
+usage_window = 0
 usage_tokens = 0  # usage: distinct codes among the last usage_tokens training tokens (0 = 10 K)
 ibq_beta_term = 'codebook'  # ibq: beta on the codebook term (SEED-Voken) or 'commit' (IBQ eq. 12 as printed)
 entropy_weight = 0.05  # ibq: MAGVIT-v2 entropy penalty
@@ -66,18 +70,20 @@ bridge_depth = 2
 bridge_heads = 4
 bridge_mlp_ratio = 2.0
 bridge_compress_norm = False  # FVQ eq. 8's LayerNorm after the compress layer (not in the release)
-bridge_zero_init = True  # the release zero-initialises the expand layer (DiT's output layer): every code starts at 0
+# the release zero-initialises the expand layer (DiT's output layer): every code starts at 0
+bridge_zero_init = True
 vcq_schedule = ''  # VCQ codebook-size schedule over the token positions: '', 'linear', 'cosine', 'power'
 vcq_k_min = 2
 vcq_seq_len = 0  # 0 = the latent grid's token count
 vcq_gamma = 2.5  # 'power' only
-ema_decay = 0.0  # weight EMA (IBQ's release: 0.999); eval, evaluate.py and code extraction then use the EMA weights
+# weight EMA (IBQ's release: 0.999); eval, evaluate.py and code extraction then use the EMA weights
+ema_decay = 0.0
 # losses
 rec_loss = 'l2'  # 'l1' or 'l2'
 perceptual_weight = 1.0  # LPIPS-VGG; 0 = no LPIPS
 lpips_random_backbone = False  # True: random VGG trunk, nothing downloaded (tests, offline smoke runs)
 disc_weight = 0.5  # weight of the generator's adversarial loss; 0 = no discriminator
-disc_loss_weight = 0.0  # weight of the discriminator's loss; 0 = disc_weight, as LlamaGen / FVQ (IBQ, VCQ: 1.0)
+disc_loss_weight = 0.0  # weight of D's loss; 0 = disc_weight, as LlamaGen / FVQ (IBQ, VCQ: 1.0)
 disc_start = 20000
 disc_loss = 'hinge'  # 'hinge' or 'non_saturating'
 gen_loss = 'hinge'  # 'hinge', 'non_saturating' or 'non_saturating_per_image' (IBQ's release)
@@ -109,7 +115,8 @@ device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'bfloat16'  # autocast dtype on GPU ('bfloat16' or 'float32'); the CPU always runs float32
 compile = False
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
 default_config = {k: globals()[k] for k in config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
@@ -132,12 +139,13 @@ autocast = autocast_context(device, dtype)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
 if lr_schedule not in ('annealing', 'cosine', 'step', 'constant'):
-    raise ValueError(f"unknown lr_schedule '{lr_schedule}' (expected 'annealing', 'cosine', 'step' or 'constant')")
+    raise ValueError(f"unknown lr_schedule '{lr_schedule}' "
+                     f"(expected 'annealing', 'cosine', 'step' or 'constant')")
 check_out_dir(ckpt_path, init_from, overwrite)
 torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
 
-# the quantizer options that take effect for this quantizer; automatic values resolved, so checkpoints record
-# them
+# the quantizer options that take effect for this quantizer;
+# automatic values resolved, so checkpoints record them
 quantizer_args = options_from_config(quantizer, config, default_config)
 if quantizer_args.get('vcq_seq_len') == 0:
     quantizer_args['vcq_seq_len'] = (image_size // downsample) ** 2
@@ -150,8 +158,9 @@ if master:
 # -----------------------------------------------------------------------------
 # model, discriminator, perceptual loss, optimisers
 
-model_args = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels, dropout=dropout,
-                  quantizer=quantizer, codebook_size=codebook_size, code_dim=code_dim, quantizer_args=quantizer_args)
+model_args = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
+                  dropout=dropout, quantizer=quantizer, codebook_size=codebook_size, code_dim=code_dim,
+                  quantizer_args=quantizer_args)
 use_disc = disc_weight > 0
 model = Tokenizer(**model_args).to(device)
 # IBQ's release evaluates with an EMA of the weights (LitEma, constant decay)
@@ -162,7 +171,8 @@ if optimizer not in ('adam', 'adamw'):
     raise ValueError(f"optimizer must be 'adam' or 'adamw', got '{optimizer}'")
 Optimizer = torch.optim.AdamW if optimizer == 'adamw' else torch.optim.Adam
 fused = device_type == 'cuda'  # one kernel for the whole update instead of one per tensor
-gen_optimizer = Optimizer(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, fused=fused)
+gen_optimizer = Optimizer(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
+                          fused=fused)
 disc_optimizer = Optimizer(disc.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                            fused=fused) if use_disc else None
 if master:
@@ -178,15 +188,17 @@ if init_from == 'resume':
                        if model_args.get(k) != ckpt['model_args'].get(k))
     if differing:
         raise ValueError(f"{ckpt_path} does not match the current config; differing model keys: "
-                         + ", ".join(f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, config {model_args.get(k)!r})"
-                                     for k in differing))
+                         + ", ".join(f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, "
+                                     f"config {model_args.get(k)!r})" for k in differing))
     check_resume_config(ckpt_path, ckpt['config'], config, resume_allow)
     if (ckpt['disc'] is not None) != use_disc:
         raise ValueError(f"{ckpt_path} was trained with disc_weight {ckpt['config']['disc_weight']}; "
-                         f"the current disc_weight {disc_weight} {'needs' if use_disc else 'drops'} a discriminator")
+                         f"the current disc_weight {disc_weight} "
+                         f"{'needs' if use_disc else 'drops'} a discriminator")
     if (ckpt.get('ema') is not None) != (ema_model is not None):
-        raise ValueError(f"{ckpt_path} was trained with ema_decay {ckpt['config'].get('ema_decay', 0.0)}; the current "
-                         f"ema_decay {ema_decay} {'needs' if ema_model is not None else 'drops'} its EMA weights")
+        raise ValueError(f"{ckpt_path} was trained with ema_decay {ckpt['config'].get('ema_decay', 0.0)}; "
+                         f"the current ema_decay {ema_decay} "
+                         f"{'needs' if ema_model is not None else 'drops'} its EMA weights")
     model.load_state_dict(ckpt['model'])
     gen_optimizer.load_state_dict(ckpt['optimizer'])
     if ema_model is not None:
@@ -224,18 +236,21 @@ if data_dir and not eval_data_dir:  # hold out eval_images images of the trainin
     eval_set = make_dataset(data_dir, image_size, train=False)
     train_set.samples, eval_set.samples = split_held_out(train_set.samples, eval_images)
 else:
-    eval_set = make_dataset(eval_data_dir or data_dir, image_size, train=False, num_images=num_images and eval_images)
+    eval_set = make_dataset(eval_data_dir or data_dir, image_size, train=False,
+                            num_images=num_images and eval_images)
 sampler = ShardedBatchSampler(len(train_set), micro_batch, rank, world_size, seed,
                               start_step=iter_num * gradient_accumulation_steps)
-loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                                     pin_memory=device_type == 'cuda', persistent_workers=num_workers > 0)
+loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
+                                     num_workers=num_workers, pin_memory=device_type == 'cuda',
+                                     persistent_workers=num_workers > 0)
 batches = iter(loader)
 # after iter(loader), which draws a seed from the global generator: a resumed run continues the very stream
 restore_rng_states(rng_states, device_type, seed + rank + iter_num)  # per-rank streams (dropout, DiffAugment)
 
 if master:
     print(f"data: {len(train_set)} training images in {train_set.num_classes} classes"
-          f" ({'built-in procedural' if not data_dir else data_dir}), {min(eval_images, len(eval_set))} held out")
+          f" ({'built-in procedural' if not data_dir else data_dir}),"
+          f" {min(eval_images, len(eval_set))} held out")
 
 
 @torch.no_grad()
@@ -254,7 +269,8 @@ def evaluate():
         with autocast:
             recon, _, info = eval_model(images)
         recon = recon.float()
-        rec.append(((recon - images).abs() if rec_loss == 'l1' else (recon - images).pow(2)).flatten(1).mean(1))
+        rec.append(((recon - images).abs() if rec_loss == 'l1'
+                    else (recon - images).pow(2)).flatten(1).mean(1))
         recon = recon.clamp(-1, 1)
         mse.append(((recon - images) / 2).pow(2).flatten(1).mean(1))  # per image, on the [0, 1] scale
         indices.append(info['indices'].flatten())
@@ -266,16 +282,18 @@ def evaluate():
         raise ValueError(f"none of the {len(keys)} held-out images could be read (see the warnings above)")
     mse, indices = torch.cat(mse), torch.cat(indices)
     save_image_grid(shown, os.path.join(out_dir, f'recon_{iter_num:07d}.png'), nrow=len(shown) // 2)
-    return {'psnr': (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item(), 'rec': torch.cat(rec).mean().item(),
-            'usage': indices.unique().numel() / codebook_size, 'usage_tokens': indices.numel(),
-            'images': len(mse)}
+    return {'psnr': (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item(),
+            'rec': torch.cat(rec).mean().item(), 'usage': indices.unique().numel() / codebook_size,
+            'usage_tokens': indices.numel(), 'images': len(mse)}
 
 
 def save_checkpoint():
     all_states = gather_rng_states(device_type, ddp, world_size)
     if master:
-        atomic_save({'kind': 'tokenizer', 'model': raw_model.state_dict(), 'ema': ema_model.state_dict() if ema_model else None,
-                     'disc': raw_disc.state_dict() if use_disc else None, 'optimizer': gen_optimizer.state_dict(),
+        atomic_save({'kind': 'tokenizer', 'model': raw_model.state_dict(),
+                     'ema': ema_model.state_dict() if ema_model else None,
+                     'disc': raw_disc.state_dict() if use_disc else None,
+                     'optimizer': gen_optimizer.state_dict(),
                      'disc_optimizer': disc_optimizer.state_dict() if use_disc else None,
                      'model_args': model_args, 'config': config, 'iter_num': iter_num,
                      'data_step': iter_num * gradient_accumulation_steps, 'lecam_ema': lecam_ema.cpu(),
@@ -299,10 +317,12 @@ def discriminator_step(pairs):
             real, fake = (diff_augment(images), diff_augment(recon)) if disc_augment else (images, recon)
             logits_real, logits_fake = disc(real).float(), disc(fake.detach()).float()
             d_loss = disc_loss_fn(disc_loss, logits_real, logits_fake)
-            if lecam_weight > 0:  # the EMA takes this batch's logits first, then regularises (SEED-Voken's order)
+            # the EMA takes this batch's logits first, then regularises (SEED-Voken's order)
+            if lecam_weight > 0:
                 batch_means = torch.stack([logits_real.mean(), logits_fake.mean()]).detach()
                 lecam_ema = lecam_decay * lecam_ema + (1 - lecam_decay) * batch_means
-                d_loss = d_loss + lecam_weight * lecam_loss(logits_real, logits_fake, lecam_ema[0], lecam_ema[1])
+                d_loss = d_loss + lecam_weight * lecam_loss(logits_real, logits_fake,
+                                                            lecam_ema[0], lecam_ema[1])
             d_loss = (disc_loss_weight or disc_weight) * d_loss
             (d_loss / len(pairs)).backward()
         total += d_loss.detach() / len(pairs)
@@ -318,8 +338,8 @@ def discriminator_step(pairs):
 def get_lr(it):
     """The learning rate of iteration it. 'annealing' is FVQ's learning annealing (Table 6): warmup(0.1) from
     0.005x to 1x, baselr(0.3) of the remaining steps at 1x, then linear decay to 0.01x at max_iters. 'cosine'
-    decays from 1x to 0.01x after the same warmup; 'step' multiplies by lr_step_factor at each milestone (fractions
-    of max_iters: IBQ's multi-step decay); 'constant' is the baselines' flat rate."""
+    decays from 1x to 0.01x after the same warmup; 'step' multiplies by lr_step_factor at each milestone
+    (fractions of max_iters: IBQ's multi-step decay); 'constant' is the baselines' flat rate."""
     warmup_iters = warmup_frac * max_iters
     if lr_schedule == 'constant':
         return lr
@@ -346,9 +366,9 @@ while True:
     if iter_num == 0 or iter_num > start_iter and (iter_num % eval_interval == 0 or iter_num == max_iters):
         if master:
             result = evaluate()
-            print(f"eval iter {iter_num}: psnr {result['psnr']:.2f} dB, rec {result['rec']:.5f}, held-out usage "
-                  f"{100 * result['usage']:.2f}% ({result['usage_tokens']} tokens of {result['images']} images)",
-                  flush=True)
+            print(f"eval iter {iter_num}: psnr {result['psnr']:.2f} dB, rec {result['rec']:.5f}, "
+                  f"held-out usage {100 * result['usage']:.2f}% "
+                  f"({result['usage_tokens']} tokens of {result['images']} images)", flush=True)
             append_log(log_path, {'iter': iter_num, 'split': 'eval', **result})
         if iter_num > start_iter:
             save_checkpoint()
@@ -371,10 +391,10 @@ while True:
         micro_batches.append(images.to(device, non_blocking=True))
     stats = {}
     if gan_active and disc_first:
-        # IBQ's release steps D first, on this iteration's reconstructions, and G's GAN loss then sees the
-        # updated D. They are recomputed without a graph here (one extra forward) so that DDP and gradient
-        # accumulation keep their one forward-backward per micro-step; eval mode: the same weights, no usage
-        # recorded.
+        # IBQ's release steps D first, on this iteration's reconstructions, and G's GAN loss then
+        # sees the updated D. They are recomputed without a graph here (one extra forward) so that
+        # DDP and gradient accumulation keep their one forward-backward per micro-step; eval mode:
+        # the same weights, no usage recorded.
         raw_model.eval()
         with torch.no_grad(), autocast:
             pairs = [(images, raw_model(images)[0]) for images in micro_batches]
@@ -389,13 +409,15 @@ while True:
             recon, quant_loss, info = model(images)
             recon_err = recon.float() - images
             rec = recon_err.abs().mean() if rec_loss == 'l1' else recon_err.pow(2).mean()
-            p_loss = lpips_model(recon, images).mean() if lpips_model is not None else torch.zeros((), device=device)
+            p_loss = (lpips_model(recon, images).mean() if lpips_model is not None
+                      else torch.zeros((), device=device))
             nll = rec + perceptual_weight * p_loss
             loss = nll + quant_loss
             terms = {'rec': rec, 'lpips': p_loss, 'quant': quant_loss}
             if gan_active:
                 g_loss = gen_loss_fn(gen_loss, gen_disc(diff_augment(recon) if disc_augment else recon))
-                weight = adaptive_gan_weight(nll, g_loss, raw_model.last_layer()) if adaptive_disc_weight else 1.0
+                weight = (adaptive_gan_weight(nll, g_loss, raw_model.last_layer()) if adaptive_disc_weight
+                          else 1.0)
                 loss = loss + disc_weight * weight * g_loss
                 terms['gan'] = g_loss
             (loss / gradient_accumulation_steps).backward()
@@ -423,12 +445,14 @@ while True:
         t0 = time.time()
         record = {'iter': iter_num, 'split': 'train', **{k: v.item() for k, v in stats.items()},
                   **{k: info[k].item() for k in ('usage', 'usage_tokens', 'window_usage', 'perplexity')},
-                  **{f'q_{k}': v.item() for k, v in info.items() if k.endswith(('_loss', '_entropy', '_slots'))},
+                  **{f'q_{k}': v.item() for k, v in info.items()
+                     if k.endswith(('_loss', '_entropy', '_slots'))},
                   'lr': step_lr, 'img_per_s': batch_size / dt, 'ms_per_iter': 1000 * dt,
                   'skipped_images': skipped_images}
         append_log(log_path, record)
-        print(f"iter {iter_num}: loss {record['loss']:.5f}, rec {record['rec']:.5f}, lpips {record['lpips']:.4f}, "
-              f"quant {record['quant']:.5f}, gan {record.get('gan', 0.0):.4f}, disc {record.get('disc', 0.0):.4f}, "
+        print(f"iter {iter_num}: loss {record['loss']:.5f}, rec {record['rec']:.5f}, "
+              f"lpips {record['lpips']:.4f}, quant {record['quant']:.5f}, "
+              f"gan {record.get('gan', 0.0):.4f}, disc {record.get('disc', 0.0):.4f}, "
               f"usage {100 * record['usage']:.2f}% (last {record['usage_tokens']} tokens), window usage "
               f"{100 * record['window_usage']:.2f}%, ppl {record['perplexity']:.1f}, lr {step_lr:.3e}, "
               f"{record['img_per_s']:.1f} img/s, {record['ms_per_iter']:.1f} ms/iter"

@@ -6,14 +6,15 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# the 1,000 real ImageNet images this repository's own runs use; a fork without them skips the tests that read
-# them
+# the 1,000 real ImageNet images this repository's own runs use;
+# a fork without them skips the tests that read them
 IMAGENET_SAMPLES = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'imagenet_1k_samples')
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: runs a training, sampling or evaluation script in a subprocess; '
-                                       '`python -m pytest -q -m "not slow"` skips them for a quick edit-test loop')
+    config.addinivalue_line('markers', 'slow: runs a training, sampling or evaluation script in a '
+                                       'subprocess; `python -m pytest -q -m "not slow"` skips them for a '
+                                       'quick edit-test loop')
 
 
 @pytest.fixture
@@ -25,8 +26,8 @@ def imagenet_samples():
 
 @pytest.fixture(scope='module')
 def one_torch_thread():
-    """For modules of tiny models: one intra-op thread is faster than two fighting over CI's 2 cores. Restored
-    after."""
+    """For modules of tiny models: one intra-op thread is faster than two fighting over CI's 2 cores.
+    Restored after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -41,5 +42,6 @@ def make_image_folder(root, per_class, size, classes=('a', 'b'), seed=0):
     for c in classes:
         os.makedirs(os.path.join(root, c))
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(os.path.join(root, c, f'{i}.png'))
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+                os.path.join(root, c, f'{i}.png'))
     return root

@@ -17,8 +17,8 @@ def run_configurator(monkeypatch, argv, **defaults):
 
 
 def test_overrides_parse_and_keep_types(monkeypatch):
-    ns = run_configurator(monkeypatch, ['--lr=3e-4', '--iters=10', '--name=run1', '--mult=(1,2)', '--flag=True',
-                                        '--scale=2'],
+    ns = run_configurator(monkeypatch, ['--lr=3e-4', '--iters=10', '--name=run1', '--mult=(1,2)',
+                                        '--flag=True', '--scale=2'],
                           lr=1e-4, iters=5, name='x', mult=(1, 1), flag=False, scale=1.0)
     assert ns['lr'] == 3e-4 and ns['iters'] == 10 and ns['name'] == 'run1'
     assert ns['mult'] == (1, 2) and ns['flag'] is True
@@ -64,7 +64,8 @@ def script_defaults(script):
     for node in body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:  # constants and constant arithmetic such as 40 * 1281167 // 128
-                defaults[node.targets[0].id] = eval(compile(ast.Expression(node.value), script, 'eval'), {'__builtins__': {}})
+                defaults[node.targets[0].id] = eval(compile(ast.Expression(node.value), script, 'eval'),
+                                                    {'__builtins__': {}})
             except Exception:
                 pass
     return defaults
@@ -81,8 +82,9 @@ def test_every_shipped_config_only_sets_known_keys(monkeypatch):
 
 
 def test_near_copy_configs_compose(monkeypatch):
-    """A config that includes its base (first code line exec(open('config/<base>.py').read())) resolves the same alone
-    as after its base (train_tokenizer.py config/fvq_16k.py config/fvq_262k.py), and sets its own out_dir."""
+    """A config that includes its base (first code line exec(open('config/<base>.py').read()))
+    resolves the same alone as after its base (train_tokenizer.py config/fvq_16k.py
+    config/fvq_262k.py), and sets its own out_dir."""
     import re
     monkeypatch.chdir(ROOT)
     derived = 0

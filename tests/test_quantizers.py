@@ -55,7 +55,8 @@ def test_vq_hand_made_codes_loss_and_straight_through_gradient():
     expected_dz = upstream + 0.25 * 2 * (z.detach() - z_q.detach()) / tokens.numel()
     assert torch.allclose(z.grad, expected_dz, atol=1e-7)
     # codebook: d mean((z_q - sg z)^2) / dc_k = sum over tokens using k of 2 (c_k - z) / numel
-    expected_dc = torch.zeros(3, 2).index_add_(0, torch.tensor([0, 1, 2, 1]), 2 * (codes - tokens) / tokens.numel())
+    expected_dc = torch.zeros(3, 2).index_add_(0, torch.tensor([0, 1, 2, 1]),
+                                               2 * (codes - tokens) / tokens.numel())
     assert torch.allclose(q.embedding.grad, expected_dc, atol=1e-7)
 
 
@@ -84,16 +85,17 @@ def test_l2_norm():
 def test_llamagen_init_unit_norm_codes():
     torch.manual_seed(0)
     for kind, extra in (('vq', {}), ('fvq', {'bridge_group_size': 16, 'bridge_dim': 32})):
-        q = Q.make_quantizer(kind, 16384, 8, l2_norm=True, **extra)  # LlamaGen: uniform(+-1/K), then normalised
+        # LlamaGen: uniform(+-1/K), then normalised
+        q = Q.make_quantizer(kind, 16384, 8, l2_norm=True, **extra)
         assert torch.allclose(q.embedding.norm(dim=1), torch.ones(16384), atol=1e-6), kind
         raw = Q.make_quantizer(kind, 16384, 8, l2_norm=False, **extra)
         assert raw.embedding.abs().max() <= 1 / 16384 and raw.embedding.norm(dim=1).max() < 1e-3
 
 
 def test_fvq_l2_norm_is_init_time_only_and_gradients_stay_finite():
-    """The release's --codebook-l2-norm normalises the raw codes once; the mapped codes and z are never
-    normalised in the forward (behind the zero-initialised bridge that would divide by ~0 and blow the
-    gradients up)."""
+    """The release's --codebook-l2-norm normalises the raw codes once; the mapped codes and z are
+    never normalised in the forward (behind the zero-initialised bridge that would divide by ~0
+    and blow the gradients up)."""
     torch.manual_seed(0)
     q = Q.make_quantizer('fvq', 512, 256, l2_norm=True)
     assert torch.allclose(q.embedding.norm(dim=1), torch.ones(512), atol=1e-6)
@@ -119,10 +121,14 @@ def naive_ibq_loss(z, codebook, beta, ibq_beta_term):
     hard = F.one_hot((z @ codebook.t()).argmax(1), K).float()
     z_q = (hard - soft.detach() + soft) @ codebook
     z_q_2 = hard @ codebook
-    if ibq_beta_term == 'codebook':  # torch.mean((z_q - z)**2) + torch.mean((z_q_2.detach()-z)**2) + beta * torch.mean((z_q_2 - z.detach()) ** 2)
-        return ((z_q - z) ** 2).mean() + ((z_q_2.detach() - z) ** 2).mean() + beta * ((z_q_2 - z.detach()) ** 2).mean()
+    if ibq_beta_term == 'codebook':
+        # torch.mean((z_q - z)**2) + torch.mean((z_q_2.detach()-z)**2)
+        #     + beta * torch.mean((z_q_2 - z.detach()) ** 2)
+        return (((z_q - z) ** 2).mean() + ((z_q_2.detach() - z) ** 2).mean()
+                + beta * ((z_q_2 - z.detach()) ** 2).mean())
     # eq. 12: |z_q - z|^2 + |sg[z] - z_q'|^2 + beta |z - sg[z_q']|^2
-    return ((z_q - z) ** 2).mean() + ((z.detach() - z_q_2) ** 2).mean() + beta * ((z - z_q_2.detach()) ** 2).mean()
+    return (((z_q - z) ** 2).mean() + ((z.detach() - z_q_2) ** 2).mean()
+            + beta * ((z - z_q_2.detach()) ** 2).mean())
 
 
 @pytest.mark.parametrize('temperature,use_schedule', [(0.01, False), (1.0, False), (0.5, True)])
@@ -141,7 +147,8 @@ def test_ibq_chunked_equals_reference_formula(temperature, use_schedule):
         grad_z, grad_codebook = z.grad.clone(), q.embedding.grad.clone()
         z.grad, q.embedding.grad = None, None
         sizes = q.codebook_sizes.repeat(1) if use_schedule else None
-        z_q_ref, loss_ref, indices_ref = Q.ibq_reference(z, q.embedding, 0.25, beta_term, 0.3, temperature, sizes)
+        z_q_ref, loss_ref, indices_ref = Q.ibq_reference(z, q.embedding, 0.25, beta_term, 0.3,
+                                                         temperature, sizes)
         ((grid(z_q_ref, H, W) * upstream).sum() + loss_ref).backward()
         assert torch.equal(info['indices'].reshape(-1), indices_ref)
         assert torch.allclose(z_q, grid(z_q_ref, H, W), atol=1e-6)
@@ -155,8 +162,8 @@ def test_ibq_chunked_equals_reference_formula(temperature, use_schedule):
 
 @pytest.mark.parametrize('beta_term', ['codebook', 'commit'])
 def test_ibq_loss_equals_the_release_line_and_eq_12(beta_term):
-    """Default: SEED-Voken's weighting (beta on the codebook term); 'commit': eq. 12. Values and both
-    gradients."""
+    """Default: SEED-Voken's weighting (beta on the codebook term); 'commit': eq. 12.
+    Values and both gradients."""
     torch.manual_seed(0)
     q = Q.make_quantizer('ibq', 40, 8, chunk_size=9, entropy_weight=0.0, beta=0.25,
                          **({} if beta_term == 'codebook' else {'ibq_beta_term': 'commit'}))
@@ -169,7 +176,8 @@ def test_ibq_loss_equals_the_release_line_and_eq_12(beta_term):
     loss_ref = naive_ibq_loss(z, q.embedding, 0.25, beta_term)
     loss_ref.backward()
     assert torch.allclose(loss, loss_ref, atol=1e-6)
-    assert torch.allclose(grad_z, z.grad, atol=1e-6) and torch.allclose(grad_codebook, q.embedding.grad, atol=1e-6)
+    assert (torch.allclose(grad_z, z.grad, atol=1e-6)
+            and torch.allclose(grad_codebook, q.embedding.grad, atol=1e-6))
     # same value (both terms are |z - z_q'|^2), different gradients: the placement decides who moves
     z.grad = None
     naive_ibq_loss(z, q.embedding, 0.25, 'commit' if beta_term == 'codebook' else 'codebook').backward()
@@ -266,7 +274,8 @@ def test_vcq_never_returns_index_beyond_k_t(kind):
     K, H, W = 64, 4, 4
     extra = {'bridge_group_size': 16, 'bridge_dim': 32} if kind == 'fvq' else {}
     plain = Q.make_quantizer(kind, K, 8, chunk_size=50, **extra)
-    q = Q.make_quantizer(kind, K, 8, chunk_size=50, vcq_schedule='linear', vcq_k_min=2, vcq_seq_len=H * W, **extra)
+    q = Q.make_quantizer(kind, K, 8, chunk_size=50, vcq_schedule='linear', vcq_k_min=2,
+                         vcq_seq_len=H * W, **extra)
     if kind == 'fvq':
         torch.nn.init.normal_(q.projector.expand.weight, std=0.1)
     plain.load_state_dict(q.state_dict(), strict=False)
@@ -324,7 +333,8 @@ def test_info_usage_and_perplexity():
     q = Q.make_quantizer('vq', 8, 2, l2_norm=False, usage_tokens=100)
     with torch.no_grad():
         q.embedding.copy_(torch.tensor([[float(k), 0.0] for k in range(8)]))
-    tokens = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]).repeat(4, 1)  # 4 codes, equally often
+    # 4 codes, equally often
+    tokens = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]).repeat(4, 1)
     _, _, info = q(grid(tokens, 4, 4))
     assert torch.is_tensor(info['usage']) and info['usage'].item() == pytest.approx(0.5)
     assert info['usage_tokens'].item() == 16 and info['window_usage'].item() == pytest.approx(0.5)
@@ -365,7 +375,8 @@ def test_fvq_export_to_plain_vq_gives_identical_indices_and_reconstructions():
     ckpt = {'model': fvq_model.state_dict(), 'model_args': model_args, 'config': {'image_size': 16},
             'optimizer': {'state': {}}, 'iter_num': 3}
     vq_ckpt = Q.fvq_to_vq_checkpoint(ckpt)
-    assert vq_ckpt['model_args']['quantizer'] == 'vq' and 'optimizer' not in vq_ckpt and vq_ckpt['iter_num'] == 3
+    assert (vq_ckpt['model_args']['quantizer'] == 'vq' and 'optimizer' not in vq_ckpt
+            and vq_ckpt['iter_num'] == 3)
     assert not any('projector' in k for k in vq_ckpt['model'])
     vq_model = Tokenizer(**vq_ckpt['model_args'])
     vq_model.load_state_dict(vq_ckpt['model'])

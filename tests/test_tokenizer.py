@@ -28,7 +28,8 @@ def test_tokenizer_shapes(ch_mult, downsample):
     assert torch.equal(indices, info['indices'])
     decoded = model.decode(indices)
     assert decoded.shape == (2, 3, 64, 64)
-    torch.testing.assert_close(decoded, recon, atol=1e-4, rtol=1e-4)  # = forward's recon (up to z + (z_q - z) rounding)
+    # = forward's recon (up to z + (z_q - z) rounding)
+    torch.testing.assert_close(decoded, recon, atol=1e-4, rtol=1e-4)
 
 
 def test_default_is_llamagen_vq16_layout():
@@ -71,7 +72,8 @@ def test_checkpoint_errors_name_the_file(tmp_path, monkeypatch):
         f.write(data[:len(data) // 2])  # a truncated copy
     with pytest.raises(ValueError, match=rf"checkpoint '{tmp_path / 'cut.pt'}' is damaged"):
         load_tokenizer(str(tmp_path / 'cut.pt'))
-    with pytest.raises(ValueError, match=r"is a tokenizer checkpoint \(written by train_tokenizer.py\), but a gpt"):
+    with pytest.raises(ValueError,
+                       match=r"is a tokenizer checkpoint \(written by train_tokenizer.py\), but a gpt"):
         T.load_checkpoint(path, 'gpt')
     # a full disk: the temp file goes, the error says so, the previous checkpoint stays
     def no_space(obj, f):
@@ -79,8 +81,8 @@ def test_checkpoint_errors_name_the_file(tmp_path, monkeypatch):
             out.write(b'partial')
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(T.torch, 'save', no_space)
-    with pytest.raises(OSError, match='the disk is full; the partial file was removed and the previous ckpt.pt is '
-                                      'intact'):
+    with pytest.raises(OSError, match='the disk is full; the partial file was removed and the previous '
+                                      'ckpt.pt is intact'):
         atomic_save({'model': {}}, path)
     assert not os.path.exists(path + '.tmp')
     monkeypatch.undo()
@@ -100,7 +102,8 @@ def test_state_fingerprint_tells_weights_apart():
 def test_discriminator_and_gan_losses():
     disc = PatchDiscriminator(3, ch=16, n_layers=3)
     logits = disc(torch.randn(2, 3, 64, 64))
-    assert logits.shape == (2, 1, 6, 6)  # 70x70-receptive-field PatchGAN on 64^2: 64 -> 32 -> 16 -> 8 -> 7 -> 6
+    # 70x70-receptive-field PatchGAN on 64^2: 64 -> 32 -> 16 -> 8 -> 7 -> 6
+    assert logits.shape == (2, 1, 6, 6)
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
     # hinge: 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake))) = 0.5 * (0.25 + 0.5)
     assert disc_loss_fn('hinge', real, fake).item() == pytest.approx(0.375)
@@ -109,13 +112,15 @@ def test_discriminator_and_gan_losses():
     assert gen_loss_fn('hinge', fake).item() == pytest.approx(1.0)
     assert gen_loss_fn('non_saturating', fake).item() == pytest.approx(np.mean(np.log1p(np.exp([2.0, 0.0]))))
     # SEED-Voken (IBQ): BCE(mean of each image's patch logits, 1) averaged over images, not over patches
-    patches = torch.tensor([[[[1.0, -3.0], [0.0, 2.0]]], [[[-1.0, -1.0], [-1.0, -1.0]]]])  # (2, 1, 2, 2): means 0, -1
+    # (2, 1, 2, 2): means 0, -1
+    patches = torch.tensor([[[[1.0, -3.0], [0.0, 2.0]]], [[[-1.0, -1.0], [-1.0, -1.0]]]])
     assert gen_loss_fn('non_saturating_per_image', patches).item() == pytest.approx(
         np.mean(np.log1p(np.exp([0.0, 1.0]))))
     assert gen_loss_fn('non_saturating', patches).item() != pytest.approx(
         gen_loss_fn('non_saturating_per_image', patches).item())
     # LeCAM: relu(real - ema_fake)^2 and relu(ema_real - fake)^2, each averaged
-    assert lecam_loss(real, fake, ema_real=1.0, ema_fake=1.0).item() == pytest.approx(0.5 * 1.0 + 0.5 * (9 + 1))
+    assert lecam_loss(real, fake, ema_real=1.0, ema_fake=1.0).item() == pytest.approx(
+        0.5 * 1.0 + 0.5 * (9 + 1))
     with pytest.raises(ValueError, match="unknown disc_loss 'wgan'"):
         disc_loss_fn('wgan', real, fake)
 
@@ -136,7 +141,8 @@ def test_adaptive_gan_weight_is_gradient_norm_ratio():
     w = torch.tensor([1.0, 2.0], requires_grad=True)
     rec = (3 * w).sum()  # grad (3, 3), norm 3*sqrt(2)
     gan = (w ** 2).sum()  # grad (2, 4), norm sqrt(20)
-    assert adaptive_gan_weight(rec, gan, w).item() == pytest.approx(3 * math.sqrt(2) / (math.sqrt(20) + 1e-4), rel=1e-6)
+    assert adaptive_gan_weight(rec, gan, w).item() == pytest.approx(
+        3 * math.sqrt(2) / (math.sqrt(20) + 1e-4), rel=1e-6)
 
 
 def test_lpips_random_backbone_builds_offline():
@@ -166,7 +172,8 @@ def make_folder(root, n_per_class=3, size=40, corrupt=True):
     for c in ('cat', 'ant'):
         os.makedirs(root / c)
         for i in range(n_per_class):
-            Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+            Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(
+                root / c / f'{i}.png')
     if corrupt:
         (root / 'cat' / 'broken.jpg').write_bytes(b'not a jpeg at all')
     return root
