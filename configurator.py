@@ -12,11 +12,14 @@ def _apply_config(g, argv):
     from ast import literal_eval
     config_types = (bool, int, float, str, tuple, list, dict)
 
+    def is_config_key(key):
+        # config keys are the script's lower-case globals of plain types; CONSTANTS and _private names are not
+        return key in g and key.islower() and not key.startswith('_') and isinstance(g[key], config_types)
+
     def check(key, value, source):
-        if key.startswith('_') or key not in g or not isinstance(g[key], config_types):
+        if not is_config_key(key):
             raise ValueError(f"unknown config key '{key}' (from {source}); valid keys: "
-                             + ", ".join(k for k, v in g.items()
-                                         if not k.startswith('_') and isinstance(v, config_types)))
+                             + ", ".join(k for k in g if is_config_key(k)))
         default = g[key]
         ok = type(value) == type(default) or (type(default) == float and type(value) == int)
         if not ok:

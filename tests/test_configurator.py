@@ -31,6 +31,13 @@ def test_unknown_key_is_an_error(monkeypatch):
         run_configurator(monkeypatch, ['--lerning_rate=1e-3'], learning_rate=1e-4)
 
 
+def test_constants_and_private_names_are_not_config_keys(monkeypatch):
+    defaults = dict(learning_rate=1e-4, GPT_PRESETS={'B': 12}, FID_WEIGHTS_URL='https://x', _seen=0)
+    for key in ('GPT_PRESETS', 'FID_WEIGHTS_URL', '_seen'):
+        with pytest.raises(ValueError, match=f"unknown config key '{key}'.*valid keys: learning_rate$"):
+            run_configurator(monkeypatch, [f'--{key}=1'], **defaults)
+
+
 def test_wrong_type_names_key_and_expected_type(monkeypatch):
     with pytest.raises(ValueError, match="'max_iters'.*expects int, got float"):
         run_configurator(monkeypatch, ['--max_iters=1.5'], max_iters=10)
