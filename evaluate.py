@@ -33,6 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from quantizers import code_usage
+from tokenizer import to_uint8, psnr
+
 # -----------------------------------------------------------------------------
 # default config; override with config files / --key=value
 mode = 'gen'  # 'recon', 'gen', 'entropy', 'probe' or 'curves'
@@ -368,17 +371,6 @@ def precision_recall(ref_features, sample_features, k=3, batch_size=10000, devic
 # -----------------------------------------------------------------------------
 # reconstruction metrics on uint8-quantised images, given as float (B, 3, H, W) in [0, 1]
 
-def to_uint8_levels(images):
-    """[-1, 1] float -> [0, 1] float on the 256 uint8 levels (what a saved PNG would hold)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 255.0
-
-
-def psnr(x, y):
-    """Per-image PSNR in dB for images in [0, 1] -> (B,)."""
-    mse = ((x.double() - y.double()) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse)
-
-
 def gaussian_window(size=11, sigma=1.5):
     r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-r ** 2 / (2 * sigma ** 2))
@@ -413,13 +405,6 @@ def ssim(x, y, data_range=1.0):
 
 # -----------------------------------------------------------------------------
 # codes: usage, per-position conditional entropy (VCQ's entropy cliff), linear probe (VCQ §4.4)
-
-def code_usage(counts):
-    """counts (K,) of each code over a set -> (fraction of codes used, perplexity exp(H) of the usage)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float((counts > 0).mean()), float(np.exp(-(p * np.log(p)).sum()))
-
 
 def load_codes(path):
     """.npy of integer codes (N, T) or (N, h, w) -> int64 (N, T), raster order."""
@@ -647,8 +632,8 @@ def run_recon(config):
                 continue
             images = images.to(dev)
             indices = tokenizer.encode(images)  # (B, h, w)
-            real = to_uint8_levels(images)  # (B, 3, S, S) in [0, 1]
-            fake = to_uint8_levels(tokenizer.decode(indices))
+            real = to_uint8(images) / 255.0  # (B, 3, S, S) in [0, 1], the levels of a saved image
+            fake = to_uint8(tokenizer.decode(indices)) / 255.0
             counts += torch.bincount(indices.flatten(), minlength=K)
             if inception is not None:
                 real_feats.append(inception(real)[0].cpu())
@@ -661,7 +646,7 @@ def run_recon(config):
             all_labels.append(labels_batch)
     if not psnrs:
         raise ValueError(f"no readable images in '{data_dir}'")
-    usage, perplexity = code_usage(counts.cpu().numpy())
+    usage, perplexity = (x.item() for x in code_usage(counts))
     results = {'psnr': torch.cat(psnrs).mean().item(), 'ssim': torch.cat(ssims).mean().item(),
                'codebook_usage': usage, 'perplexity': perplexity, 'codebook_size': K,
                'usage_tokens': int(counts.sum()), 'num_images': int(sum(len(c) for c in all_codes)),

@@ -88,13 +88,19 @@ def nearest_codes(z_flat, codebook, chunk_size, token_codebook_sizes=None):
     return indices
 
 
+def code_usage(counts):
+    """counts (K,) of each code over a set of tokens -> (fraction of the K codes used, perplexity exp(H) of
+    the code distribution), as 0-d float64 tensors on counts' device (no host sync)."""
+    counts = counts.double()
+    p = counts / counts.sum()
+    return (counts > 0).double().mean(), torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum())
+
+
 def _perplexity(indices, K):
-    # exp(entropy) of the batch's code histogram, as a tensor
-    # (index_add_ rather than bincount: no host sync on GPU)
+    # the batch's code histogram (index_add_ rather than bincount: no host sync on GPU) -> its perplexity
     counts = torch.zeros(K, device=indices.device).index_add_(
         0, indices.reshape(-1), torch.ones(indices.numel(), device=indices.device))
-    p = counts / counts.sum()
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())
+    return code_usage(counts)[1]
 
 
 class RecentCodes(nn.Module):
@@ -127,7 +133,7 @@ class RecentCodes(nn.Module):
         self.position = (self.position + n) % self.size
 
     def usage(self):
-        return (self.counts[:-1] > 0).sum() / self.K  # 0-d float tensor
+        return code_usage(self.counts[:-1])[0]  # 0-d tensor
 
     def window_tokens(self):
         return self.tokens_seen.clamp(max=self.size)  # tokens the usage is counted over

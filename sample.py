@@ -24,6 +24,8 @@ import time
 import numpy as np
 import torch
 
+from tokenizer import (load_checkpoint, load_tokenizer, save_image_grid, setup_device, autocast_context,
+                       to_uint8)
 
 def cfg_weights(schedule, scale, power, seq_len, codebook_sizes=None):
     """Guidance scale w_t for t = 0 .. seq_len - 1 -> float tensor (seq_len,)."""
@@ -136,7 +138,6 @@ def generate(model, labels, cfg_scale=1.0, cfg_schedule='constant', cfg_power=1.
 def load_gpt(ckpt_path, device):
     """A GPT in eval mode and its checkpoint dict (without optimiser state) from a train_ar.py checkpoint."""
     from train_ar import GPT
-    from tokenizer import load_checkpoint
     checkpoint = load_checkpoint(ckpt_path, 'gpt')
     model = GPT(**checkpoint['model_args'])
     model.load_state_dict(checkpoint['model'])
@@ -149,14 +150,12 @@ def sample_images(model, tokenizer, labels, **options):
     **options) through the tokenizer's decoder."""
     codes = generate(model, labels, **options)
     images = tokenizer.decode(codes.reshape(len(labels), model.grid_h, model.grid_w)).float()
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return to_uint8(images).permute(0, 2, 3, 1).cpu()
 
 
 if __name__ == '__main__':
     import torch.distributed as dist
     from tqdm import tqdm
-
-    from tokenizer import load_tokenizer, save_image_grid, setup_device, autocast_context
 
     # -----------------------------------------------------------------------------
     # default config; override with config files / --key=value

@@ -659,9 +659,20 @@ def append_log(path, record):
         f.write(json.dumps(record) + '\n')
 
 
+def to_uint8(images):
+    """(N, 3, H, W) in [-1, 1] -> uint8 (N, 3, H, W): the 256 levels a saved image holds."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def psnr(x, y):
+    """Per-image PSNR in dB of two (N, 3, H, W) batches in [0, 1] -> (N,); identical images give 100 dB."""
+    mse = ((x.double() - y.double()) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
 def save_image_grid(images, path, nrow):
     """images (N, 3, H, W) in [-1, 1] -> one PNG, nrow images per row."""
-    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    images = to_uint8(images).cpu()
     N, _, H, W = images.shape
     ncol = math.ceil(N / nrow)
     grid = torch.zeros(3, ncol * H, nrow * W, dtype=torch.uint8)

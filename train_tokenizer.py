@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from quantizers import options_from_config, bridge_group_size_for
+from quantizers import options_from_config, bridge_group_size_for, code_usage
 from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, lecam_loss,
                        adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate,
                        ShardedBatchSampler, setup_device, autocast_context, atomic_save, save_image_grid,
                        truncate_log, append_log, load_checkpoint, check_out_dir, check_resume_config,
-                       gather_rng_states, restore_rng_states)
+                       gather_rng_states, restore_rng_states, psnr, to_uint8)
 
 # -----------------------------------------------------------------------------
 # default config: LlamaGen VQ-16 on ImageNet 256 (config/vq_16k.py); override with config files / --key=value
@@ -260,7 +260,7 @@ def evaluate():
     eval_model = ema_model if ema_model is not None else raw_model
     eval_model.eval()
     keys = list(range(min(eval_images, len(eval_set))))
-    mse, rec, indices, shown = [], [], [], None
+    psnrs, rec, indices, shown = [], [], [], None
     for start in range(0, len(keys), micro_batch):
         images, _, _ = collate([eval_set[k] for k in keys[start: start + micro_batch]])
         if len(images) == 0:
@@ -272,19 +272,19 @@ def evaluate():
         rec.append(((recon - images).abs() if rec_loss == 'l1'
                     else (recon - images).pow(2)).flatten(1).mean(1))
         recon = recon.clamp(-1, 1)
-        mse.append(((recon - images) / 2).pow(2).flatten(1).mean(1))  # per image, on the [0, 1] scale
+        psnrs.append(psnr(to_uint8(recon) / 255.0, to_uint8(images) / 255.0))  # as evaluate.py: saved levels
         indices.append(info['indices'].flatten())
         if shown is None:
             n = min(8, len(images))
             shown = torch.cat([images[:n], recon[:n]])
     raw_model.train()
-    if not mse:
+    if not psnrs:
         raise ValueError(f"none of the {len(keys)} held-out images could be read (see the warnings above)")
-    mse, indices = torch.cat(mse), torch.cat(indices)
+    indices = torch.cat(indices)
     save_image_grid(shown, os.path.join(out_dir, f'recon_{iter_num:07d}.png'), nrow=len(shown) // 2)
-    return {'psnr': (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item(),
-            'rec': torch.cat(rec).mean().item(), 'usage': indices.unique().numel() / codebook_size,
-            'usage_tokens': indices.numel(), 'images': len(mse)}
+    usage = code_usage(torch.bincount(indices, minlength=codebook_size))[0].item()
+    return {'psnr': torch.cat(psnrs).mean().item(), 'rec': torch.cat(rec).mean().item(), 'usage': usage,
+            'usage_tokens': indices.numel(), 'images': sum(len(p) for p in psnrs)}
 
 
 def save_checkpoint():

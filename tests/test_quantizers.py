@@ -390,3 +390,10 @@ def test_fvq_export_to_plain_vq_gives_identical_indices_and_reconstructions():
         assert torch.allclose(vq_model(images)[0], fvq_model(images)[0], atol=1e-6)
     with pytest.raises(ValueError, match='FVQ'):
         Q.fvq_to_vq_checkpoint(vq_ckpt)
+
+
+def test_code_usage():
+    usage, perplexity = Q.code_usage(torch.tensor([5, 5, 0, 5, 5, 0, 0, 0]))
+    assert usage.item() == 0.5 and abs(perplexity.item() - 4.0) < 1e-12
+    usage, perplexity = Q.code_usage(torch.tensor([1, 0, 0, 0]))
+    assert usage.item() == 0.25 and perplexity.item() == 1.0

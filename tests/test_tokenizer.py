@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from tokenizer import (Tokenizer, PatchDiscriminator, load_tokenizer, disc_loss_fn, gen_loss_fn, lecam_loss,
-                       adaptive_gan_weight, make_lpips, make_dataset, collate, ShardedBatchSampler,
-                       atomic_save, save_image_grid)
+                       adaptive_gan_weight, make_lpips, make_dataset, collate, ShardedBatchSampler, psnr,
+                       to_uint8, atomic_save, save_image_grid)
 
 TINY = dict(ch=32, num_res_blocks=1, z_channels=32, codebook_size=64, code_dim=8)
 
@@ -226,3 +226,13 @@ def test_save_image_grid(tmp_path):
     grid = np.asarray(Image.open(tmp_path / 'grid.png'))
     assert grid.shape == (8, 12, 3)
     assert grid[0, 0, 0] == 0 and grid[-1, -1, -1] == 255
+
+
+def test_uint8_levels_and_psnr():
+    images = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 2.0]).reshape(1, 3, 1, 2)
+    # round((x + 1) * 127.5), clamped to [0, 255]
+    assert to_uint8(images).flatten().tolist() == [0, 0, 128, 191, 255, 255]
+    x = torch.rand(2, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+    # mse 0.01 -> 20 dB
+    assert torch.allclose(psnr(x, x + torch.full_like(x, 0.1)), torch.full((2,), 20.0, dtype=torch.float64))
+    assert torch.equal(psnr(x, x), torch.full((2,), 100.0, dtype=torch.float64))
