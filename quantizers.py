@@ -380,11 +380,11 @@ class VectorQuantizer(nn.Module):
         return _channels_first(z_q, B, H, W), loss, info
 
 
-def fvq_to_vq_checkpoint(ckpt):
+def fvq_to_vq_checkpoint(checkpoint):
     """FVQ tokenizer checkpoint -> plain-VQ tokenizer checkpoint whose codebook is the mapped codebook, so the
     bridge is not needed at inference. Optimiser entries are dropped (they refer to the bridge's parameters);
     the EMA weights, when present, are exported the same way."""
-    args = ckpt['model_args']
+    args = checkpoint['model_args']
     if args.get('quantizer') != 'fvq':
         raise ValueError(f"fvq_to_vq_checkpoint needs an FVQ checkpoint, "
                          f"got quantizer={args.get('quantizer')!r}")
@@ -405,10 +405,11 @@ def fvq_to_vq_checkpoint(ckpt):
     vq_options = {k: v for k, v in options.items()
                   if k in quantizer_options('vq', vcq_schedule=options.get('vcq_schedule', ''))}
     vq_options['l2_norm'] = False  # the mapped codes are used as they are (no forward normalisation)
-    out = {k: v for k, v in ckpt.items() if k not in ('model', 'model_args', 'ema') and 'optim' not in k}
-    out['model'] = export(ckpt['model'])
-    if ckpt.get('ema') is not None:
-        out['ema'] = export(ckpt['ema'])
+    out = {k: v for k, v in checkpoint.items()
+           if k not in ('model', 'model_args', 'ema') and 'optim' not in k}
+    out['model'] = export(checkpoint['model'])
+    if checkpoint.get('ema') is not None:
+        out['ema'] = export(checkpoint['ema'])
     out['model_args'] = {**args, 'quantizer': 'vq', 'quantizer_args': vq_options}
     return out
 

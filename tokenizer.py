@@ -191,15 +191,15 @@ def load_tokenizer(path, map_location='cpu', ema=True):
     """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py: its EMA weights when
     the run kept them (ema_decay > 0; what IBQ's release evaluates and extracts codes with) unless
     ema=False, else its weights."""
-    ckpt = load_checkpoint(path, 'tokenizer', map_location)
-    model = Tokenizer(**ckpt['model_args'])
-    model.load_state_dict(tokenizer_weights(ckpt, ema))
+    checkpoint = load_checkpoint(path, 'tokenizer', map_location)
+    model = Tokenizer(**checkpoint['model_args'])
+    model.load_state_dict(tokenizer_weights(checkpoint, ema))
     return model.to(map_location).eval()
 
 
-def tokenizer_weights(ckpt, ema=True):
+def tokenizer_weights(checkpoint, ema=True):
     # the state_dict a tokenizer checkpoint is used with: its EMA weights when it has them
-    return ckpt['ema'] if ema and ckpt.get('ema') is not None else ckpt['model']
+    return checkpoint['ema'] if ema and checkpoint.get('ema') is not None else checkpoint['model']
 
 
 # -----------------------------------------------------------------------------
@@ -491,7 +491,8 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 
 
 # -----------------------------------------------------------------------------
-# shared by the training scripts: devices, RNG streams, atomic checkpoints, the JSON-lines log, image grids
+# shared by the scripts: devices, RNG streams, atomic checkpoints, the JSON-lines log, uint8 images, PSNR and
+# image grids
 
 def setup_device(device):
     """Resolves device 'auto' and, under torchrun, joins the process group (nccl on GPU, gloo on CPU) with one
@@ -576,17 +577,17 @@ def load_checkpoint(path, kind, map_location='cpu', mmap=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{kind} checkpoint '{path}' does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
+        checkpoint = torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
     except Exception as e:
         raise ValueError(f"checkpoint '{path}' is damaged "
                          f"(truncated or not a PyTorch checkpoint): {e}") from None
-    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
+    if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
         raise ValueError(f"'{path}' is not a {kind} checkpoint: it has no 'model' / 'model_args' entries")
-    found = ckpt.get('kind', 'gpt' if 'n_layer' in ckpt['model_args'] else 'tokenizer')
+    found = checkpoint.get('kind', 'gpt' if 'n_layer' in checkpoint['model_args'] else 'tokenizer')
     if found != kind:
         raise ValueError(f"'{path}' is a {found} checkpoint ({CHECKPOINT_KINDS[found]}), "
                          f"but a {kind} checkpoint ({CHECKPOINT_KINDS[kind]}) is expected here")
-    return ckpt
+    return checkpoint
 
 
 def state_fingerprint(state_dict):
@@ -615,9 +616,16 @@ def check_out_dir(ckpt_path, init_from, overwrite):
                               f"(or over this one with --overwrite=True)")
 
 
-def check_resume_config(ckpt_path, ckpt_config, config, resume_allow):
-    """Resuming with a config that changes the experiment (data, sizes, schedule, ...) is an error
-    listing the keys."""
+def check_resume_config(ckpt_path, checkpoint, model_args, config, resume_allow):
+    """Resuming a checkpoint of another model (model_args) is an error naming the keys; so is a config that
+    changes the experiment (data, sizes, schedule, ...), unless resume_allow lists the keys."""
+    saved_args = checkpoint['model_args']
+    differing = sorted(k for k in set(model_args) | set(saved_args) if model_args.get(k) != saved_args.get(k))
+    if differing:
+        raise ValueError(f"{ckpt_path} does not match the current config; differing model keys: "
+                         + ", ".join(f"{k} (checkpoint {saved_args.get(k)!r}, config {model_args.get(k)!r})"
+                                     for k in differing))
+    ckpt_config = checkpoint['config']
     allowed = set(RESUME_FREE_KEYS) | {k.strip() for k in resume_allow.split(',') if k.strip()}
     differing = sorted(k for k in set(config) | set(ckpt_config)
                        if k not in allowed and config.get(k, '<unset>') != ckpt_config.get(k, '<unset>'))

@@ -536,14 +536,7 @@ if __name__ == '__main__':
     iter_num, rng_states = 0, None
     if init_from == 'resume':
         checkpoint = load_checkpoint(ckpt_path, 'gpt', device)
-        saved_args = checkpoint['model_args']
-        differing = sorted(k for k in set(model_args) | set(saved_args)
-                           if model_args.get(k) != saved_args.get(k))
-        if differing:
-            raise ValueError(f"{ckpt_path} does not match the current config; differing model keys: "
-                             + ", ".join(f"{k} (checkpoint {saved_args.get(k)!r}, "
-                                         f"config {model_args.get(k)!r})" for k in differing))
-        check_resume_config(ckpt_path, checkpoint['config'], config, resume_allow)
+        check_resume_config(ckpt_path, checkpoint, model_args, config, resume_allow)
         model.load_state_dict(checkpoint['model'])
         optimizer.load_state_dict(checkpoint['optimizer'])
         iter_num = checkpoint['iter_num']

@@ -183,36 +183,30 @@ if master:
 iter_num, skipped_images, rng_states = 0, 0, None
 lecam_ema = torch.zeros(2, device=device)  # EMA of D's mean logits on real and on reconstructed images
 if init_from == 'resume':
-    ckpt = load_checkpoint(ckpt_path, 'tokenizer', device)
-    differing = sorted(k for k in set(model_args) | set(ckpt['model_args'])
-                       if model_args.get(k) != ckpt['model_args'].get(k))
-    if differing:
-        raise ValueError(f"{ckpt_path} does not match the current config; differing model keys: "
-                         + ", ".join(f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, "
-                                     f"config {model_args.get(k)!r})" for k in differing))
-    check_resume_config(ckpt_path, ckpt['config'], config, resume_allow)
-    if (ckpt['disc'] is not None) != use_disc:
-        raise ValueError(f"{ckpt_path} was trained with disc_weight {ckpt['config']['disc_weight']}; "
+    checkpoint = load_checkpoint(ckpt_path, 'tokenizer', device)
+    check_resume_config(ckpt_path, checkpoint, model_args, config, resume_allow)
+    if (checkpoint['disc'] is not None) != use_disc:
+        raise ValueError(f"{ckpt_path} was trained with disc_weight {checkpoint['config']['disc_weight']}; "
                          f"the current disc_weight {disc_weight} "
                          f"{'needs' if use_disc else 'drops'} a discriminator")
-    if (ckpt.get('ema') is not None) != (ema_model is not None):
-        raise ValueError(f"{ckpt_path} was trained with ema_decay {ckpt['config'].get('ema_decay', 0.0)}; "
-                         f"the current ema_decay {ema_decay} "
+    if (checkpoint.get('ema') is not None) != (ema_model is not None):
+        raise ValueError(f"{ckpt_path} was trained with ema_decay "
+                         f"{checkpoint['config'].get('ema_decay', 0.0)}; the current ema_decay {ema_decay} "
                          f"{'needs' if ema_model is not None else 'drops'} its EMA weights")
-    model.load_state_dict(ckpt['model'])
-    gen_optimizer.load_state_dict(ckpt['optimizer'])
+    model.load_state_dict(checkpoint['model'])
+    gen_optimizer.load_state_dict(checkpoint['optimizer'])
     if ema_model is not None:
-        ema_model.load_state_dict(ckpt['ema'])
+        ema_model.load_state_dict(checkpoint['ema'])
     if use_disc:
-        disc.load_state_dict(ckpt['disc'])
-        disc_optimizer.load_state_dict(ckpt['disc_optimizer'])
-    iter_num, skipped_images = ckpt['iter_num'], ckpt['skipped_images']
-    lecam_ema = torch.as_tensor(ckpt['lecam_ema'], dtype=torch.float32, device=device)
-    rng_states = ckpt['rng_states'][rank] if len(ckpt['rng_states']) == world_size else None
+        disc.load_state_dict(checkpoint['disc'])
+        disc_optimizer.load_state_dict(checkpoint['disc_optimizer'])
+    iter_num, skipped_images = checkpoint['iter_num'], checkpoint['skipped_images']
+    lecam_ema = torch.as_tensor(checkpoint['lecam_ema'], dtype=torch.float32, device=device)
+    rng_states = checkpoint['rng_states'][rank] if len(checkpoint['rng_states']) == world_size else None
     if master:
         truncate_log(log_path, iter_num)  # what the killed run logged after this checkpoint is logged again
         print(f"resumed from {ckpt_path} at iter {iter_num}")
-    del ckpt
+    del checkpoint
 elif init_from != 'scratch':
     raise ValueError(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
 elif master and os.path.exists(log_path):

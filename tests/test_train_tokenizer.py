@@ -46,12 +46,13 @@ def read_log(out_dir):
 
 @pytest.mark.parametrize('gan', [
     ['--lecam_weight=0.1', '--ema_decay=0.9'],  # LlamaGen / FVQ order (G, then D), LeCAM, weight EMA
+    # IBQ's release order, VCQ's pieces
     ['--lecam_weight=0.1', '--disc_first=True', '--gen_loss=non_saturating_per_image', '--disc_augment=True',
-     '--disc_loss_weight=1.0', '--optimizer=adamw', '--weight_decay=0.01'],  # IBQ's release order, VCQ's pieces
+     '--disc_loss_weight=1.0', '--optimizer=adamw', '--weight_decay=0.01'],
 ])
 def test_kill_and_resume_equals_uninterrupted(gan, tmp_path):
-    args = ['--max_iters=6', '--eval_interval=3', '--batch_size=4', '--disc_start=2', '--lr_schedule=annealing',
-            '--warmup_frac=0.3', '--constant_frac=0.3', *gan]
+    args = ['--max_iters=6', '--eval_interval=3', '--batch_size=4', '--disc_start=2',
+            '--lr_schedule=annealing', '--warmup_frac=0.3', '--constant_frac=0.3', *gan]
     full = run(train_cmd(tmp_path / 'full', *args))
     # a second run is killed (SIGKILL, no clean-up) right after its iter-3 checkpoint, then resumed
     proc = subprocess.Popen(train_cmd(tmp_path / 'killed', *args), cwd=ROOT, stdout=subprocess.PIPE,
@@ -68,7 +69,8 @@ def test_kill_and_resume_equals_uninterrupted(gan, tmp_path):
     assert 'resumed from' in resumed.stdout
     full_losses = logged_losses(full.stdout)
     assert sorted(full_losses) == [1, 2, 3, 4, 5, 6]
-    assert {**logged_losses(first_half), **logged_losses(resumed.stdout)} == full_losses  # printed to 5 decimals
+    # printed to 5 decimals
+    assert {**logged_losses(first_half), **logged_losses(resumed.stdout)} == full_losses
     a, b = params(tmp_path / 'full'), params(tmp_path / 'killed')
     assert a['iter_num'] == b['iter_num'] == 6
     for key in ('model', 'disc') + (('ema',) if '--ema_decay=0.9' in gan else ()):
@@ -88,15 +90,16 @@ def test_kill_and_resume_equals_uninterrupted(gan, tmp_path):
     for r_full, r_resumed in zip(log_full, log_resumed):
         for key in ('loss', 'rec', 'quant', 'gan', 'disc', 'psnr'):
             assert r_full.get(key) == pytest.approx(r_resumed.get(key), rel=1e-6), (r_full['iter'], key)
-    assert {'usage', 'window_usage', 'usage_tokens', 'perplexity', 'lr', 'img_per_s', 'q_codebook_loss'} <= set(
-        log_full[1])
+    assert {'usage', 'window_usage', 'usage_tokens', 'perplexity', 'lr', 'img_per_s',
+            'q_codebook_loss'} <= set(log_full[1])
 
 
 @pytest.mark.parametrize('schedule,extra,expected', [
     # FVQ Table 6 over 10 steps: warmup(0.2) from 0.005x, baselr(0.25) of the 8 remaining steps, linear decay
     # to 0.01x
     ('annealing', ['--warmup_frac=0.2', '--constant_frac=0.25'],
-     [0.005, 0.5025, 1, 1, 1, 1 - 0.99 / 6, 1 - 0.99 * 2 / 6, 1 - 0.99 * 3 / 6, 1 - 0.99 * 4 / 6, 1 - 0.99 * 5 / 6]),
+     [0.005, 0.5025, 1, 1, 1, 1 - 0.99 / 6, 1 - 0.99 * 2 / 6, 1 - 0.99 * 3 / 6, 1 - 0.99 * 4 / 6,
+      1 - 0.99 * 5 / 6]),
     ('cosine', ['--warmup_frac=0.2'],
      [0.005, 0.5025] + [0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (it - 2) / 8)) for it in range(2, 10)]),
     ('step', ['--lr_milestones=(0.5,0.8)'], [1] * 5 + [0.1] * 3 + [0.01] * 2),  # IBQ's multi-step decay
@@ -137,17 +140,18 @@ def test_weight_ema_update_and_loading(tmp_path):
     raw = load_tokenizer(str(tmp_path / 'ckpt.pt'), ema=False)
     assert torch.equal(raw.encoder.conv_in.weight, ckpt['model']['encoder.conv_in.weight'])
     # resuming with a different EMA setting is refused
-    bad = run(train_cmd(tmp_path, '--max_iters=2', '--batch_size=2', '--disc_weight=0.0', '--init_from=resume'),
-              check=False)
+    bad = run(train_cmd(tmp_path, '--max_iters=2', '--batch_size=2', '--disc_weight=0.0',
+                        '--init_from=resume'), check=False)
     assert bad.returncode != 0 and 'ema_decay' in bad.stderr
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     run(train_cmd(tmp_path, '--max_iters=1', '--batch_size=2', '--disc_weight=0.0'))
-    bad = run(train_cmd(tmp_path, '--max_iters=2', '--batch_size=2', '--disc_weight=0.0', '--init_from=resume',
-                        '--ch=16', '--codebook_size=32'), check=False)
+    bad = run(train_cmd(tmp_path, '--max_iters=2', '--batch_size=2', '--disc_weight=0.0',
+                        '--init_from=resume', '--ch=16', '--codebook_size=32'), check=False)
     assert bad.returncode != 0
-    assert 'differing model keys: ch (checkpoint 32, config 16), codebook_size (checkpoint 64, config 32)' in bad.stderr
+    assert ('differing model keys: ch (checkpoint 32, config 16), codebook_size (checkpoint 64, '
+            'config 32)') in bad.stderr
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
@@ -159,8 +163,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     run(train_cmd(tmp_path / 'single', *args))
     run(train_cmd(tmp_path / 'accum', *args, '--gradient_accumulation_steps=2'))
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_tokenizer.py',
-         *TINY, f'--out_dir={tmp_path / "ddp"}', *args], env=env)
+    run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         'train_tokenizer.py', *TINY, f'--out_dir={tmp_path / "ddp"}', *args], env=env)
     single = params(tmp_path / 'single')
     torch.manual_seed(1337)  # the script's seed: this is the untrained model
     from tokenizer import Tokenizer
@@ -172,18 +176,21 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         moved = torch.cat([(initial[k] - v).abs().flatten() for k, v in single['model'].items()])
         # 3 Adam steps of lr 1e-3 move parameters by ~1e-3; a sharding or averaging error shows at that scale
         assert moved.median() > 1e-4, 'the model did not train'
-        assert diffs.max() < 2e-4 and diffs.median() < 1e-6, (other, diffs.max().item(), diffs.median().item())
+        assert diffs.max() < 2e-4 and diffs.median() < 1e-6, (other, diffs.max().item(),
+                                                               diffs.median().item())
 
 
 def test_flat_quantizer_options_reach_the_model_and_the_checkpoint(tmp_path):
     """config/smoke.py with VCQ switched on from the command line: K_t starts at vcq_k_min, and the checkpoint
     records every resolved quantizer option."""
-    result = run([sys.executable, 'train_tokenizer.py', 'config/smoke.py', '--quantizer=fvq', '--vcq_schedule=cosine',
-                  '--vcq_k_min=4', '--max_iters=2', '--eval_images=2', f'--out_dir={tmp_path}'])
+    result = run([sys.executable, 'train_tokenizer.py', 'config/smoke.py', '--quantizer=fvq',
+                  '--vcq_schedule=cosine', '--vcq_k_min=4', '--max_iters=2', '--eval_images=2',
+                  f'--out_dir={tmp_path}'])
     ckpt = params(tmp_path)
     args = ckpt['model_args']['quantizer_args']
     assert ckpt['model_args']['quantizer'] == 'fvq'
-    assert args['vcq_schedule'] == 'cosine' and args['vcq_k_min'] == 4 and args['vcq_seq_len'] == 64  # 8x8 grid
+    # 8x8 grid
+    assert args['vcq_schedule'] == 'cosine' and args['vcq_k_min'] == 4 and args['vcq_seq_len'] == 64
     assert args['bridge_group_size'] == 1 and args['projector'] == 'vqbridge' and 'entropy_weight' not in args
     sizes = ckpt['model']['quantizer.codebook_sizes']
     assert sizes[0] == 4 and sizes[-1] == ckpt['model_args']['codebook_size'] and 'iter 2:' in result.stdout
@@ -212,12 +219,13 @@ def test_a_fresh_start_does_not_overwrite_and_a_resume_checks_the_config(tmp_pat
     bad = run(train_cmd(tmp_path, '--max_iters=2', '--batch_size=2', '--disc_weight=0.0'), check=False)
     assert bad.returncode != 0 and f"{tmp_path / 'ckpt.pt'} already exists" in bad.stderr
     assert '--init_from=resume' in bad.stderr and '--overwrite=True' in bad.stderr
-    assert torch.equal(params(tmp_path)['model']['encoder.conv_in.weight'], before['model']['encoder.conv_in.weight'])
+    assert torch.equal(params(tmp_path)['model']['encoder.conv_in.weight'],
+                       before['model']['encoder.conv_in.weight'])
     # a resume that changes the experiment is refused, listing every changed key
-    bad = run(train_cmd(tmp_path, '--max_iters=4', '--batch_size=4', '--disc_weight=0.0', '--init_from=resume',
-                        '--num_images=64'), check=False)
-    assert bad.returncode != 0 and ('another config: batch_size (checkpoint 2, now 4), max_iters (checkpoint 2, '
-                                    'now 4), num_images (checkpoint 0, now 64)') in bad.stderr
+    bad = run(train_cmd(tmp_path, '--max_iters=4', '--batch_size=4', '--disc_weight=0.0',
+                        '--init_from=resume', '--num_images=64'), check=False)
+    assert bad.returncode != 0 and ('another config: batch_size (checkpoint 2, now 4), max_iters '
+                                    '(checkpoint 2, now 4), num_images (checkpoint 0, now 64)') in bad.stderr
     assert '--resume_allow=batch_size,max_iters,num_images' in bad.stderr
     # watching it differently is fine, and an explicitly allowed change goes through
     ok = run(train_cmd(tmp_path, '--max_iters=4', '--batch_size=2', '--disc_weight=0.0', '--init_from=resume',
@@ -241,8 +249,8 @@ def test_unreadable_data_and_config_errors_are_clear_and_leave_no_out_dir(tmp_pa
                 ['--data_dir=/nonexistent']):
         result = run(train_cmd(out, '--max_iters=1', *bad), check=False)
         assert result.returncode != 0 and not os.path.exists(out), bad
-    assert 'eval_images = 10 must be between 1 and' in run(train_cmd(out, f'--data_dir={root}', '--eval_images=10'),
-                                                            check=False).stderr
+    assert 'eval_images = 10 must be between 1 and' in run(train_cmd(out, f'--data_dir={root}',
+                                                                     '--eval_images=10'), check=False).stderr
 
 
 def test_torchrun_repeats_the_error_as_rank_0s_last_line(tmp_path):
@@ -274,24 +282,26 @@ def test_study_configs_run(name, tmp_path):
     """Each study config as written (quantizer, K, code dim, schedule) for 2 iterations, shrunk in width,
     batch and image count, on a tiny ImageFolder so that the suite needs no ../shared data."""
     root = make_image_folder(tmp_path / 'data', per_class=4, size=40)
-    result = run([sys.executable, 'train_tokenizer.py', f'config/{name}.py', f'--data_dir={root}', '--device=cpu',
-                  '--ch=16', '--z_channels=16', '--image_size=32', '--batch_size=2', '--base_batch_size=2',
-                  '--max_iters=2', '--eval_images=2', '--eval_interval=2', '--log_interval=1', '--num_workers=0',
-                  f'--out_dir={tmp_path / "out"}'], env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    result = run([sys.executable, 'train_tokenizer.py', f'config/{name}.py', f'--data_dir={root}',
+                  '--device=cpu', '--ch=16', '--z_channels=16', '--image_size=32', '--batch_size=2',
+                  '--base_batch_size=2', '--max_iters=2', '--eval_images=2', '--eval_interval=2',
+                  '--log_interval=1', '--num_workers=0', f'--out_dir={tmp_path / "out"}'],
+                 env={**os.environ, 'OMP_NUM_THREADS': '1'})
     ckpt = params(tmp_path / 'out')
     args = ckpt['model_args']
     assert ckpt['iter_num'] == 2 and args['code_dim'] == 256
     assert args['codebook_size'] == (4096 if name.startswith('study_cpu') else 16384)
     assert (args['quantizer_args']['vcq_schedule'] == 'cosine') == name.endswith('vcq')
-    assert 'eval iter 2: psnr' in result.stdout and len(read_log(tmp_path / 'out')) == 4  # eval 0, 1, 2, eval 2
+    # eval 0, 1, 2, eval 2
+    assert 'eval iter 2: psnr' in result.stdout and len(read_log(tmp_path / 'out')) == 4
 
 
 def test_smoke_config_keeps_the_codebook_in_use_and_learns(tmp_path):
-    """config/smoke.py exactly as written (the README's main job, ~70 s on 2 cores): FVQ keeps the codebook in use
-    and the reconstructions improve. Measured on 2-core CPUs at seeds 1337 / 1 / 2: usage over the last 10 K
-    tokens 89 / SEED1_USAGE / SEED2_USAGE %, held-out usage 85 / SEED1_HELD / SEED2_HELD %, held-out PSNR gain
-    4.8 / SEED1_GAIN / SEED2_GAIN dB. Asserted on the held-out evaluation and the 10 K-token count, not on
-    single-batch losses (those differ between CPUs)."""
+    """config/smoke.py exactly as written (the README's main job, ~70 s on 2 cores): FVQ keeps the codebook in
+    use and the reconstructions improve. Measured on 2-core CPUs at seeds 1337 / 1 / 2: usage over the last
+    10 K tokens 89 / SEED1_USAGE / SEED2_USAGE %, held-out usage 85 / SEED1_HELD / SEED2_HELD %, held-out PSNR
+    gain 4.8 / SEED1_GAIN / SEED2_GAIN dB. Asserted on the held-out evaluation and the 10 K-token count, not
+    on single-batch losses (those differ between CPUs)."""
     result = run([sys.executable, 'train_tokenizer.py', 'config/smoke.py', f'--out_dir={tmp_path}'])
     log = read_log(tmp_path)
     evals = {r['iter']: r for r in log if r['split'] == 'eval'}
@@ -313,11 +323,11 @@ def test_smoke_config_keeps_the_codebook_in_use_and_learns(tmp_path):
     ('fvq', ['--bridge_group_size=16', '--bridge_dim=32', '--l2_norm=False']),
 ])
 def test_train_tokenizer_runs_each_kind(kind, args, tmp_path):
-    cmd = [sys.executable, 'train_tokenizer.py', '--device=cpu', '--image_size=16', '--ch=16', '--ch_mult=(1,2)',
-           '--num_res_blocks=1', '--z_channels=16', '--max_iters=2', '--perceptual_weight=0.0', '--batch_size=2',
-           '--base_batch_size=2', '--num_workers=0', '--num_images=8', '--eval_images=2', '--log_interval=1',
-           '--eval_interval=2', '--disc_weight=0.0', f'--quantizer={kind}', '--codebook_size=64', '--code_dim=8',
-           *args, f'--out_dir={tmp_path}']
+    cmd = [sys.executable, 'train_tokenizer.py', '--device=cpu', '--image_size=16', '--ch=16',
+           '--ch_mult=(1,2)', '--num_res_blocks=1', '--z_channels=16', '--max_iters=2',
+           '--perceptual_weight=0.0', '--batch_size=2', '--base_batch_size=2', '--num_workers=0',
+           '--num_images=8', '--eval_images=2', '--log_interval=1', '--eval_interval=2', '--disc_weight=0.0',
+           f'--quantizer={kind}', '--codebook_size=64', '--code_dim=8', *args, f'--out_dir={tmp_path}']
     # one thread: the run is tiny, and a second process sharing the cores makes OpenMP threads spin
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
