@@ -369,7 +369,9 @@ class VectorQuantizer(nn.Module):
                 z_flat = F.normalize(z_flat, dim=-1)
             indices = nearest_codes(z_flat, codebook.detach(), self.chunk_size,
                                     _token_codebook_sizes(self.codebook_sizes, B, H, W))  # (N,)
-            z_q = codebook[indices]  # (N, D), carries the gradient to the codebook / projector
+            # (N, D), carries the gradient to the codebook / projector; F.embedding, not codebook[indices]:
+            # indexing's backward adds in a thread-dependent order on a multi-core CPU (runs not repeatable)
+            z_q = F.embedding(indices, codebook)
             codebook_loss = F.mse_loss(z_q, z_flat.detach())
             commit_loss = F.mse_loss(z_q.detach(), z_flat)
             loss = codebook_loss + self.beta * commit_loss
@@ -552,7 +554,7 @@ class IndexBackpropQuantizer(nn.Module):
             z_q, sample_entropy, avg_entropy, indices = _IBQChunked.apply(
                 z_flat, codebook, _token_codebook_sizes(self.codebook_sizes, B, H, W),
                 self.entropy_temperature, self.chunk_size, with_entropy)
-            z_q_hard = codebook[indices]  # (N, D) z_q' of eq. 11
+            z_q_hard = F.embedding(indices, codebook)  # (N, D) z_q' of eq. 11; a repeatable backward (above)
             soft_loss = F.mse_loss(z_q, z_flat)
             codebook_loss = F.mse_loss(z_q_hard, z_flat.detach())
             commit_loss = F.mse_loss(z_flat, z_q_hard.detach())

@@ -1,6 +1,6 @@
 # Smoke run of the AR stage (no paper row): a tiny GPT (3 layers, width 96) on the codes of the smoke
 # tokenizer (config/smoke.py's out-smoke/ckpt.pt: 32px built-in procedural images -> 8x8 FVQ codes, K = 256),
-# CPU, about a minute. 500 images x {image, flip} are encoded once into out-ar-smoke/codes/; the loss falls
+# CPU, about 25 seconds. 500 images x {image, flip} are encoded once into out-ar-smoke/codes/; the loss falls
 # from log(256) = 5.55. The lr schedule is train_ar.py's default, FVQ Table 6's generation column: no warmup,
 # constant 5%, linear decay to 0.01x.
 # Then: python sample.py --ckpt=out-ar-smoke/ckpt.pt --num_samples=100 --batch_size=50 --cfg_scale=2.0 \

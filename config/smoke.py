@@ -1,6 +1,6 @@
 # Smoke run and one-minute demo of FVQ's point (no paper row; targets the effect of FVQ Table 3 rows 2 vs 6):
 # a tiny VQGAN with FVQ's VQBridge and 256-dim codes, the release's settings (l2 off, learning annealing), on
-# the built-in procedural images (no download), 32x32 -> 8x8 tokens, K = 256, CPU. The bridge keeps ~90% of
+# the built-in procedural images (no download), 32x32 -> 8x8 tokens, K = 256, CPU. The bridge keeps 80-90% of
 # the codebook in use (counted over the last 10 K tokens) where plain VQ with the same 256-dim codes
 # (--quantizer=vq --l2_norm=True) collapses to a few codes. LPIPS and the GAN are off: LPIPS needs a download,
 # and at this size and length the GAN only slows the reconstruction down.

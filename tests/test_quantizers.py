@@ -35,6 +35,31 @@ def test_vq_chunked_equals_unchunked():
     assert all(torch.equal(o, outputs[0]) for o in outputs)
 
 
+@pytest.mark.parametrize('kind', ['vq', 'ibq'])
+def test_codebook_gradient_repeats_exactly_on_a_multithreaded_cpu(kind):
+    """Many tokens on few codes, two threads: the codebook gradient is the same sum in the same order every
+    run (indexing's backward, codebook[indices], adds in a thread-dependent order: CPU runs did not
+    repeat)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        q = Q.make_quantizer(kind, 256, 256, l2_norm=False)
+        # 1,024 tokens around 8 centres: few codes, and a different codebook-loss gradient from every token
+        centres = torch.randn(8, 256)[torch.randint(0, 8, (1024,))]
+        z = grid(centres + 0.01 * torch.randn(1024, 256), 32, 32)
+        grads = []
+        for _ in range(10):
+            q.zero_grad()
+            z_q, loss, info = q(z)
+            loss.backward()
+            grads.append(q.embedding.grad.clone())
+        assert info['indices'].unique().numel() <= 8
+        assert all(torch.equal(g, grads[0]) for g in grads)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_vq_hand_made_codes_loss_and_straight_through_gradient():
     q = Q.make_quantizer('vq', 3, 2, l2_norm=False, beta=0.25, chunk_size=2)
     with torch.no_grad():

@@ -297,17 +297,17 @@ def test_study_configs_run(name, tmp_path):
 
 
 def test_smoke_config_keeps_the_codebook_in_use_and_learns(tmp_path):
-    """config/smoke.py exactly as written (the README's main job, ~70 s on 2 cores): FVQ keeps the codebook in
-    use and the reconstructions improve. Measured on 2-core CPUs at seeds 1337 / 1 / 2: usage over the last
-    10 K tokens 89 / SEED1_USAGE / SEED2_USAGE %, held-out usage 85 / SEED1_HELD / SEED2_HELD %, held-out PSNR
-    gain 4.8 / SEED1_GAIN / SEED2_GAIN dB. Asserted on the held-out evaluation and the 10 K-token count, not
-    on single-batch losses (those differ between CPUs)."""
+    """config/smoke.py exactly as written (the README's main job, ~64 s on 2 cores): FVQ keeps the codebook in
+    use and the reconstructions improve. Measured on a 2-core CPU at seeds 1337 / 1 / 2: usage over the last
+    10 K tokens 82 / 86 / 82 %, held-out usage 79 / 82 / 71 %, held-out PSNR gain 5.2 / 3.8 / 3.4 dB
+    (plain VQ: 3.5% usage). Asserted on the held-out evaluation and the 10 K-token count, not on single-batch losses,
+    with margins for other CPUs (whose kernels round differently)."""
     result = run([sys.executable, 'train_tokenizer.py', 'config/smoke.py', f'--out_dir={tmp_path}'])
     log = read_log(tmp_path)
     evals = {r['iter']: r for r in log if r['split'] == 'eval'}
     train = [r for r in log if r['split'] == 'train']
     assert sorted(evals) == [0, 100, 200, 300] and [r['iter'] for r in train] == list(range(25, 301, 25))
-    assert evals[300]['psnr'] > evals[0]['psnr'] + 3.0, evals
+    assert evals[300]['psnr'] > evals[0]['psnr'] + 2.5, evals
     assert train[-1]['usage_tokens'] == 10 * 256 and train[-1]['usage'] > 0.7, train[-1]
     assert evals[300]['usage'] > 0.6 and evals[300]['usage_tokens'] == 32 * 64, evals[300]
     assert 'eval iter 300: psnr' in result.stdout
