@@ -300,8 +300,8 @@ def test_smoke_config_keeps_the_codebook_in_use_and_learns(tmp_path):
     """config/smoke.py exactly as written (the README's main job, ~64 s on 2 cores): FVQ keeps the codebook in
     use and the reconstructions improve. Measured on a 2-core CPU at seeds 1337 / 1 / 2: usage over the last
     10 K tokens 82 / 86 / 82 %, held-out usage 79 / 82 / 71 %, held-out PSNR gain 5.2 / 3.8 / 3.4 dB
-    (plain VQ: 3.5% usage). Asserted on the held-out evaluation and the 10 K-token count, not on single-batch losses,
-    with margins for other CPUs (whose kernels round differently)."""
+    (plain VQ: 3.5% usage). Asserted on the held-out evaluation and the 10 K-token count, not on single-batch
+    losses, with margins for other CPUs (whose kernels round differently)."""
     result = run([sys.executable, 'train_tokenizer.py', 'config/smoke.py', f'--out_dir={tmp_path}'])
     log = read_log(tmp_path)
     evals = {r['iter']: r for r in log if r['split'] == 'eval'}
