@@ -570,8 +570,8 @@ def test_curves_mode_plots_training_logs_and_entropy_cliffs(tmp_path):
     rng = np.random.default_rng(0)
     for name, K in (('const', 16), ('vcq', 4)):
         np.save(tmp_path / f'{name}.npy', rng.integers(0, K, (256, 8)))
-        assert run_script(['--mode=entropy', f'--codes={tmp_path / name}.npy', f'--out_dir={tmp_path / name}',
-                           f'--codebook_size={K}']).returncode == 0
+        config = default_config(codes=f'{tmp_path / name}.npy', out_dir=str(tmp_path / name), codebook_size=K)
+        evaluate.write_results(config, evaluate.run_entropy(config), 'entropy')  # as the command line does
     out = run_script(['--mode=curves', f'--logs={tmp_path / "vq"},{tmp_path / "fvq"}',
                       '--names=VQ,FVQ,const,VCQ', f'--entropy_dirs={tmp_path / "const"},{tmp_path / "vcq"}',
                       f'--out_dir={tmp_path / "plots"}'])
@@ -584,5 +584,5 @@ def test_curves_mode_plots_training_logs_and_entropy_cliffs(tmp_path):
     assert result['VQ']['iter'] == result['FVQ']['iter'] == 10 and 0 < result['FVQ']['usage'] <= 1
     assert 'eval_psnr' in result['VQ'] and 'FVQ' in out.stdout
     assert 't* (eq. 2) 2' in out.stdout  # 4 + 4 bits >= 8
-    bad = run_script(['--mode=curves', f'--out_dir={tmp_path / "plots"}'])
-    assert bad.returncode != 0 and 'curves mode needs --logs' in bad.stderr
+    with pytest.raises(ValueError, match='curves mode needs --logs'):
+        evaluate.run_curves(default_config(out_dir=str(tmp_path / 'plots')))

@@ -103,8 +103,7 @@ def test_kill_and_resume_equals_uninterrupted(gan, tmp_path):
     ('cosine', ['--warmup_frac=0.2'],
      [0.005, 0.5025] + [0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (it - 2) / 8)) for it in range(2, 10)]),
     ('step', ['--lr_milestones=(0.5,0.8)'], [1] * 5 + [0.1] * 3 + [0.01] * 2),  # IBQ's multi-step decay
-    ('constant', [], [1] * 10),
-])
+])  # 'constant' (the default): test_weight_ema_update_and_loading
 def test_get_lr_schedules(schedule, extra, expected, tmp_path):
     """The lr each iteration trained with (log.jsonl's iter k holds the lr of step k - 1), as a multiple of
     the batch-scaled learning rate."""
@@ -126,6 +125,7 @@ def test_weight_ema_update_and_loading(tmp_path):
     weights."""
     run(train_cmd(tmp_path, '--max_iters=1', '--batch_size=2', '--disc_weight=0.0', '--ema_decay=0.9'))
     ckpt = params(tmp_path)
+    assert [r['lr'] for r in read_log(tmp_path) if r['split'] == 'train'] == [1e-3 * 2 / 8]  # 'constant'
     torch.manual_seed(1337)  # the script's seed: this is the untrained model
     from tokenizer import Tokenizer, load_tokenizer
     initial = Tokenizer(**ckpt['model_args']).state_dict()
@@ -245,12 +245,13 @@ def test_unreadable_data_and_config_errors_are_clear_and_leave_no_out_dir(tmp_pa
     assert result.returncode != 0 and 'none of the 1 held-out images could be read' in result.stderr
     # errors before training (config, data folder) leave no out_dir behind
     out = tmp_path / 'out'
+    errors = {}
     for bad in ([f'--data_dir={root}', '--eval_images=10'], ['--vcq_k_min=3'], ['--quantizer=lfq'],
                 ['--data_dir=/nonexistent']):
         result = run(train_cmd(out, '--max_iters=1', *bad), check=False)
         assert result.returncode != 0 and not os.path.exists(out), bad
-    assert 'eval_images = 10 must be between 1 and' in run(train_cmd(out, f'--data_dir={root}',
-                                                                     '--eval_images=10'), check=False).stderr
+        errors[bad[-1]] = result.stderr
+    assert 'eval_images = 10 must be between 1 and' in errors['--eval_images=10']
 
 
 def test_torchrun_repeats_the_error_as_rank_0s_last_line(tmp_path):
