@@ -405,13 +405,13 @@ while True:
             rec = recon_err.abs().mean() if rec_loss == 'l1' else recon_err.pow(2).mean()
             p_loss = (lpips_model(recon, images).mean() if lpips_model is not None
                       else torch.zeros((), device=device))
-            nll = rec + perceptual_weight * p_loss
-            loss = nll + quant_loss
+            rec_perceptual = rec + perceptual_weight * p_loss
+            loss = rec_perceptual + quant_loss
             terms = {'rec': rec, 'lpips': p_loss, 'quant': quant_loss}
             if gan_active:
                 g_loss = gen_loss_fn(gen_loss, gen_disc(diff_augment(recon) if disc_augment else recon))
-                weight = (adaptive_gan_weight(nll, g_loss, raw_model.last_layer()) if adaptive_disc_weight
-                          else 1.0)
+                weight = (adaptive_gan_weight(rec_perceptual, g_loss, raw_model.last_layer())
+                          if adaptive_disc_weight else 1.0)
                 loss = loss + disc_weight * weight * g_loss
                 terms['gan'] = g_loss
             (loss / gradient_accumulation_steps).backward()

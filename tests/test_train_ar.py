@@ -354,19 +354,3 @@ def test_whole_chain_tokenizer_codes_gpt_samples(tmp_path):
                             '--ref_cache=False')
         results = json.load(open(tmp_path / 'eval' / 'eval_gen.json'))
         assert results['num_samples'] == 5 and np.isfinite(results['fid']), result.stdout
-
-
-# -----------------------------------------------------------------------------
-# bench.py's AR branches
-
-@pytest.mark.slow
-def test_bench_ar_and_sample_tiny_cpu():
-    ar = run_script('bench.py', '--what=ar', '--ar_model=B', '--n_layer=2', '--n_embd=48', '--ar_batch=2',
-                    '--codebook_size=64', '--warmup_steps=1', '--steps=2', '--device=cpu')
-    last = ar.stdout.strip().splitlines()[-1]
-    assert re.match(r'ar preset=B batch=2 device=cpu: [0-9.]+ tok/s, [0-9.]+ ms/iter, MFU n/a', last), last
-    smp = run_script('bench.py', '--what=sample', '--ar_model=B', '--n_layer=2', '--n_embd=48',
-                     '--ar_batch=2', '--codebook_size=64', '--ar_tokens=16', '--warmup_steps=0', '--steps=1',
-                     '--device=cpu')
-    last = smp.stdout.strip().splitlines()[-1]
-    assert re.match(r'sample preset=B batch=2 cfg=2.0 tokens=16 device=cpu: [0-9.]+ images/s', last), last
