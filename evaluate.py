@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from quantizers import code_usage
-from tokenizer import to_uint8, psnr
+from tokenizer import atomic_write, to_uint8, psnr
 
 # -----------------------------------------------------------------------------
 # default config; override with config files / --key=value
@@ -238,10 +238,10 @@ def reference_statistics(config, model, dev):
     mu, sigma = feature_statistics(features)
     if config['ref_cache']:
         try:
-            with open(cache_path + '.tmp', 'wb') as f:
-                np.savez(f, mu=mu, sigma=sigma, features=features, weights_fingerprint=fingerprint,
-                         source=source, image_shape=np.array(npz_image_header(ref_path)[1:]))
-            os.replace(cache_path + '.tmp', cache_path)
+            image_shape = np.array(npz_image_header(ref_path)[1:])
+            atomic_write(cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma, features=features,
+                                                        weights_fingerprint=fingerprint, source=source,
+                                                        image_shape=image_shape))
             print(f"cached reference statistics in {cache_path}")
         except OSError as e:
             warnings.warn(f"could not write the reference cache {cache_path}: {e}")
@@ -534,11 +534,8 @@ def resolve_device(name):
 
 
 def write_results(config, results, name):
-    os.makedirs(config['out_dir'], exist_ok=True)
     path = os.path.join(config['out_dir'], f'eval_{name}.json')
-    with open(path + '.tmp', 'w') as f:
-        json.dump({'config': config, **results}, f, indent=1)
-    os.replace(path + '.tmp', path)
+    atomic_write(path, lambda f: json.dump({'config': config, **results}, f, indent=1), mode='w')
     return path
 
 

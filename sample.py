@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tokenizer import (load_checkpoint, load_tokenizer, save_image_grid, setup_device, autocast_context,
-                       to_uint8)
+                       to_uint8, atomic_write)
 
 def cfg_weights(schedule, scale, power, seq_len, codebook_sizes=None):
     """Guidance scale w_t for t = 0 .. seq_len - 1 -> float tensor (seq_len,)."""
@@ -242,9 +242,7 @@ if __name__ == '__main__':
                 arr_0[part['indices']] = part['images']
             os.remove(path)
         npz_path = os.path.join(out_dir, f'{sample_name}.npz')
-        with open(npz_path + '.tmp', 'wb') as f:
-            np.savez(f, arr_0=arr_0, arr_1=arr_1)
-        os.replace(npz_path + '.tmp', npz_path)
+        atomic_write(npz_path, lambda f: np.savez(f, arr_0=arr_0, arr_1=arr_1))
         print(f"wrote {npz_path}: {arr_0.shape[0]} images {arr_0.shape[1]}x{arr_0.shape[2]}")
         grid_labels = torch.tensor(grid_classes, device=device).repeat_interleave(grid_per_class)
         with autocast:

@@ -549,13 +549,15 @@ def autocast_context(device, dtype):
     return contextlib.nullcontext()
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file, then rename: a run killed mid-write never leaves a truncated checkpoint, and
-    a write that fails (a full disk) removes its temp file and leaves the previous checkpoint as it was."""
+def atomic_write(path, write, mode='wb'):
+    """write(f) into a temp file, then rename it to path: a run killed mid-write never leaves a truncated
+    file, and a write that fails (a full disk) removes its temp file and leaves the previous file as it
+    was."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.tmp'
     try:
-        torch.save(obj, tmp)
+        with open(tmp, mode) as f:
+            write(f)
     except Exception as e:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -566,6 +568,11 @@ def atomic_save(obj, path):
                          if os.path.exists(path) else '')
                       + " (free some space, or point out_dir elsewhere, and resume)") from e
     os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_write: checkpoints are never truncated."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 CHECKPOINT_KINDS = {'tokenizer': 'written by train_tokenizer.py', 'gpt': 'written by train_ar.py'}
@@ -655,9 +662,7 @@ def truncate_log(path, iter_num):
         return
     with open(path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)['iter'] <= iter_num]
-    with open(path + '.tmp', 'w') as f:
-        f.writelines(kept)
-    os.replace(path + '.tmp', path)
+    atomic_write(path, lambda f: f.writelines(kept), mode='w')
 
 
 def append_log(path, record):

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quantizers import modulate  # DiT's adaLN modulation, shared with VQBridge
+
 # -----------------------------------------------------------------------------
 # LlamaGen GPT: pre-norm RMSNorm, SwiGLU, causal attention with 2D RoPE, no biases, class token as the prefix
 
@@ -115,11 +117,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
-
-
-def modulate(x, shift, scale):
-    # DiT's adaLN modulation
-    return x * (1 + scale) + shift
 
 
 class Block(nn.Module):
@@ -298,7 +295,8 @@ if __name__ == '__main__':
 
     from tokenizer import (load_tokenizer, make_dataset, setup_device, autocast_context, atomic_save,
                            truncate_log, append_log, load_checkpoint, tokenizer_weights, state_fingerprint,
-                           check_out_dir, check_resume_config, gather_rng_states, restore_rng_states)
+                           check_out_dir, check_resume_config, gather_rng_states, restore_rng_states,
+                           atomic_write)
 
     # -----------------------------------------------------------------------------
     # default config: LlamaGen GPT-B on ImageNet 256 codes (config/ar_gpt_b.py);
@@ -463,9 +461,8 @@ if __name__ == '__main__':
                         codebook_sizes.cpu().numpy().astype(np.int64))
             meta = dict(extraction, grid_h=grid, grid_w=grid, codebook_size=K,
                         dataset_classes=dataset.num_classes, vcq=codebook_sizes is not None)
-            with open(meta_path + '.tmp', 'w') as f:
-                json.dump(meta, f, indent=1)
-            os.replace(meta_path + '.tmp', meta_path)  # written last: its presence marks complete codes
+            # written last: its presence marks complete codes
+            atomic_write(meta_path, lambda f: json.dump(meta, f, indent=1), mode='w')
             print(f"encoded {N} images x {views_per_image} views into {codes_dir}"
                   + (f" (rank 0 skipped {skipped} unreadable images)" if skipped else ''))
         if ddp:

@@ -82,7 +82,7 @@ def test_ar_and_sample_bench_last_lines(capsys, monkeypatch):
                                  '--codebook_size=64', '--warmup_steps=1', '--steps=2', '--device=cpu'],
                                 capsys, monkeypatch)
     assert re.match(r'ar preset=B batch=2 device=cpu: [0-9.]+ tok/s, [0-9.]+ ms/iter, MFU n/a', line), line
-    line = run_bench_in_process(['--what=sample', '--ar_model=B', '--n_layer=2', '--n_embd=48', '--ar_batch=2',
-                                 '--codebook_size=64', '--ar_tokens=16', '--warmup_steps=0', '--steps=1',
-                                 '--device=cpu'], capsys, monkeypatch)
+    line = run_bench_in_process(['--what=sample', '--ar_model=B', '--n_layer=2', '--n_embd=48',
+                                 '--ar_batch=2', '--codebook_size=64', '--ar_tokens=16', '--warmup_steps=0',
+                                 '--steps=1', '--device=cpu'], capsys, monkeypatch)
     assert re.match(r'sample preset=B batch=2 cfg=2.0 tokens=16 device=cpu: [0-9.]+ images/s', line), line

@@ -77,8 +77,7 @@ def test_checkpoint_errors_name_the_file(tmp_path, monkeypatch):
         T.load_checkpoint(path, 'gpt')
     # a full disk: the temp file goes, the error says so, the previous checkpoint stays
     def no_space(obj, f):
-        with open(f, 'wb') as out:
-            out.write(b'partial')
+        f.write(b'partial')
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(T.torch, 'save', no_space)
     with pytest.raises(OSError, match='the disk is full; the partial file was removed and the previous '
