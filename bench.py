@@ -17,7 +17,7 @@ Micro-benchmarks. Pick one with --what:
       last line (one line):
       tokenizer config=config/vq_16k.py batch=32 256px device=cuda: <img/s> img/s, <ms> ms/iter, peak <MB> MB
   ar:           GPT training step (fwd+bwd+AdamW) on random codes: tok/s, ms/iter and MFU (train_ar.py's
-                FLOPs estimate)
+                GPT.flops_per_token and peak_bf16_flops, as its training log)
       python bench.py --what=ar --ar_model=B --ar_batch=64 --device=cuda --dtype=bfloat16
       last line: ar preset=B batch=64 device=cuda: <tok/s> tok/s, <ms> ms/iter, MFU <x>%
   sample:       KV-cached sampling of codes with CFG (sample.generate; no tokenizer decode): images/s

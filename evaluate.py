@@ -1,14 +1,19 @@
 """
 Evaluation, self-contained (torch, numpy, scipy; the lpips package for LPIPS):
-- the FID Inception-v3 of pytorch-fid (TF-ported weights), features for FID / IS / precision-recall;
-- reconstruction metrics of a tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity;
-- the VCQ entropy-cliff analysis of token sequences and the VCQ §4.4 linear probe on the first k tokens;
+- the FID Inception-v3 of pytorch-fid (TF-ported weights), features for FID / sFID / IS / precision-recall
+  with ADM's evaluator conventions (a reference batch's stored mu/sigma, 5,000-sample IS chunks);
+- reconstruction metrics of a tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity, also under
+  the conventions of LlamaGen's and FVQ's tables (--metric_convention);
+- the VCQ entropy-cliff analysis of token sequences (t* of eq. 1-2) and the VCQ §4.4 linear probe;
 - training curves of several runs (their out_dir/log.jsonl) and entropy cliffs side by side (matplotlib).
 
     python evaluate.py --mode=recon --ckpt=out/ckpt.pt --data_dir=/data/imagenet/val --num_images=50000
     python evaluate.py --mode=gen --samples=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz
+    python evaluate.py --mode=ref --data_dir=/data/imagenet/train --image_size=256 --num_images=2000000 \
+        --ref_out=imagenet256_train_ref.npz
     python evaluate.py --mode=entropy --codes=out_eval/codes.npy --ckpt=out/ckpt.pt
-      (recon mode writes codes.npy / labels.npy; train_ar.py's codes_dir/codes.npy works as well)
+      (recon mode writes codes.npy / labels.npy; train_ar.py's codes_dir/codes.npy works as well: one view
+      per image, the centre crop, is used)
     python evaluate.py --mode=probe --codes=codes.npy --labels=labels.npy --ckpt=out/ckpt.pt --first_k=10
     python evaluate.py --mode=curves --logs=out-study-vq,out-study-fvq --entropy_dirs=eval-fvq,eval-vcq \
         --out_dir=plots
@@ -38,36 +43,43 @@ from tokenizer import atomic_write, to_uint8, psnr
 
 # -----------------------------------------------------------------------------
 # default config; override with config files / --key=value
-mode = 'gen'  # 'recon', 'gen', 'entropy', 'probe' or 'curves'
+mode = 'gen'  # 'recon', 'gen', 'ref', 'entropy', 'probe' or 'curves'
 out_dir = 'out_eval'
 seed = 0
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 batch_size = 50  # images per Inception / tokenizer forward
-num_workers = 4  # data-loader workers (recon mode)
+num_workers = 4  # data-loader workers (recon and ref modes)
 # the FID Inception network
 inception_weights = ''  # pt_inception-2015-12-05-6726825d.pth; '' = download once into the torch hub cache
 # gen mode: ADM-format .npz files (arr_0: uint8 N x H x W x 3)
 samples = ''
-ref = ''  # ADM reference batch, or a statistics file this script wrote (the ref cache)
-ref_cache = True  # keep the reference features/statistics in <ref>.fid_stats.npz next to the ref file
-is_splits = 10
+ref = ''  # ADM reference batch (its stored mu/sigma are used), or a statistics file this script wrote
+ref_cache = True  # keep the reference's arr_0 features/statistics in <ref>.fid_stats.npz next to it
+is_split_size = 5000  # Inception Score over consecutive chunks of this many samples (ADM: 5,000)
 pr_k = 3  # precision/recall neighbourhood size (Kynkaanniemi et al. 2019; ADM's evaluator uses 3)
 pr_batch_size = 10000  # rows/columns per block of pairwise distances
+# ref mode: an ADM-format reference batch of an ImageFolder (data_dir, image_size, num_images, split below)
+ref_out = ''  # the .npz to write: mu, sigma, mu_s, sigma_s over all images, arr_0 a random sample of them
+ref_sample_images = 10000  # images in arr_0 (ADM's reference batches: 10,000, for precision/recall)
 # recon mode
-ckpt = ''  # tokenizer checkpoint path (recon: the model; entropy: K for the bound; probe: code vectors)
+ckpt = ''  # tokenizer checkpoint path (recon: the model; entropy: K for t*; probe: code vectors)
 data_dir = 'from_ckpt'  # 'from_ckpt' = the tokenizer's training data_dir; '' = the built-in procedural set
-image_size = 0  # 0 = the checkpoint's image_size
+image_size = 0  # 0 = the checkpoint's image_size (ref mode: required)
 num_images = 50000  # the first num_images images of the dataset (center-cropped, no augmentation)
 split = 'val'  # 'val': data_dir as it is (the built-in set's held-out split); 'train': the built-in set's
 #               training split; 'heldout': the eval_images images train_tokenizer.py held out of its data_dir
 rfid = True  # False: no Inception network (no weights needed): PSNR, SSIM, LPIPS, usage and perplexity only
-lpips = True  # False: no LPIPS (no VGG weights needed)
-lpips_random_backbone = False  # True: random VGG trunk, nothing downloaded (tests, offline), not real LPIPS
+lpips = True  # False: no LPIPS (no VGG / AlexNet weights needed)
+lpips_random_backbone = False  # True: random trunk, nothing downloaded (tests, offline), not real LPIPS
+# 'standard': RGB PSNR, SSIM (11x11 Gaussian), LPIPS-VGG; 'llamagen' / 'fvq': the conventions of those
+# papers' tables (reconstruction_metrics)
+metric_convention = 'standard'
 save_codes = True  # recon also writes out_dir/codes.npy (N, h*w) and labels.npy for the entropy/probe modes
 # entropy mode
 codes = ''  # .npy of integer codes, (N, T) or (N, h, w) (raster order)
-entropy_threshold = 0.1  # bits: the cliff is where H_t first drops below this
-codebook_size = 0  # K for the Proposition-1 bound when no ckpt is given (0 = no bound)
+entropy_threshold = 0.1  # bits: t_cliff is the first position after which at most this much entropy is left
+codebook_size = 0  # constant K for t* when there is no ckpt (0 = unknown)
+codebook_sizes = ''  # .npy of K_t (T,) for t* when there is no ckpt (VCQ codes)
 # probe mode
 labels = ''  # .npy of integer class labels (N,)
 val_codes = ''  # held-out codes/labels to evaluate on; '' = hold out probe_val_frac of codes
@@ -178,21 +190,31 @@ def weights_fingerprint(model):
 
 @torch.no_grad()
 def inception_forward(model, images_uint8, device):
-    """uint8 images (B, H, W, 3) numpy -> (features (B, 2048), logits (B, 1008)) float32 numpy."""
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device).permute(0, 3, 1, 2).float() / 255.0
-    features, logits = model(x)
-    return features.cpu().numpy(), logits.cpu().numpy()
+    """uint8 images (B, H, W, 3) numpy -> (pool3 features (B, 2048), spatial features (B, 2023),
+    logits (B, 1008)), float32 numpy."""
+    x = torch.from_numpy(np.array(images_uint8)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    return tuple(t.cpu().numpy() for t in model(x))
 
 
 def npz_inception_features(model, path, batch_size, device, desc):
-    """-> features (N, 2048), logits (N, 1008) of all images of an ADM .npz."""
+    """-> pool3 features (N, 2048), spatial features (N, 2023), logits (N, 1008) of all images of an ADM .npz."""
     N, H, W = npz_image_header(path)
-    features, logits = [], []
-    for batch in tqdm(npz_image_batches(path, batch_size), total=math.ceil(N / batch_size), desc=desc):
-        f, l = inception_forward(model, batch, device)
-        features.append(f)
-        logits.append(l)
-    return np.concatenate(features), np.concatenate(logits)
+    outputs = [inception_forward(model, batch, device) for batch in
+               tqdm(npz_image_batches(path, batch_size), total=math.ceil(N / batch_size), desc=desc)]
+    return tuple(np.concatenate(parts) for parts in zip(*outputs))
+
+
+def stored_statistics(path):
+    """ADM's read_statistics: the mu / sigma (and the spatial mu_s / sigma_s) an .npz carries, or None. ADM's
+    reference batches hold them over the whole training set, while arr_0 is a 10,000-image sample for
+    precision/recall; statistics recomputed from that sample would bias FID upward."""
+    with np.load(path) as data:
+        if 'mu' not in data.files:
+            return None
+        stats = {'mu': data['mu'], 'sigma': data['sigma']}
+        if 'mu_s' in data.files:
+            stats.update(mu_s=data['mu_s'], sigma_s=data['sigma_s'])
+        return stats
 
 
 def reference_image_size(ref_path):
@@ -209,8 +231,39 @@ def reference_image_size(ref_path):
     return None
 
 
+def arr0_statistics(config, model, dev, fingerprint):
+    """-> {features, mu, sigma, mu_s, sigma_s} of the reference batch's arr_0 images with this network,
+    from the cache next to the reference file when it matches this network and file."""
+    ref_path = config['ref']
+    stat = os.stat(ref_path)
+    source = f"{os.path.abspath(ref_path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_path = (ref_path[:-4] if ref_path.endswith('.npz') else ref_path) + '.fid_stats.npz'
+    keys = ('features', 'mu', 'sigma', 'mu_s', 'sigma_s')
+    if config['ref_cache'] and os.path.isfile(cache_path):
+        with np.load(cache_path) as cache:
+            if (str(cache['weights_fingerprint']) == fingerprint and str(cache['source']) == source
+                    and all(k in cache.files for k in keys)):
+                print(f"reference features from cache {cache_path}")
+                return {k: cache[k] for k in keys}
+        print(f"cache {cache_path} is for another network, reference file or version; recomputing")
+    features, spatial, _ = npz_inception_features(model, ref_path, config['batch_size'], dev, 'reference')
+    (mu, sigma), (mu_s, sigma_s) = feature_statistics(features), feature_statistics(spatial)
+    result = dict(features=features, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    if config['ref_cache']:
+        try:
+            image_shape = np.array(npz_image_header(ref_path)[1:])
+            atomic_write(cache_path, lambda f: np.savez(f, weights_fingerprint=fingerprint, source=source,
+                                                        image_shape=image_shape, **result))
+            print(f"cached the reference features in {cache_path}")
+        except OSError as e:
+            warnings.warn(f"could not write the reference cache {cache_path}: {e}")
+    return result
+
+
 def reference_statistics(config, model, dev):
-    """-> (mu, sigma, features) of the reference batch, from its cache if it matches this network and file."""
+    """-> {features, mu, sigma, mu_s, sigma_s, statistics}: the reference batch's arr_0 features (for
+    precision/recall) and the FID / sFID statistics, the file's stored ones where it has them (ADM), else
+    computed from arr_0. `statistics` says which."""
     ref_path = config['ref']
     if not os.path.isfile(ref_path):
         raise FileNotFoundError(f"reference batch '{ref_path}' does not exist")
@@ -218,34 +271,29 @@ def reference_statistics(config, model, dev):
         raise ValueError(f"'{ref_path}' is not an .npz file (expected an ADM reference batch with arr_0)")
     fingerprint = weights_fingerprint(model)
     with np.load(ref_path) as data:
-        if 'arr_0' not in data.files and 'features' in data.files:  # a statistics file written by this script
+        files = data.files
+        if 'arr_0' not in files and 'features' in files:  # a statistics file written by this script
             if str(data['weights_fingerprint']) != fingerprint:
                 raise ValueError(f"'{ref_path}' holds features of a different Inception network than "
                                  f"'{config['inception_weights'] or FID_WEIGHTS_FILE}'")
-            return data['mu'], data['sigma'], data['features']
-    # ADM's reference batches also carry mu/sigma of the TensorFlow graph; those are not comparable with this
-    # network's features, so the statistics are always recomputed from arr_0 (and cached).
-    stat = os.stat(ref_path)
-    source = f"{os.path.abspath(ref_path)}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache_path = (ref_path[:-4] if ref_path.endswith('.npz') else ref_path) + '.fid_stats.npz'
-    if config['ref_cache'] and os.path.isfile(cache_path):
-        with np.load(cache_path) as cache:
-            if str(cache['weights_fingerprint']) == fingerprint and str(cache['source']) == source:
-                print(f"reference statistics from cache {cache_path}")
-                return cache['mu'], cache['sigma'], cache['features']
-        print(f"cache {cache_path} is for another network or reference file; recomputing")
-    features, _ = npz_inception_features(model, ref_path, config['batch_size'], dev, 'reference')
-    mu, sigma = feature_statistics(features)
-    if config['ref_cache']:
-        try:
-            image_shape = np.array(npz_image_header(ref_path)[1:])
-            atomic_write(cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma, features=features,
-                                                        weights_fingerprint=fingerprint, source=source,
-                                                        image_shape=image_shape))
-            print(f"cached reference statistics in {cache_path}")
-        except OSError as e:
-            warnings.warn(f"could not write the reference cache {cache_path}: {e}")
-    return mu, sigma, features
+            if 'mu_s' not in files:
+                raise ValueError(f"'{ref_path}' is a statistics file of an older evaluate.py without sFID "
+                                 f"statistics; pass the reference batch it was made from")
+            return {**{k: data[k] for k in ('features', 'mu', 'sigma', 'mu_s', 'sigma_s')},
+                    'statistics': 'stored (statistics file of this network)'}
+    if 'arr_0' not in files:
+        raise ValueError(f"'{ref_path}' has no arr_0 images (has {', '.join(files)}); expected an ADM reference "
+                         f"batch")
+    result = arr0_statistics(config, model, dev, fingerprint)
+    stored = stored_statistics(ref_path)
+    if stored is None:
+        result['statistics'] = f"computed from the {len(result['features'])} arr_0 images"
+    else:
+        result.update(stored)
+        result['statistics'] = ('stored mu/sigma' + (' and mu_s/sigma_s' if 'mu_s' in stored else
+                                                     '; sFID statistics computed from arr_0'))
+    print(f"reference statistics: {result['statistics']}")
+    return result
 
 # -----------------------------------------------------------------------------
 # FID, Inception Score, precision / recall
@@ -284,37 +332,47 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def fid_to_statistics(features, mu, sigma):
+    """FID between a feature set (N, D) and Gaussian statistics (mu (D,), sigma (D, D)). With N <= D the
+    features' covariance is S1 = A^T A (A = centred features / sqrt(N - 1)), and S1 S2 has the nonzero
+    eigenvalues of the N x N PSD matrix A S2 A^T: tr sqrt(S1 S2) is the sum of their square roots, exactly,
+    without the D x D sqrtm (2048 x 2048 takes a minute on a 2-core CPU). Otherwise ADM's formula."""
+    features = np.asarray(features, dtype=np.float64)
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if features.ndim != 2 or features.shape[1:] != mu.shape or sigma.shape != mu.shape * 2:
+        raise ValueError(f"feature sizes differ: features {features.shape}, statistics mu {mu.shape} "
+                         f"sigma {sigma.shape}")
+    N, D = features.shape
+    if N > D:
+        return frechet_distance(*feature_statistics(features), mu, sigma)
+    if N < 2:
+        raise ValueError(f"need at least 2 feature vectors for FID statistics, got {N}")
+    mean = features.mean(axis=0)
+    A = (features - mean) / math.sqrt(N - 1)  # (N, D)
+    eigenvalues = np.linalg.eigvalsh(A @ sigma @ A.T).clip(min=0)  # (N,); round-off below 0
+    diff = mean - mu
+    return float(diff @ diff + (A * A).sum() + np.trace(sigma) - 2 * np.sqrt(eigenvalues).sum())
+
+
 def fid_from_features(features1, features2):
-    """FID between two feature sets (N1, D), (N2, D). With few vectors (N1 + N2 <= D) both covariances live in
-    the span of the centred features, so the covariance term is computed exactly in that span: sqrtm of an
-    (N1 + N2)-square matrix instead of a D x D one (2048 x 2048 takes tens of seconds on a CPU). The eps
-    retry, when needed, then regularises within the span only."""
-    mu1, sigma1 = feature_statistics(features1)
-    mu2, sigma2 = feature_statistics(features2)
-    if mu1.shape != mu2.shape:
+    """FID between two feature sets (N1, D), (N2, D); FID is symmetric, so the smaller set keeps its features."""
+    if np.shape(features1)[1:] != np.shape(features2)[1:]:
         raise ValueError(f"feature sizes differ: {np.shape(features1)} vs {np.shape(features2)}")
-    m, D = len(features1) + len(features2), mu1.shape[0]
-    if m > D:
-        return frechet_distance(mu1, sigma1, mu2, sigma2)
-    centred = np.concatenate([np.asarray(features1, np.float64) - mu1,
-                              np.asarray(features2, np.float64) - mu2])
-    basis, _ = np.linalg.qr(centred.T)  # (D, m) orthonormal columns spanning both sets of centred features
-    diff = mu1 - mu2  # the mean term is taken in the full space: mu1 - mu2 need not lie in the span
-    covariance_term = frechet_distance(np.zeros(m), basis.T @ sigma1 @ basis,
-                                       np.zeros(m), basis.T @ sigma2 @ basis)
-    return float(diff @ diff) + covariance_term
+    small, large = sorted((features1, features2), key=len)
+    return fid_to_statistics(small, *feature_statistics(large))
 
 
-def inception_score(logits, splits=10):
-    """logits (N, C) -> (mean, std) over `splits` consecutive chunks of exp(E_x KL(p(y|x) || p(y)))."""
+def inception_score(logits, split_size=5000):
+    """logits (N, C) -> (mean, std) of exp(E_x KL(p(y|x) || p(y))) over consecutive chunks of split_size
+    samples (ADM: 5,000, the last chunk may be shorter), so a score at 10k and at 50k uses the same chunks."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    if logits.ndim != 2 or logits.shape[0] < splits:
-        raise ValueError(f"Inception Score needs (N, C) logits with N >= splits = {splits}, "
-                         f"got {tuple(logits.shape)}")
+    if logits.ndim != 2 or logits.shape[0] < 1 or split_size < 1:
+        raise ValueError(f"Inception Score needs (N, C) logits with N >= 1 and split_size >= 1, got "
+                         f"{tuple(logits.shape)} and split_size = {split_size}")
     log_p = torch.log_softmax(logits, dim=1)  # (N, C)
     scores = []
-    for part in torch.tensor_split(log_p, splits):  # in order, as ADM's evaluator (5000 per split at N = 50k)
-        log_p_y = torch.logsumexp(part, dim=0) - math.log(part.shape[0])  # log of the split's marginal p(y)
+    for part in torch.split(log_p, split_size):
+        log_p_y = torch.logsumexp(part, dim=0) - math.log(part.shape[0])  # log of the chunk's marginal p(y)
         p = part.exp()
         kl = torch.where(p > 0, p * (part - log_p_y), 0.0).sum(dim=1).mean()  # 0 log 0 = 0
         scores.append(kl.exp().item())
@@ -384,24 +442,58 @@ def blur_valid(t, window):
     return F.conv2d(t, window.view(1, 1, 1, n).expand(C, 1, 1, n), groups=C)
 
 
-def ssim(x, y, data_range=1.0):
-    """Per-image SSIM (Wang et al. 2004) -> (B,): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03,
-    population (co)variances, mean over the positions where the window fits and over the channels. This is
+def ssim(x, y, data_range=1.0, gaussian=True, window_size=11, sample_covariance=False):
+    """Per-image SSIM (Wang et al. 2004) -> (B,), K1 0.01, K2 0.03, mean over the positions where the window
+    fits and over the channels. Default: 11x11 Gaussian window, sigma 1.5, population (co)variances, which is
     skimage's structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
     channel_axis=...): its 11-tap window (truncate 3.5) and its crop of 5 border pixels leave exactly this
-    'valid' region."""
+    'valid' region. gaussian=False: a uniform window_size^2 window (skimage's default, 7)."""
     x, y = x.double(), y.double()
     B, C, H, W = x.shape
-    if min(H, W) < 11:
-        raise ValueError(f"SSIM needs images of at least 11x11 pixels, got {H}x{W}")
-    g = gaussian_window().to(x.device)
+    if min(H, W) < window_size:
+        raise ValueError(f"SSIM needs images of at least {window_size}x{window_size} pixels, got {H}x{W}")
+    if gaussian:
+        window = gaussian_window(window_size).to(x.device)
+    else:
+        window = torch.full((window_size,), 1.0 / window_size, dtype=torch.float64, device=x.device)
+    # skimage's use_sample_covariance: the window's variances with n - 1 instead of n
+    cov_norm = window_size ** 2 / (window_size ** 2 - 1) if sample_covariance else 1.0
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_x, mu_y = blur_valid(x, g), blur_valid(y, g)
-    var_x = blur_valid(x * x, g) - mu_x ** 2
-    var_y = blur_valid(y * y, g) - mu_y ** 2
-    cov_xy = blur_valid(x * y, g) - mu_x * mu_y
+    mu_x, mu_y = blur_valid(x, window), blur_valid(y, window)
+    var_x = cov_norm * (blur_valid(x * x, window) - mu_x ** 2)
+    var_y = cov_norm * (blur_valid(y * y, window) - mu_y ** 2)
+    cov_xy = cov_norm * (blur_valid(x * y, window) - mu_x * mu_y)
     s = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
     return s.mean(dim=(1, 2, 3))
+
+
+def luma(x):
+    """(B, 3, H, W) RGB in [0, 1] -> (B, 1, H, W) ITU-R BT.601 Y in [16/255, 235/255] (pyiqa's rgb2ycbcr)."""
+    weights = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64, device=x.device)
+    return ((x.double().permute(0, 2, 3, 1) @ weights + 16.0) / 255.0)[:, None]
+
+
+def reconstruction_metrics(fake, real, convention='standard'):
+    """Per-image PSNR and SSIM (B,) of uint8-level images (B, 3, H, W) in [0, 1] under the convention of a
+    paper's table. LPIPS differs by network only: VGG, AlexNet for 'fvq' (see lpips_network)."""
+    if convention == 'standard':  # RGB PSNR; SSIM of Wang et al. with its 11x11 Gaussian window
+        return psnr(fake, real), ssim(fake, real)
+    if convention == 'llamagen':  # LlamaGen reconstruction_vq_ddp.py: skimage PSNR, skimage SSIM defaults
+        # (7x7 uniform window, sample covariance) called with data_range=2.0 on [0, 1] images
+        return psnr(fake, real), ssim(fake, real, data_range=2.0, gaussian=False, window_size=7,
+                                      sample_covariance=True)
+    if convention == 'fvq':  # FVQ eval_fid_usage_lpips.py: pyiqa PSNR on BT.601 Y, piq.ssim(data_range=2.)
+        psnr_y = 10 * torch.log10(1.0 / (((luma(fake) - luma(real)) ** 2).flatten(1).mean(1) + 1e-8))
+        # piq scales the images by 1/data_range and average-pools images of >= 384 px by round(min(H, W) / 256)
+        f = max(1, round(min(fake.shape[-2:]) / 256))
+        if f > 1:
+            fake, real = F.avg_pool2d(fake.double(), f), F.avg_pool2d(real.double(), f)
+        return psnr_y, ssim(fake / 2.0, real / 2.0)
+    raise ValueError(f"unknown metric_convention '{convention}' (expected 'standard', 'llamagen' or 'fvq')")
+
+
+def lpips_network(convention):
+    return 'alex' if convention == 'fvq' else 'vgg'  # FVQ's tables: pyiqa's LPIPS v0.1 AlexNet
 
 # -----------------------------------------------------------------------------
 # codes: usage, per-position conditional entropy (VCQ's entropy cliff), linear probe (VCQ §4.4)
@@ -425,7 +517,7 @@ def load_codes(path):
 
 
 def load_labels(path, n):
-    """.npy of integer class labels (N,), N = n -> int64 tensor (N,)."""
+    """.npy of integer class labels (N,), N = n -> int64 (N,); -1 marks an unreadable image (train_ar.py)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"labels file '{path}' does not exist")
     y = np.load(path)
@@ -433,9 +525,7 @@ def load_labels(path, n):
         raise ValueError(f"'{path}' holds {y.dtype} of shape {y.shape}; expected integer labels (N,)")
     if len(y) != n:
         raise ValueError(f"'{path}' has {len(y)} labels but the codes file has {n} sequences")
-    if y.min() < 0:
-        raise ValueError(f"'{path}' has negative labels")
-    return torch.as_tensor(y, dtype=torch.long)
+    return y.astype(np.int64)
 
 
 def conditional_entropies(codes):
@@ -461,28 +551,65 @@ def conditional_entropies(codes):
 
 
 def entropy_cliff(H, N, threshold=0.1, codebook_sizes=None):
-    """H (T,) bits, N sequences -> remaining budget R_t = log2 N - sum_{s<t} H_s (t = 1..T), the cliff, and
-    Proposition 1's bound when the per-position codebook sizes K_t are known."""
+    """H (T,) bits, N sequences -> remaining budget R_t = log2 N - sum_{s<t} H_s (t = 1..T), VCQ's t* when
+    the per-position codebook sizes K_t are known, and the empirical cliff of H."""
     H = np.asarray(H, dtype=np.float64)
     remaining = math.log2(N) - np.concatenate([[0.0], np.cumsum(H)[:-1]])
-    below = np.flatnonzero(H < threshold)
-    first_below = int(below[0]) + 1 if len(below) else None  # 1-based
+    # the entropy left after position t: sum_{s>t} H_s (t = 0..T-1); the sequences hold sum H_s in all
+    left_after = np.concatenate([np.cumsum(H[::-1])[::-1][1:], [0.0]])  # exact zeros where the tail is zero
     result = {
         'num_sequences': int(N), 'seq_len': len(H), 'log2_N': math.log2(N), 'threshold_bits': threshold,
         'H_bits': H.tolist(), 'remaining_budget_bits': remaining.tolist(),
-        # the first 1-based position whose conditional entropy is below the threshold
-        'first_position_below_threshold': first_below,
-        # the paper's t*: positions 1..t* carry information, from t*+1 on H_t is (near) zero; on ImageNet
-        # with a constant K = 16384 codebook the paper reports t* = 2
-        't_star': (first_below - 1) if first_below is not None else len(H),
+        # the empirical cliff: the first (1-based) position after which at most `threshold` bits of the
+        # sequences' entropy remain. A per-position rule (the first H_t below the threshold) would put it at 0 on
+        # VCQ codes, whose first positions have 2-entry codebooks (H_1 <= 1 bit) and carry little entropy.
+        't_cliff': int(np.flatnonzero(left_after <= threshold)[0]) + 1,
     }
     if codebook_sizes is not None:
         capacity = np.cumsum(np.log2(np.asarray(codebook_sizes, dtype=np.float64)))  # C(t), eq. (2)
         reached = np.flatnonzero(capacity >= math.log2(N))
         result['codebook_sizes'] = np.asarray(codebook_sizes).tolist()
-        # Proposition 1: H_t <= min(log2 K_t, R_t); t* bound = smallest t with C(t) >= log2 N
-        result['t_star_bound'] = int(reached[0]) + 1 if len(reached) else None
+        # VCQ eq. (1)-(2): t* = the smallest t whose capacity sum_{s<=t} log2 K_s reaches log2 N; with a
+        # constant K = 16384 and N = 1.28M ImageNet images, t* = 2 (the paper's figure)
+        result['t_star'] = int(reached[0]) + 1 if len(reached) else None
     return result
+
+
+def codes_meta(codes_path):
+    """The meta.json of a train_ar.py codes folder next to the codes file, or None (e.g. recon's codes.npy)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(codes_path)), 'meta.json')
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        meta = json.load(f)
+    return meta if 'views_per_image' in meta else None
+
+
+def one_view_per_image(codes, labels, codes_path):
+    """codes (M, T), labels (M,) or None -> one row per readable image. train_ar.py's codes.npy holds every
+    augmented view of each image (10 adjacent rows with ten_crop) and rows of label -1 for unreadable images:
+    the entropy budget log2 N and the probe's split count images, so keep the centre crop and drop label -1."""
+    meta = codes_meta(codes_path)
+    if meta is None:
+        return codes, labels
+    views = meta['views_per_image']
+    if len(codes) != meta['num_images'] * views:
+        raise ValueError(f"'{codes_path}' has {len(codes)} rows, but its meta.json says {meta['num_images']} "
+                         f"images x {views} views")
+    if labels is None:
+        labels_path = os.path.join(os.path.dirname(os.path.abspath(codes_path)), 'labels.npy')
+        if not os.path.isfile(labels_path):
+            raise FileNotFoundError(f"'{labels_path}' is missing: train_ar.py's labels mark the unreadable "
+                                    f"images (-1) whose code rows are empty")
+        labels = np.load(labels_path)
+    if len(labels) != len(codes):
+        raise ValueError(f"{len(labels)} labels for {len(codes)} code rows")
+    center_view = meta.get('center_view', 4 if views == 10 else 0)  # TenCrop order: 4 crops, then the centre
+    rows = np.arange(center_view, len(codes), views)
+    rows = rows[np.asarray(labels)[rows] >= 0]
+    print(f"one view per image: {len(rows)} of {len(codes)} rows (view {center_view} of {views}, "
+          f"{meta['num_images'] - len(rows)} unreadable images dropped)")
+    return codes[rows], np.asarray(labels)[rows]
 
 
 def probe_features(codes, codebook, first_k):
@@ -569,9 +696,8 @@ def plot_entropy(runs, path):
         ax.plot(t, H, color=color, label=f'{name}: H(x_t | x_<t)')
         ax.plot(t, result['remaining_budget_bits'], color=color, linestyle='--',
                 label=f'{name}: remaining budget')
-        if result.get('t_star_bound') is not None:
-            ax.axvline(result['t_star_bound'], color=color, linestyle=':',
-                       label=f"{name}: t* = {result['t_star_bound']}")
+        if result.get('t_star') is not None:
+            ax.axvline(result['t_star'], color=color, linestyle=':', label=f"{name}: t* = {result['t_star']}")
     ax.set_xscale('log')
     ax.set_xlabel('position t')
     ax.set_ylabel('bits')
@@ -617,7 +743,11 @@ def run_recon(config):
                                          batch_size=config['batch_size'], shuffle=False,
                                          num_workers=config['num_workers'], collate_fn=collate)
     inception = load_inception(config['inception_weights'], dev) if config['rfid'] else None
-    lpips_model = make_lpips(config['lpips_random_backbone']).to(dev) if config['lpips'] else None
+    convention = config['metric_convention']
+    if convention not in ('standard', 'llamagen', 'fvq'):
+        raise ValueError(f"unknown metric_convention '{convention}' (expected 'standard', 'llamagen' or 'fvq')")
+    lpips_model = (make_lpips(config['lpips_random_backbone'], lpips_network(convention)).to(dev)
+                   if config['lpips'] else None)
     K = tokenizer.quantizer.codebook_size
     counts = torch.zeros(K, dtype=torch.long, device=dev)
     real_feats, fake_feats, psnrs, ssims, lpipses, all_codes, all_labels = [], [], [], [], [], [], []
@@ -635,8 +765,9 @@ def run_recon(config):
             if inception is not None:
                 real_feats.append(inception(real)[0].cpu())
                 fake_feats.append(inception(fake)[0].cpu())
-            psnrs.append(psnr(fake, real).cpu())
-            ssims.append(ssim(fake, real).cpu())
+            psnr_batch, ssim_batch = reconstruction_metrics(fake, real, convention)
+            psnrs.append(psnr_batch.cpu())
+            ssims.append(ssim_batch.cpu())
             if lpips_model is not None:
                 lpipses.append(lpips_model(fake * 2 - 1, real * 2 - 1).flatten().cpu())
             all_codes.append(indices.flatten(1).cpu())
@@ -647,11 +778,12 @@ def run_recon(config):
     results = {'psnr': torch.cat(psnrs).mean().item(), 'ssim': torch.cat(ssims).mean().item(),
                'codebook_usage': usage, 'perplexity': perplexity, 'codebook_size': K,
                'usage_tokens': int(counts.sum()), 'num_images': int(sum(len(c) for c in all_codes)),
-               'num_skipped': skipped, 'image_size': size, 'data_dir': data_dir, 'split': config['split']}
+               'num_skipped': skipped, 'image_size': size, 'data_dir': data_dir, 'split': config['split'],
+               'metric_convention': convention}
     if inception is not None:
         results['rfid'] = fid_from_features(torch.cat(fake_feats).numpy(), torch.cat(real_feats).numpy())
     if lpips_model is not None:
-        results.update(lpips=torch.cat(lpipses).mean().item(),
+        results.update(lpips=torch.cat(lpipses).mean().item(), lpips_network=lpips_network(convention),
                        lpips_random_backbone=config['lpips_random_backbone'])
     if config['save_codes']:
         os.makedirs(config['out_dir'], exist_ok=True)
@@ -667,7 +799,7 @@ def run_recon(config):
 # gen mode: FID, IS, precision and recall of a sample batch against a reference batch
 
 def run_gen(config):
-    """FID, IS, precision and recall of a sample batch against a reference batch (ADM's protocol)."""
+    """FID, sFID, IS, precision and recall of a sample batch against a reference batch (ADM's protocol)."""
     if config['samples'] == '' or config['ref'] == '':
         raise ValueError("gen mode needs --samples=<samples .npz> and --ref=<reference batch .npz>")
     # fail on a malformed samples file before the reference
@@ -680,50 +812,162 @@ def run_gen(config):
                          f"samples')")
     dev = resolve_device(config['device'])
     model = load_inception(config['inception_weights'], dev)
-    # (mu, sigma) are kept in the cache for other tools; FID here is computed from the features
-    _, _, ref_features = reference_statistics(config, model, dev)
+    ref = reference_statistics(config, model, dev)
     t0 = time.time()
-    features, logits = npz_inception_features(model, config['samples'], config['batch_size'], dev, 'samples')
-    if features.shape[1] != ref_features.shape[1]:
-        raise ValueError(f"feature sizes differ: samples {features.shape}, reference {ref_features.shape}")
-    is_mean, is_std = inception_score(logits, config['is_splits'])
-    precision, recall = precision_recall(ref_features, features, config['pr_k'], config['pr_batch_size'], dev)
-    results = {'fid': fid_from_features(features, ref_features), 'inception_score': is_mean,
-               'inception_score_std': is_std, 'precision': precision, 'recall': recall,
-               'num_samples': int(len(features)), 'num_ref': int(len(ref_features)),
+    features, spatial, logits = npz_inception_features(model, config['samples'], config['batch_size'], dev,
+                                                       'samples')
+    if features.shape[1] != ref['features'].shape[1]:
+        raise ValueError(f"feature sizes differ: samples {features.shape}, reference {ref['features'].shape}")
+    stored = stored_statistics(config['samples']) or {}  # ADM reads a sample batch's stored statistics too
+    if stored:
+        print(f"sample statistics: stored {', '.join(stored)} in {config['samples']}")
+    fid = (frechet_distance(stored['mu'], stored['sigma'], ref['mu'], ref['sigma']) if 'mu' in stored
+           else fid_to_statistics(features, ref['mu'], ref['sigma']))
+    sfid = (frechet_distance(stored['mu_s'], stored['sigma_s'], ref['mu_s'], ref['sigma_s']) if 'mu_s' in stored
+            else fid_to_statistics(spatial, ref['mu_s'], ref['sigma_s']))
+    is_mean, is_std = inception_score(logits, config['is_split_size'])
+    precision, recall = precision_recall(ref['features'], features, config['pr_k'], config['pr_batch_size'],
+                                         dev)
+    results = {'fid': fid, 'sfid': sfid, 'inception_score': is_mean, 'inception_score_std': is_std,
+               'precision': precision, 'recall': recall, 'num_samples': int(len(features)),
+               'num_ref': int(len(ref['features'])), 'ref_statistics': ref['statistics'],
                'sample_seconds': time.time() - t0}
     print_table(f"gen: {config['samples']} vs {config['ref']}", list(results.items()))
     return results
 
 # -----------------------------------------------------------------------------
+# ref mode: an ADM-format reference batch (statistics over a whole image set + a sample of its images)
+
+def add_moments(moments, x):
+    """Running first and second moments of feature rows x (B, D), shifted by the first row against the
+    cancellation of E[x x^T] - mu mu^T over a million images."""
+    x = np.asarray(x, dtype=np.float64)
+    if moments is None:
+        moments = {'n': 0, 'shift': x[0].copy(), 'sum': np.zeros(x.shape[1]),
+                   'outer': np.zeros((x.shape[1], x.shape[1]))}
+    xc = x - moments['shift']
+    moments['n'] += len(x)
+    moments['sum'] += xc.sum(0)
+    moments['outer'] += xc.T @ xc
+    return moments
+
+
+def moments_statistics(moments):
+    """-> mean (D,), covariance (D, D) with N - 1 normalisation, as feature_statistics of all the rows."""
+    n = moments['n']
+    if n < 2:
+        raise ValueError(f"need at least 2 images for reference statistics, got {n}")
+    mean_c = moments['sum'] / n
+    return moments['shift'] + mean_c, (moments['outer'] - n * np.outer(mean_c, mean_c)) / (n - 1)
+
+
+def run_ref(config):
+    """Writes an ADM-format reference batch of an image set: mu / sigma (pool3) and mu_s / sigma_s (sFID)
+    over all its images, and arr_0, a random sample of ref_sample_images of them for precision/recall. So a
+    user with ImageNet can make full-training-set statistics like ADM's VIRTUAL_imagenet256_labeled.npz."""
+    from tokenizer import make_dataset, collate
+    if config['ref_out'] == '':
+        raise ValueError("ref mode needs --ref_out=<the reference .npz to write>")
+    if config['data_dir'] == 'from_ckpt' or config['image_size'] <= 0:
+        raise ValueError("ref mode needs --data_dir=<ImageFolder> ('' = the built-in procedural set) and "
+                         "--image_size=<pixels> (the samples' resolution)")
+    if config['split'] not in ('val', 'train'):
+        raise ValueError(f"ref mode's split must be 'val' or 'train', got '{config['split']}'")
+    size = config['image_size']
+    # ADM's preprocessing: centre crop (BOX-halving, then BICUBIC), no augmentation
+    dataset = make_dataset(config['data_dir'], size, train=config['split'] == 'train', augment=False)
+    n = min(config['num_images'], len(dataset))
+    k = min(config['ref_sample_images'], n)
+    chosen = np.zeros(n, dtype=bool)  # the arr_0 sample, in dataset order
+    chosen[torch.randperm(n, generator=torch.Generator().manual_seed(config['seed']))[:k].numpy()] = True
+    out_path = config['ref_out']
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    # arr_0 goes through a memory-mapped .npy, so 10,000 256 px images never sit in host memory at once
+    sample_path = out_path + '.arr_0.tmp.npy'
+    sample = np.lib.format.open_memmap(sample_path, mode='w+', dtype=np.uint8, shape=(k, size, size, 3))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)),
+                                         batch_size=config['batch_size'], shuffle=False,
+                                         num_workers=config['num_workers'], collate_fn=list)
+    dev = resolve_device(config['device'])
+    model = load_inception(config['inception_weights'], dev)
+    pool, spatial, position, filled, skipped = None, None, 0, 0, 0
+    try:
+        for batch in tqdm(loader, desc='reference'):
+            keep = [item is not None and chosen[position + i] for i, item in enumerate(batch)]
+            position += len(batch)
+            images, _, n_skipped = collate(batch)
+            skipped += n_skipped
+            if len(images) == 0:
+                continue
+            images = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
+            features, spatial_features, _ = inception_forward(model, images, dev)
+            pool, spatial = add_moments(pool, features), add_moments(spatial, spatial_features)
+            readable_keep = [flag for flag, item in zip(keep, batch) if item is not None]
+            picked = images[np.asarray(readable_keep, dtype=bool)]
+            sample[filled:filled + len(picked)] = picked
+            filled += len(picked)
+        if pool is None:
+            raise ValueError(f"no readable images in '{config['data_dir']}'")
+        (mu, sigma), (mu_s, sigma_s) = moments_statistics(pool), moments_statistics(spatial)
+        sample.flush()
+        atomic_write(out_path, lambda f: np.savez(f, arr_0=sample[:filled], mu=mu, sigma=sigma, mu_s=mu_s,
+                                                  sigma_s=sigma_s))
+    finally:
+        os.remove(sample_path)  # the memmap stays readable until it is dropped (POSIX)
+    results = {'ref_out': out_path, 'num_images': pool['n'], 'num_skipped': skipped, 'arr_0_images': filled,
+               'image_size': size, 'data_dir': config['data_dir'], 'split': config['split']}
+    print_table(f"ref: {config['data_dir'] or 'the built-in procedural set'} at {size}px", list(results.items()))
+    return results
+
+# -----------------------------------------------------------------------------
 # entropy mode: per-position conditional entropy H_t and the entropy cliff of a set of code sequences
 
-def run_entropy(config):
-    """Per-position conditional entropy H_t, remaining budget and the entropy cliff of a set of code
-    sequences; Proposition 1's bound when the codebook sizes K_t are known (--ckpt or --codebook_size)."""
-    if config['codes'] == '':
-        raise ValueError("entropy mode needs --codes=<codes .npy, (N, T) or (N, h, w)>")
-    c = load_codes(config['codes'])
-    N, T = c.shape
-    codebook_sizes = None  # K_t per position: the tokenizer's VCQ schedule or constant K, else codebook_size
+def entropy_codebook_sizes(config, T):
+    """K_t per position for VCQ's t*: from --ckpt (its VCQ schedule or constant K), --codebook_sizes (.npy of
+    K_t), --codebook_size (constant K), or a train_ar.py codes folder's own record; None if unknown."""
     if config['ckpt'] != '':
         from tokenizer import load_tokenizer
         quantizer = load_tokenizer(config['ckpt']).quantizer
         if quantizer.codebook_sizes is None:
-            codebook_sizes = np.full(T, quantizer.codebook_size)
-        elif quantizer.codebook_sizes.numel() != T:
-            raise ValueError(f"the tokenizer's VCQ schedule has {quantizer.codebook_sizes.numel()} "
-                             f"positions, the codes have {T}")
-        else:
-            codebook_sizes = quantizer.codebook_sizes.numpy()
+            return np.full(T, quantizer.codebook_size), config['ckpt']
+        sizes, source = quantizer.codebook_sizes.numpy(), config['ckpt']
+    elif config['codebook_sizes'] != '':
+        if not os.path.isfile(config['codebook_sizes']):
+            raise FileNotFoundError(f"codebook sizes file '{config['codebook_sizes']}' does not exist")
+        sizes, source = np.load(config['codebook_sizes']), config['codebook_sizes']
+        if not np.issubdtype(sizes.dtype, np.integer) or sizes.ndim != 1 or (sizes < 1).any():
+            raise ValueError(f"'{source}' holds {sizes.dtype} of shape {sizes.shape}; expected positive "
+                             f"integer codebook sizes K_t (T,)")
     elif config['codebook_size'] > 0:
-        codebook_sizes = np.full(T, config['codebook_size'])
+        return np.full(T, config['codebook_size']), '--codebook_size'
+    else:
+        meta = codes_meta(config['codes'])
+        if meta is None:
+            return None, 'unknown (pass --ckpt, --codebook_sizes or --codebook_size)'
+        folder = os.path.dirname(os.path.abspath(config['codes']))
+        if not meta.get('vcq'):
+            return np.full(T, meta['codebook_size']), os.path.join(folder, 'meta.json')
+        sizes, source = np.load(os.path.join(folder, 'codebook_sizes.npy')), folder
+    if len(sizes) != T:
+        raise ValueError(f"the VCQ schedule of {source} has {len(sizes)} positions, the codes have {T}")
+    return sizes, source
+
+
+def run_entropy(config):
+    """Per-position conditional entropy H_t, remaining budget, VCQ's t* (eq. 1-2; needs the codebook sizes
+    K_t) and the empirical entropy cliff of a set of code sequences, one sequence per image."""
+    if config['codes'] == '':
+        raise ValueError("entropy mode needs --codes=<codes .npy, (N, T) or (N, h, w)>")
+    c, _ = one_view_per_image(load_codes(config['codes']), None, config['codes'])
+    N, T = c.shape
+    codebook_sizes, sizes_source = entropy_codebook_sizes(config, T)
     if codebook_sizes is not None and (c >= codebook_sizes[None, :]).any():
         t = int(np.flatnonzero((c >= codebook_sizes[None, :]).any(0))[0])
         raise ValueError(f"codes at position {t + 1} reach {c[:, t].max()} but the codebook there has "
                          f"{int(codebook_sizes[t])} codes")
     H = conditional_entropies(c)
     results = entropy_cliff(H, N, config['entropy_threshold'], codebook_sizes)
+    results['codebook_sizes_source'] = sizes_source
     os.makedirs(config['out_dir'], exist_ok=True)
     csv_path = os.path.join(config['out_dir'], 'entropy.csv')
     with open(csv_path, 'w') as f:
@@ -736,13 +980,11 @@ def run_entropy(config):
     results['png'] = plot_entropy([(config['codes'], H, results)],
                                   os.path.join(config['out_dir'], 'entropy.png'))
     shown = min(T, 8)
-    print_table(f"entropy: {config['codes']} ({N} sequences of {T} tokens)",
-                [(f"H_{t + 1} (bits)", float(H[t])) for t in range(shown)]
-                + [('log2 N', results['log2_N']),
-                   (f"first t with H_t < {config['entropy_threshold']:g}",
-                    results['first_position_below_threshold']),
-                   ('t* (paper convention)', results['t_star']),
-                   ('t* bound (Proposition 1)', results.get('t_star_bound', 'unknown K'))])
+    print_table(f"entropy: {config['codes']} (N = {N} sequences of {T} tokens)",
+                [('N (sequences)', N), ('log2 N', results['log2_N'])]
+                + [(f"H_{t + 1} (bits)", float(H[t])) for t in range(shown)]
+                + [('t* (VCQ eq. 1-2)', results.get('t_star', 'unknown K')), ('K_t from', sizes_source),
+                   (f"t_cliff (<= {config['entropy_threshold']:g} bits left)", results['t_cliff'])])
     return results
 
 # -----------------------------------------------------------------------------
@@ -757,20 +999,28 @@ def run_probe(config):
                          "vectors from its codebook (a learned embedding would not be a linear probe of the "
                          "tokens)")
     from tokenizer import load_tokenizer
-    c = load_codes(config['codes'])
-    y = load_labels(config['labels'], len(c))
+
+    def codes_and_labels(codes_path, labels_path):
+        # one view per image: with every augmented view, a probe split would put views of one image on both
+        # sides of it
+        c = load_codes(codes_path)
+        c, y = one_view_per_image(c, load_labels(labels_path, len(c)), codes_path)
+        if (y < 0).any():
+            raise ValueError(f"'{labels_path}' has negative labels")
+        return c, torch.as_tensor(y)
+
+    c, y = codes_and_labels(config['codes'], config['labels'])
     if not 1 <= config['first_k'] <= c.shape[1]:
         raise ValueError(f"first_k = {config['first_k']} must be in [1, {c.shape[1]}] (the sequence length)")
     with torch.no_grad():
         codebook = load_tokenizer(config['ckpt']).quantizer.codebook().float()  # (K, D)
     x = probe_features(c, codebook, config['first_k'])
     if config['val_codes'] != '':
-        val_c = load_codes(config['val_codes'])
+        val_c, val_y = codes_and_labels(config['val_codes'], config['val_labels'])
         if val_c.shape[1] != c.shape[1]:
             raise ValueError(f"val codes have {val_c.shape[1]} tokens per sequence, codes have {c.shape[1]}")
         train_x, train_y = x, y
         val_x = probe_features(val_c, codebook, config['first_k'])
-        val_y = load_labels(config['val_labels'], len(val_c))
     else:
         order = torch.randperm(len(c), generator=torch.Generator().manual_seed(config['seed']))
         n_val = math.ceil(config['probe_val_frac'] * len(c))
@@ -849,7 +1099,7 @@ def run_curves(config):
                 result = json.load(f)
             runs.append((name, np.asarray(result['H_bits']), result))
             table.append((name, f"N {result['num_sequences']}, log2 N {result['log2_N']:.2f}, "
-                                f"t* (eq. 2) {result.get('t_star_bound')}, H_1..4 "
+                                f"t* (eq. 2) {result.get('t_star')}, t_cliff {result.get('t_cliff')}, H_1..4 "
                                 + ' '.join(f'{h:.2f}' for h in result['H_bits'][:4])))
         results['png'].append(plot_entropy(runs, os.path.join(config['out_dir'], 'entropy_cliff.png')))
     print_table('final values', table)
@@ -978,7 +1228,8 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """images (B, 3, H, W) in [0, 1] -> (pool3 features (B, 2048), logits (B, 1008)). torchvision's
+    """images (B, 3, H, W) in [0, 1] -> (pool3 features (B, 2048), sFID's spatial features (B, 2023),
+    logits (B, 1008)). torchvision's
     Inception-v3 layout and parameter names, 1008 classes, TF's pooling in the Mixed blocks and TF's BatchNorm
     eps, so the ported weights file loads with strict=True."""
     def __init__(self):
@@ -1010,14 +1261,18 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 192, 35, 35)
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
         x = self.Mixed_6a(x)  # (B, 768, 17, 17)
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
+        x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))
+        # sFID's features: the TF graph's mixed_6/conv is Mixed_6d's 1x1 branch, the first 192 channels of its
+        # output; ADM keeps 7 of them, flattened channels-last as TF's NHWC: (B, 7, 17, 17) -> (B, 2023)
+        spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)
+        x = self.Mixed_6e(x)
         x = self.Mixed_7a(x)  # (B, 1280, 8, 8)
         x = self.Mixed_7c(self.Mixed_7b(x))  # (B, 2048, 8, 8)
         features = x.mean(dim=(2, 3))  # (B, 2048) pool3
         # The Inception Score of improved-GAN / ADM / torch-fidelity ('logits_unbiased') takes the softmax of
         # pool3 @ W, without the fc bias: keep that convention so IS values are comparable with the papers'.
         logits = features @ self.fc.weight.t()  # (B, 1008)
-        return features, logits
+        return features, spatial, logits
 
 # -----------------------------------------------------------------------------
 # command line: python evaluate.py [config files] --key=value ...
@@ -1026,7 +1281,7 @@ if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     config = {k: globals()[k] for k in config_keys}
     print(config)
-    runs = {'recon': run_recon, 'gen': run_gen, 'entropy': run_entropy, 'probe': run_probe,
+    runs = {'recon': run_recon, 'gen': run_gen, 'ref': run_ref, 'entropy': run_entropy, 'probe': run_probe,
             'curves': run_curves}
     if mode not in runs:
         raise ValueError(f"unknown mode '{mode}' (expected one of {', '.join(runs)})")

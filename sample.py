@@ -16,6 +16,7 @@ CFG schedules (w = cfg_scale, p = cfg_power, T tokens, w_t the scale at position
 x runs to t / (T - 1) (not t / T) so that every ramp ends exactly at w on the last token, which makes
 codebook_size_aware on a constant codebook the same schedule as cosine, as the VCQ paper says it should be.
 VCQ models (checkpoints with codebook_sizes) never sample a code >= K_t at position t (sample_tokens).
+VCQ's tables (the RAR convention) write "cfg=0" for no guidance; here that is cfg_scale=1.0.
 """
 import math
 import os
@@ -136,21 +137,32 @@ def generate(model, labels, cfg_scale=1.0, cfg_schedule='constant', cfg_power=1.
 
 
 def load_gpt(ckpt_path, device):
-    """A GPT in eval mode and its checkpoint dict (without optimiser state) from a train_ar.py checkpoint."""
+    """A GPT in eval mode on `device` and its checkpoint's settings (model_args, config, tokenizer_ckpt,
+    codebook_sizes, ...: everything but the weights, the optimiser state and the RNG states) from a
+    train_ar.py checkpoint."""
     from train_ar import GPT
-    checkpoint = load_checkpoint(ckpt_path, 'gpt')
+    # memory-mapped: only the model's weights are read from disk, never the (2x larger) AdamW state
+    checkpoint = load_checkpoint(ckpt_path, 'gpt', mmap=True)
     model = GPT(**checkpoint['model_args'])
     model.load_state_dict(checkpoint['model'])
-    checkpoint.pop('optimizer', None)
-    return model.to(device).eval(), checkpoint
+    settings = {k: v for k, v in checkpoint.items() if k not in ('model', 'optimizer', 'rng_states')}
+    return model.to(device).eval(), settings
+
+
+def decode_images(tokenizer, codes):
+    """uint8 images (B, H, W, 3) on the CPU for codes (B, h, w), decoded in float32 whatever autocast the
+    caller runs under."""
+    # autocast off: LlamaGen decodes in float32, and bf16 moves ~13% of the pixels by one level
+    with torch.autocast(codes.device.type, enabled=False):
+        images = tokenizer.decode(codes).float()
+    return to_uint8(images).permute(0, 2, 3, 1).cpu()
 
 
 def sample_images(model, tokenizer, labels, **options):
     """uint8 images (B, H, W, 3) on the CPU for class labels (B,): the codes of generate(model, labels,
-    **options) through the tokenizer's decoder."""
+    **options) (under the caller's autocast) through the tokenizer's decoder (in float32)."""
     codes = generate(model, labels, **options)
-    images = tokenizer.decode(codes.reshape(len(labels), model.grid_h, model.grid_w)).float()
-    return to_uint8(images).permute(0, 2, 3, 1).cpu()
+    return decode_images(tokenizer, codes.reshape(len(labels), model.grid_h, model.grid_w))
 
 
 if __name__ == '__main__':
@@ -198,8 +210,10 @@ if __name__ == '__main__':
     # -----------------------------------------------------------------------------
     # the GPT and the tokenizer that decodes its codes
 
-    model, gpt_checkpoint = load_gpt(ckpt, device)
-    tokenizer = load_tokenizer(tokenizer_ckpt or gpt_checkpoint['tokenizer_ckpt'], map_location=device)
+    model, gpt_settings = load_gpt(ckpt, device)
+    # float32 weights (and decode_images turns autocast off): bf16 moves ~13% of the pixels by one level
+    tokenizer_ckpt = tokenizer_ckpt or gpt_settings['tokenizer_ckpt']
+    tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()
     if tokenizer.quantizer.codebook_size != model.codebook_size:
         raise ValueError(f"the tokenizer has {tokenizer.quantizer.codebook_size} codes, the GPT predicts "
                          f"{model.codebook_size}")
@@ -209,7 +223,7 @@ if __name__ == '__main__':
         raise ValueError(f"grid_classes {bad} out of range: the model has classes 0..{model.num_classes - 1}")
     os.makedirs(out_dir, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(seed * world_size + rank)  # per-rank streams
-    codebook_sizes = gpt_checkpoint.get('codebook_sizes')  # VCQ: K_t per position; None otherwise
+    codebook_sizes = gpt_settings.get('codebook_sizes')  # VCQ: K_t per position; None otherwise
     options = dict(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, cfg_power=cfg_power,
                    temperature=temperature, top_k=top_k, top_p=top_p, codebook_sizes=codebook_sizes,
                    generator=generator)

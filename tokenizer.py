@@ -190,8 +190,9 @@ class Tokenizer(nn.Module):
 def load_tokenizer(path, map_location='cpu', ema=True):
     """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py: its EMA weights when
     the run kept them (ema_decay > 0; what IBQ's release evaluates and extracts codes with) unless
-    ema=False, else its weights."""
-    checkpoint = load_checkpoint(path, 'tokenizer', map_location)
+    ema=False, else its weights. Built on the CPU, then moved to map_location."""
+    # memory-mapped: only the weights used are read from disk, never the optimisers' or discriminator's state
+    checkpoint = load_checkpoint(path, 'tokenizer', mmap=True)
     model = Tokenizer(**checkpoint['model_args'])
     model.load_state_dict(tokenizer_weights(checkpoint, ema))
     return model.to(map_location).eval()
@@ -291,12 +292,13 @@ def diff_augment(x):
     return x * keep[:, None].to(x.dtype)
 
 
-def make_lpips(random_backbone=False):
-    """LPIPS-VGG. The standard path downloads torchvision's VGG16 weights once; random_backbone=True builds
-    the VGG trunk with random weights (nothing is downloaded) for tests and offline smoke runs: the loss is
-    then a random-feature distance, not a perceptual one."""
+def make_lpips(random_backbone=False, net='vgg'):
+    """LPIPS-VGG (the training loss; net='alex' for FVQ's evaluation). The standard path downloads
+    torchvision's trunk weights once; random_backbone=True builds the trunk with random weights (nothing is
+    downloaded) for tests and offline smoke runs: the loss is then a random-feature distance, not a
+    perceptual one."""
     import lpips
-    model = lpips.LPIPS(net='vgg', pretrained=True, pnet_rand=random_backbone, verbose=False)
+    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -580,7 +582,9 @@ CHECKPOINT_KINDS = {'tokenizer': 'written by train_tokenizer.py', 'gpt': 'writte
 
 def load_checkpoint(path, kind, map_location='cpu', mmap=False):
     """torch.load of a nanoVQ checkpoint with the errors a user can act on: a missing file, a damaged one
-    (truncated, not a checkpoint) and one of the other kind ('tokenizer' vs 'gpt'), each naming the file."""
+    (truncated, not a checkpoint) and one of the other kind ('tokenizer' vs 'gpt'), each naming the file.
+    mmap=True (with map_location='cpu') maps the file instead of reading it: a tensor is read from disk only
+    when used, so the optimiser state of a large run costs no host memory."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{kind} checkpoint '{path}' does not exist")
     try:

@@ -11,6 +11,7 @@ later runs (and other GPT sizes pointed at the same codes_dir) reuse them.
 import json
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from functools import lru_cache
@@ -231,9 +232,21 @@ class GPT(nn.Module):
             block.attention.k_cache = block.attention.v_cache = None
 
     def flops_per_token(self):
-        """nanoGPT's estimate for training (forward + backward): 6N + 12 L H Q T."""
-        N = sum(p.numel() for p in self.parameters())
-        return 6 * N + 12 * self.n_layer * self.n_head * (self.n_embd // self.n_head) * self.seq_len
+        """Training FLOPs (forward + backward = 3x the forward, 2 FLOPs per multiply-add) per input token,
+        counting only the work done, with T = seq_len inputs, L layers, width C:
+            6 x (weights of the per-token matmuls: attention qkv and proj, SwiGLU, the output head)
+          + 6 x (adaLN weights) / T   the adaLN projections run once per sequence, on the class vector
+          + 12 L C (T + 1) / 2        QK^T and AV: 2 x 2C forward FLOPs per key seen; causal flash/SDPA
+                                      kernels skip the masked blocks, so a token sees (T + 1) / 2 keys
+        Embedding tables are look-ups and RMSNorm weights elementwise: 0 FLOPs. (nanoGPT's 6N + 12 L C T,
+        PaLM's convention, counts all N parameters per token and all T keys: a higher figure.)"""
+        adaln = [block.adaln for block in self.layers] + [self.final_adaln]
+        adaln_linears = {id(m[1]) for m in adaln if m is not None}
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        per_token = sum(m.weight.numel() for m in linears if id(m) not in adaln_linears)
+        per_sequence = sum(m.weight.numel() for m in linears if id(m) in adaln_linears)
+        T = self.seq_len
+        return 6 * per_token + 6 * per_sequence / T + 12 * self.n_layer * self.n_embd * (T + 1) / 2
 
 
 def gpt_model_args(codebook_size, num_classes, grid_h, grid_w, ar_model, n_layer=0, n_head=0, n_embd=0,
@@ -247,16 +260,28 @@ def gpt_model_args(codebook_size, num_classes, grid_h, grid_w, ar_model, n_layer
                 n_embd=n_embd or preset['n_embd'], **options)
 
 
-def peak_bf16_flops(device):
-    """Dense bf16 peak of the GPU (for MFU), or 0 where unknown (CPU, other GPUs)."""
-    if not str(device).startswith('cuda'):
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (('H100', 989e12), ('H200', 989e12), ('H800', 989e12), ('A100', 312e12),
-                       ('A800', 312e12), ('L40S', 362e12), ('4090', 165e12), ('A10', 125e12)):
-        if key in name:
+# dense bf16 peaks (no 2:4 sparsity) from the vendors' data sheets (A10G: AWS's figure). The first entry whose
+# words all occur in the device name wins: 'H100 PCIe' and 'H100 NVL' before the plain (SXM) 'H100'
+PEAK_BF16_FLOPS = ((('H100', 'PCIE'), 756e12), (('H100', 'NVL'), 835e12), (('H100',), 989e12),
+                   (('H200',), 989e12), (('H800',), 989e12), (('A100',), 312e12), (('A800',), 312e12),
+                   (('L40S',), 362e12), (('4090',), 165e12), (('A10G',), 70e12), (('A10',), 125e12))
+
+
+def peak_bf16_flops_of(name):
+    """Dense bf16 peak FLOP/s of a GPU named as torch.cuda.get_device_name does ('NVIDIA H100 PCIe',
+    'NVIDIA A100-SXM4-80GB'), or 0 where unknown. Whole words only: 'A10' is not an 'A100' or an 'A10G'."""
+    words = set(re.split(r'[\s_-]+', name.upper()))
+    for keys, flops in PEAK_BF16_FLOPS:
+        if all(key in words for key in keys):
             return flops
     return 0.0
+
+
+def peak_bf16_flops(device):
+    """The peak of the GPU `device` (for MFU), or 0 on the CPU and unknown GPUs."""
+    if not str(device).startswith('cuda'):
+        return 0.0
+    return peak_bf16_flops_of(torch.cuda.get_device_name(device))
 
 
 # -----------------------------------------------------------------------------
@@ -275,6 +300,22 @@ def image_views(images, size, ten_crop, flip_augment):
     else:
         crops = [images] + ([images.flip(-1)] if flip_augment else [])
     return torch.stack(crops, dim=1).reshape(-1, 3, size, size)
+
+
+def center_view(ten_crop):
+    """Which of image_views' views of an image is its plain centre crop: view 4 of the ten crops (TenCrop
+    order), else view 0 (the unflipped image)."""
+    return 4 if ten_crop else 0
+
+
+def encode_views(tokenizer, images, image_size, ten_crop, flip_augment):
+    """(B, 3, S', S') images -> codes (B, views, T) long: image_views through the (float32) tokenizer, in
+    float32 whatever autocast the caller runs under."""
+    # autocast off: LlamaGen extracts in float32, and bf16 changes ~0.7% of the codes
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        views = image_views(images.float(), image_size, ten_crop, flip_augment)
+        codes = tokenizer.encode(views)  # (B * views, h, w)
+    return codes.reshape(len(images), -1, codes[0].numel())
 
 
 @lru_cache(maxsize=2)
@@ -405,7 +446,8 @@ if __name__ == '__main__':
         if master:
             print(f"reusing {meta['num_images']} x {views_per_image} code sequences in {codes_dir}")
     else:
-        tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device)
+        # float32 weights (and encode_views turns autocast off): bf16 changes ~0.7% of the codes
+        tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()
         # the training images, without random augmentation: deterministic resize + centre crop;
         # ten_crop reads at 1.1x and takes the crops here, on the tensor
         dataset = make_dataset(data_dir, round(1.1 * image_size) if ten_crop else image_size, train=True,
@@ -439,10 +481,8 @@ if __name__ == '__main__':
             if not kept:
                 continue
             images = torch.stack([item[0] for _, item in kept]).to(device)
-            with torch.no_grad(), autocast:
-                views = image_views(images, image_size, ten_crop, flip_augment)
-                codes = tokenizer.encode(views).reshape(len(kept), views_per_image, T)
-            codes = codes.cpu().numpy().astype(code_dtype)
+            codes = encode_views(tokenizer, images, image_size, ten_crop, flip_augment)
+            codes = codes.cpu().numpy().astype(code_dtype)  # (images, views_per_image, T)
             for (key, (_, label)), image_codes in zip(kept, codes):  # one row block per image
                 codes_mm[key * views_per_image:(key + 1) * views_per_image] = image_codes
                 labels_mm[key * views_per_image:(key + 1) * views_per_image] = label
@@ -459,8 +499,10 @@ if __name__ == '__main__':
                                      f"but {image_size}px images give {T} tokens")
                 np.save(os.path.join(codes_dir, 'codebook_sizes.npy'),
                         codebook_sizes.cpu().numpy().astype(np.int64))
+            # center_view stays out of `extraction`: folders written before it existed remain valid
             meta = dict(extraction, grid_h=grid, grid_w=grid, codebook_size=K,
-                        dataset_classes=dataset.num_classes, vcq=codebook_sizes is not None)
+                        dataset_classes=dataset.num_classes, vcq=codebook_sizes is not None,
+                        center_view=center_view(ten_crop))
             # written last: its presence marks complete codes
             atomic_write(meta_path, lambda f: json.dump(meta, f, indent=1), mode='w')
             print(f"encoded {N} images x {views_per_image} views into {codes_dir}"

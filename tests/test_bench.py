@@ -78,10 +78,20 @@ def test_inception_bench_last_line(capsys, monkeypatch):
 
 
 def test_ar_and_sample_bench_last_lines(capsys, monkeypatch):
-    line = run_bench_in_process(['--what=ar', '--ar_model=B', '--n_layer=2', '--n_embd=48', '--ar_batch=2',
-                                 '--codebook_size=64', '--warmup_steps=1', '--steps=2', '--device=cpu'],
-                                capsys, monkeypatch)
-    assert re.match(r'ar preset=B batch=2 device=cpu: [0-9.]+ tok/s, [0-9.]+ ms/iter, MFU n/a', line), line
+    import torch
+    import train_ar
+    args = ['--what=ar', '--ar_model=B', '--n_layer=2', '--n_embd=48', '--ar_batch=2', '--codebook_size=64',
+            '--warmup_steps=1', '--steps=2', '--device=cpu']
+    # with a made-up peak (the CPU has none), MFU is train_ar's FLOPs per token x tok/s / peak
+    monkeypatch.setattr(train_ar, 'peak_bf16_flops', lambda device: 1e9)
+    line = run_bench_in_process(args, capsys, monkeypatch)
+    match = re.fullmatch(r'ar preset=B batch=2 device=cpu: (\d+) tok/s, [0-9.]+ ms/iter, MFU ([0-9.]+)%',
+                         line)
+    assert match, line
+    with torch.device('meta'):
+        model = train_ar.GPT(**train_ar.gpt_model_args(64, 1000, 16, 16, 'B', n_layer=2, n_embd=48))
+    expected = model.flops_per_token() * int(match.group(1)) / 1e9
+    assert float(match.group(2)) / 100 == pytest.approx(expected, rel=1e-2)
     line = run_bench_in_process(['--what=sample', '--ar_model=B', '--n_layer=2', '--n_embd=48',
                                  '--ar_batch=2', '--codebook_size=64', '--ar_tokens=16', '--warmup_steps=0',
                                  '--steps=1', '--device=cpu'], capsys, monkeypatch)

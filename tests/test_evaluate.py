@@ -83,13 +83,13 @@ def test_inception_loads_strict_and_forward_is_deterministic(random_inception_fi
     assert not model.training
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 32, 40, 3), dtype=np.uint8)  # non-square: resized to 299x299 anyway
-    features, logits = inception_forward(model, images, 'cpu')
-    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
+    features, spatial, logits = inception_forward(model, images, 'cpu')
+    assert features.shape == (2, 2048) and spatial.shape == (2, 2023) and logits.shape == (2, 1008)
     assert features.dtype == np.float32 and np.isfinite(features).all() and features.std() > 0
     assert not np.allclose(features[0], features[1])
-    single, single_logits = inception_forward(model, images[1:], 'cpu')  # eval-mode BN: images do not mix
+    single, _, single_logits = inception_forward(model, images[1:], 'cpu')  # eval-mode BN: images do not mix
     np.testing.assert_allclose(single[0], features[1], rtol=1e-4, atol=1e-5)
-    again, again_logits = inception_forward(model, images[1:], 'cpu')
+    again, _, again_logits = inception_forward(model, images[1:], 'cpu')
     assert np.array_equal(single, again) and np.array_equal(single_logits, again_logits)  # deterministic
     # IS logits are pool3 @ W without the fc bias (improved-GAN / ADM / torch-fidelity convention)
     np.testing.assert_allclose(logits, features @ saved['fc.weight'].numpy().T, rtol=1e-4, atol=1e-4)
@@ -155,8 +155,13 @@ def test_fid_from_few_features_is_computed_exactly_in_their_span():
     full = frechet_distance(*feature_statistics(x), *feature_statistics(y))  # D x D sqrtm
     assert len(x) + len(y) <= D
     assert abs(fid_from_features(x, y) - full) <= 1e-7 * full
-    many = rng.normal(size=(60, D))  # N1 + N2 > D: the plain path
-    assert fid_from_features(many, y) == frechet_distance(*feature_statistics(many), *feature_statistics(y))
+    many = rng.normal(size=(60, D))  # the smaller set's features against the larger set's statistics
+    full = frechet_distance(*feature_statistics(many), *feature_statistics(y))
+    assert abs(fid_from_features(many, y) - full) <= 1e-7 * full
+    assert abs(fid_from_features(y, many) - full) <= 1e-7 * full
+    huge = rng.normal(size=(60, 8))  # N > D on both sides: ADM's sqrtm path
+    assert fid_from_features(huge, huge[:30] + 1) == frechet_distance(*feature_statistics(huge[:30] + 1),
+                                                                      *feature_statistics(huge))
     with pytest.raises(ValueError, match='feature sizes differ'):
         fid_from_features(x, y[:, :10])
 
@@ -180,19 +185,39 @@ def test_inception_score_closed_forms():
     C, N = 8, 160
     peaked = np.full((N, 1008), -60.0)
     peaked[np.arange(N), np.arange(N) % C] = 60.0  # each split holds every one of the C classes equally often
-    mean, std = inception_score(peaked, splits=10)
+    mean, std = inception_score(peaked, split_size=16)
     assert abs(mean - C) < 1e-9 and std < 1e-9
     same = np.tile(np.random.default_rng(0).normal(size=(1, 1008)), (N, 1))  # p(y|x) = p(y): IS = 1
-    assert abs(inception_score(same, splits=10)[0] - 1.0) < 1e-12
+    assert abs(inception_score(same, split_size=16)[0] - 1.0) < 1e-12
     # two classes, p(y|x) = (q, 1-q) or (1-q, q) half the time each: KL = log 2 - H(q)
     q = 0.8
     logits = np.full((N, 1008), -np.inf)  # classes 2.. have probability 0 exactly
     logits[0::2, 0], logits[0::2, 1] = np.log(q), np.log(1 - q)
     logits[1::2, 0], logits[1::2, 1] = np.log(1 - q), np.log(q)
     expected = math.exp(math.log(2) + q * math.log(q) + (1 - q) * math.log(1 - q))
-    assert abs(inception_score(logits, splits=10)[0] - expected) < 1e-12
-    with pytest.raises(ValueError, match='splits'):
-        inception_score(peaked[:5], splits=10)
+    assert abs(inception_score(logits, split_size=16)[0] - expected) < 1e-12
+    with pytest.raises(ValueError, match='split_size'):
+        inception_score(peaked[:5], split_size=0)
+
+
+def adm_inception_score(logits, split_size=5000):
+    """A direct transcription of ADM's compute_inception_score on softmax(pool3 @ W) (float64 here)."""
+    preds = np.exp(logits - logits.max(1, keepdims=True))
+    preds /= preds.sum(1, keepdims=True)
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+def test_inception_score_uses_adm_5000_sample_chunks():
+    logits = np.random.default_rng(0).normal(size=(12000, 1008)) * 3  # chunks of 5000, 5000 and 2000
+    got, std = inception_score(logits)
+    assert abs(got - adm_inception_score(logits)) < 1e-9 and std > 0
+    # the first 10k samples are scored on the same two chunks whatever N is
+    assert abs(inception_score(logits[:10000])[0] - adm_inception_score(logits[:10000])) < 1e-9
 
 
 def test_precision_recall_constructed_sets():
@@ -244,6 +269,90 @@ def test_ssim_closed_forms():
     with pytest.raises(ValueError, match='11x11'):
         ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
 
+
+def image_pair(size, seed=0):
+    """A fixed image pair on uint8 levels, (1, 3, size, size) in [0, 1]: an image and a noisy copy."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (1, 3, size, size))
+    y = np.clip(x + rng.integers(-40, 41, x.shape), 0, 255)
+    return torch.from_numpy(x / 255.0), torch.from_numpy(y / 255.0)
+
+
+def skimage_ssim(x, y, data_range):
+    """skimage.metrics.structural_similarity defaults (7x7 uniform_filter, use_sample_covariance, K1 0.01,
+    K2 0.03) per channel of (H, W, C) images, mean over the crop of 3 border pixels, then over channels."""
+    from scipy.ndimage import uniform_filter
+    scores = []
+    for c in range(x.shape[-1]):
+        a, b = x[..., c], y[..., c]
+        ux, uy = uniform_filter(a, size=7), uniform_filter(b, size=7)
+        cov_norm = 49 / 48
+        vx = cov_norm * (uniform_filter(a * a, size=7) - ux * ux)
+        vy = cov_norm * (uniform_filter(b * b, size=7) - uy * uy)
+        vxy = cov_norm * (uniform_filter(a * b, size=7) - ux * uy)
+        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+        scores.append(s[3:-3, 3:-3].mean())
+    return float(np.mean(scores))
+
+
+def piq_ssim(x, y, data_range=2.0):
+    """piq.ssim(x, y, data_range) on (C, H, W) images: x / data_range, average pool by
+    max(1, round(min(H, W) / 256)), a 2D 11x11 Gaussian (sigma 1.5) 'valid' filter, K1 0.01, K2 0.03."""
+    from scipy.signal import correlate2d
+    x, y = x / data_range, y / data_range
+    f = max(1, round(min(x.shape[-2:]) / 256))
+    if f > 1:
+        pool = lambda t: t.reshape(t.shape[0], t.shape[1] // f, f, t.shape[2] // f, f).mean(axis=(2, 4))
+        x, y = pool(x), pool(y)
+    coords = np.arange(11) - 5.0
+    g = np.exp(-(coords[None, :] ** 2 + coords[:, None] ** 2) / (2 * 1.5 ** 2))
+    g /= g.sum()
+    blur = lambda t: correlate2d(t, g, mode='valid')
+    scores = []
+    for a, b in zip(x, y):
+        mx, my = blur(a), blur(b)
+        sxx, syy, sxy = blur(a * a) - mx ** 2, blur(b * b) - my ** 2, blur(a * b) - mx * my
+        cs = (2 * sxy + 0.03 ** 2) / (sxx + syy + 0.03 ** 2)
+        scores.append((((2 * mx * my + 0.01 ** 2) / (mx ** 2 + my ** 2 + 0.01 ** 2)) * cs).mean())
+    return float(np.mean(scores))
+
+
+def test_metric_conventions_match_the_reference_formulas():
+    x, y = image_pair(32)
+    hwc = lambda t: t[0].permute(1, 2, 0).numpy()
+    # standard: RGB PSNR (data range 1) and the Gaussian SSIM
+    psnr_value, ssim_value = evaluate.reconstruction_metrics(y, x, 'standard')
+    mse = ((hwc(x) - hwc(y)) ** 2).mean()
+    assert psnr_value.item() == pytest.approx(10 * math.log10(1 / mse), rel=1e-12)
+    assert ssim_value.item() == pytest.approx(ssim(y, x).item(), rel=1e-12)
+    # llamagen: skimage PSNR (float images in [0, 1]: data range 1) and skimage SSIM with data_range=2.0
+    psnr_value, ssim_value = evaluate.reconstruction_metrics(y, x, 'llamagen')
+    assert psnr_value.item() == pytest.approx(10 * math.log10(1 / mse), rel=1e-12)
+    assert ssim_value.item() == pytest.approx(skimage_ssim(hwc(y), hwc(x), 2.0), rel=1e-9)
+    assert abs(ssim_value.item() - evaluate.reconstruction_metrics(y, x, 'standard')[1].item()) > 1e-3
+    # fvq: pyiqa PSNR on the BT.601 Y channel, piq.ssim(data_range=2.)
+    psnr_value, ssim_value = evaluate.reconstruction_metrics(y, x, 'fvq')
+    luma = lambda t: (hwc(t) @ np.array([65.481, 128.553, 24.966]) + 16.0) / 255.0
+    expected_psnr_y = 10 * math.log10(1 / (((luma(y) - luma(x)) ** 2).mean() + 1e-8))
+    assert psnr_value.item() == pytest.approx(expected_psnr_y, rel=1e-12)
+    assert ssim_value.item() == pytest.approx(piq_ssim(y[0].numpy(), x[0].numpy()), rel=1e-9)
+    # piq averages 2x2 pixels of a 512 px image first
+    big_x, big_y = image_pair(512, seed=1)
+    assert evaluate.reconstruction_metrics(big_y, big_x, 'fvq')[1].item() == pytest.approx(
+        piq_ssim(big_y[0].numpy(), big_x[0].numpy()), rel=1e-9)
+    assert evaluate.lpips_network('fvq') == 'alex' and evaluate.lpips_network('llamagen') == 'vgg'
+    with pytest.raises(ValueError, match="unknown metric_convention 'adm'"):
+        evaluate.reconstruction_metrics(y, x, 'adm')
+
+
+def test_fvq_convention_lpips_is_alexnet():
+    from tokenizer import make_lpips
+    model = make_lpips(random_backbone=True, net=evaluate.lpips_network('fvq'))
+    assert type(model.net).__name__ == 'alexnet' and len(model.lins) == 5  # LPIPS-AlexNet's 5 layers
+    x, y = image_pair(32)
+    assert model(x.float() * 2 - 1, y.float() * 2 - 1).item() > 0
+
 # -----------------------------------------------------------------------------
 # codes: usage, conditional entropy, probe
 
@@ -257,7 +366,8 @@ def test_conditional_entropy_exact_small_case():
     assert abs(H.sum() - 2.0) < 1e-12  # chain rule: all 4 sequences distinct -> log2 N
     result = entropy_cliff(H, N=4, threshold=0.1)
     np.testing.assert_allclose(result['remaining_budget_bits'], [2.0, 2.0 - h1, 0.0], atol=1e-12)
-    assert result['first_position_below_threshold'] == 3 and result['t_star'] == 2
+    # after position 2 no entropy is left; without codebook sizes there is no t*
+    assert result['t_cliff'] == 2 and 't_star' not in result
 
 
 def test_conditional_entropy_uniform_tokens_and_deterministic_tail():
@@ -276,15 +386,38 @@ def test_conditional_entropy_uniform_tokens_and_deterministic_tail():
     H_few = conditional_entropies(few)
     assert 5.9 < H_few[0] <= 6.0 and H_few[1:].max() < 0.1
     cliff = entropy_cliff(H_few, N=64, threshold=0.1, codebook_sizes=np.full(3, 4096))
-    assert cliff['t_star'] == 1 and cliff['t_star_bound'] == 1  # 12 bits of capacity >= 6 bits of budget
+    assert cliff['t_star'] == 1  # 12 bits of capacity >= 6 bits of budget
+    assert cliff['t_cliff'] == 1  # H_2 + H_3 = 1/32 bit (one collision among 64 first tokens)
 
 
-def test_entropy_cliff_bound_with_a_growing_codebook():
+def test_entropy_cliff_with_a_growing_codebook():
     H = np.array([1.0, 1.0, 2.0, 0.05, 0.0])
     result = entropy_cliff(H, N=16, threshold=0.1, codebook_sizes=np.array([2, 2, 4, 8, 8]))
-    assert result['t_star'] == 3 and result['first_position_below_threshold'] == 4
-    assert result['t_star_bound'] == 3  # capacity 1, 2, 4 bits: reaches log2 16 = 4 at t = 3
-    assert entropy_cliff(np.array([3.0, 3.0]), N=64)['first_position_below_threshold'] is None
+    assert result['t_star'] == 3  # capacity 1, 2, 4 bits: reaches log2 16 = 4 at t = 3
+    assert result['t_cliff'] == 3  # 0.05 bit is left after position 3
+    assert entropy_cliff(np.array([3.0, 3.0]), N=64)['t_cliff'] == 2  # the budget is never exhausted early
+    # VCQ codes: a 2-entry first codebook used unevenly has H_1 < 0.1 bit; the cliff is still found where the
+    # entropy runs out, not at position 0 as "the position before the first H_t < 0.1" would put it
+    vcq_H = np.array([0.05, 0.9, 2.5, 4.0, 2.55, 0.0, 0.0])
+    assert entropy_cliff(vcq_H, N=1024, threshold=0.1)['t_cliff'] == 5
+
+
+def test_t_star_of_a_vcq_schedule_follows_equations_1_and_2():
+    from quantizers import codebook_size_schedule
+    N = 1281167  # ImageNet-1k training images
+    for kind, k_max in (('linear', 16384), ('cosine', 16384), ('cosine', 11264), ('power', 16384)):
+        sizes = np.asarray(codebook_size_schedule(kind, 2, k_max, 256)).reshape(-1)
+        capacity, expected = 0.0, None
+        for t, k in enumerate(sizes, start=1):  # eq. (2): C(t) = sum_{s<=t} log2 K_s; t* = min t, C(t) >= log2 N
+            capacity += math.log2(k)
+            if capacity >= math.log2(N):
+                expected = t
+                break
+        result = entropy_cliff(np.zeros(256), N, codebook_sizes=sizes)
+        assert result['t_star'] == expected, kind
+        assert result['t_star'] > 2  # small early codebooks push t* past the constant-K value
+    constant = entropy_cliff(np.zeros(256), N, codebook_sizes=np.full(256, 16384))
+    assert constant['t_star'] == 2  # 14 bits per token, log2 N = 20.3 bits: the paper's t* = 2
 
 
 def test_linear_probe_separates_a_separable_case_and_not_random_labels():
@@ -339,12 +472,12 @@ def test_cli_gen_mode_with_reference_cache(tmp_path, random_inception_file):
     ref = save_images_npz(tmp_path / 'ref.npz', rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
     samples = save_images_npz(tmp_path / 'samples.npz', rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
     args = ['--mode=gen', f'--samples={samples}', f'--ref={ref}',
-            f'--inception_weights={random_inception_file}', f'--out_dir={tmp_path}', '--is_splits=2',
+            f'--inception_weights={random_inception_file}', f'--out_dir={tmp_path}', '--is_split_size=1',
             '--pr_k=1', '--batch_size=2', '--device=cpu']
     first = run_script(args)
     assert first.returncode == 0, first.stderr
     cache_path = str(tmp_path / 'ref.fid_stats.npz')
-    assert os.path.isfile(cache_path) and 'cached reference statistics' in first.stdout
+    assert os.path.isfile(cache_path) and 'cached the reference features' in first.stdout
     result = read_json(tmp_path / 'eval_gen.json')
     assert result['num_samples'] == 2 and result['num_ref'] == 3
     assert math.isfinite(result['fid']) and result['fid'] > 0
@@ -352,15 +485,16 @@ def test_cli_gen_mode_with_reference_cache(tmp_path, random_inception_file):
     assert 1 <= result['inception_score'] <= 2
     second = run_script(args)  # the reference comes from the cache now
     assert second.returncode == 0, second.stderr
-    assert 'reference statistics from cache' in second.stdout
+    assert 'reference features from cache' in second.stdout
     again = read_json(tmp_path / 'eval_gen.json')
-    for key in ('fid', 'inception_score', 'precision', 'recall'):
+    for key in ('fid', 'sfid', 'inception_score', 'precision', 'recall'):
         assert again[key] == pytest.approx(result[key], rel=1e-9), key
     # the cache file is itself a valid reference, but only for the network that wrote it
     config = default_config(ref=cache_path, inception_weights=random_inception_file)
     model = load_inception(random_inception_file, 'cpu')
-    mu, sigma, features = evaluate.reference_statistics(config, model, 'cpu')
-    assert features.shape == (3, 2048) and np.allclose(mu, features.mean(0)) and sigma.shape == (2048, 2048)
+    ref = evaluate.reference_statistics(config, model, 'cpu')
+    assert ref['features'].shape == (3, 2048) and np.allclose(ref['mu'], ref['features'].mean(0))
+    assert ref['sigma'].shape == (2048, 2048) and ref['mu_s'].shape == (2023,)
     with torch.no_grad():
         model.fc.bias.add_(1.0)
     with pytest.raises(ValueError, match='different Inception network'):
@@ -375,12 +509,13 @@ def test_a_statistics_file_is_a_reference_for_its_network_only(tmp_path):
     features = np.random.default_rng(0).normal(size=(3, 2048))
     mu, sigma = feature_statistics(features)
     path = tmp_path / 'ref.fid_stats.npz'
-    np.savez(path, mu=mu, sigma=sigma, features=features, source='test', image_shape=np.array([32, 32]),
-             weights_fingerprint=evaluate.weights_fingerprint(model))
+    np.savez(path, mu=mu, sigma=sigma, mu_s=mu[:2023], sigma_s=sigma[:2023, :2023], features=features,
+             source='test', image_shape=np.array([32, 32]), weights_fingerprint=evaluate.weights_fingerprint(model))
     config = default_config(ref=str(path))
-    got_mu, got_sigma, got_features = evaluate.reference_statistics(config, model, 'cpu')
-    assert np.array_equal(got_features, features) and np.allclose(got_mu, features.mean(0))
-    assert got_sigma.shape == (2048, 2048) and evaluate.reference_image_size(str(path)) == (32, 32)
+    ref = evaluate.reference_statistics(config, model, 'cpu')
+    assert np.array_equal(ref['features'], features) and np.allclose(ref['mu'], features.mean(0))
+    assert ref['sigma'].shape == (2048, 2048) and ref['sigma_s'].shape == (2023, 2023)
+    assert evaluate.reference_image_size(str(path)) == (32, 32)
     with torch.no_grad():
         model.fc.bias.add_(1.0)
     with pytest.raises(ValueError, match='different Inception network'):
@@ -401,6 +536,101 @@ def test_gen_mode_clear_errors(tmp_path):
     small = save_images_npz(tmp_path / 'small.npz', rng.integers(0, 256, (4, 4, 4, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match='the samples are 4x4 images but the reference batch.s are 8x8'):
         evaluate.run_gen(default_config(samples=small, ref=ref, out_dir=str(tmp_path)))
+
+
+def test_spatial_features_are_adms_mixed_6_conv_first_7_channels(random_inception_file):
+    """sFID's features: the output of Mixed_6d's 1x1 branch (the TF graph's mixed_6/conv), channels-last,
+    its first 7 channels, flattened (ADM: spatial[..., :7].reshape(N, -1))."""
+    model = load_inception(random_inception_file, 'cpu')
+    captured = []
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: captured.append(out))
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    _, spatial, _ = inception_forward(model, images, 'cpu')
+    hook.remove()
+    nhwc = captured[0].permute(0, 2, 3, 1).numpy()  # (2, 17, 17, 192)
+    expected = nhwc[..., :7].reshape(2, -1)
+    assert expected.shape == (2, 2023) and np.array_equal(spatial, expected)
+
+
+@pytest.fixture
+def linear_inception_features(monkeypatch):
+    """inception_forward as a fixed random linear map of 32x32 images: the statistics logic of the gen and ref
+    modes without ~1 s of CPU Inception per image (the network's own outputs are tested above)."""
+    proj = torch.randn(32 * 32 * 3, 2048 + 2023 + 1008, generator=torch.Generator().manual_seed(0)).numpy()
+
+    def forward(model, images_uint8, device):
+        out = (np.asarray(images_uint8, np.float32).reshape(len(images_uint8), -1) / 255.0) @ proj / 50
+        return out[:, :2048], out[:, 2048:4071], out[:, 4071:]
+    monkeypatch.setattr(evaluate, 'inception_forward', forward)
+    return forward
+
+
+def gen_config(tmp_path, ref, samples, random_inception_file, **overrides):
+    return default_config(ref=ref, samples=samples, inception_weights=random_inception_file, ref_cache=False,
+                          pr_k=1, batch_size=4, device='cpu', out_dir=str(tmp_path), **overrides)
+
+
+def test_gen_mode_uses_a_reference_batchs_stored_statistics(tmp_path, random_inception_file,
+                                                            linear_inception_features):
+    """ADM's read_statistics: a reference batch's stored mu/sigma (mu_s/sigma_s) are used for FID (sFID).
+    Stored statistics of the arr_0 features themselves give the computed-statistics FID; others give
+    another FID."""
+    rng = np.random.default_rng(0)
+    ref_images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    samples = save_images_npz(tmp_path / 'samples.npz', rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    plain = save_images_npz(tmp_path / 'ref.npz', ref_images)
+    computed = evaluate.run_gen(gen_config(tmp_path, plain, samples, random_inception_file))
+    assert computed['ref_statistics'] == 'computed from the 4 arr_0 images'
+    features, spatial, _ = linear_inception_features(None, ref_images, 'cpu')
+    sample_features, sample_spatial, _ = linear_inception_features(None, np.load(samples)['arr_0'], 'cpu')
+    # sFID of the spatial features and the exact FID of few features
+    assert computed['sfid'] == pytest.approx(fid_from_features(sample_spatial, spatial), rel=1e-9)
+    assert computed['fid'] == pytest.approx(fid_from_features(sample_features, features), rel=1e-9)
+    (mu, sigma), (mu_s, sigma_s) = feature_statistics(features), feature_statistics(spatial)
+    same = tmp_path / 'ref_same.npz'
+    np.savez(same, arr_0=ref_images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    stored = evaluate.run_gen(gen_config(tmp_path, str(same), samples, random_inception_file))
+    assert stored['ref_statistics'] == 'stored mu/sigma and mu_s/sigma_s'
+    for key in ('fid', 'sfid', 'inception_score', 'precision', 'recall'):
+        assert stored[key] == pytest.approx(computed[key], rel=1e-9), key
+    # statistics of another image set (ADM's: the whole training set): FID and sFID follow them
+    other = tmp_path / 'ref_other.npz'
+    np.savez(other, arr_0=ref_images, mu=mu + 0.5, sigma=sigma * 2, mu_s=mu_s + 0.5, sigma_s=sigma_s)
+    moved = evaluate.run_gen(gen_config(tmp_path, str(other), samples, random_inception_file))
+    assert moved['fid'] == pytest.approx(evaluate.fid_to_statistics(sample_features, mu + 0.5, sigma * 2), rel=1e-9)
+    assert moved['sfid'] == pytest.approx(evaluate.fid_to_statistics(sample_spatial, mu_s + 0.5, sigma_s), rel=1e-9)
+    assert moved['fid'] > 2 * computed['fid'] and moved['sfid'] > computed['sfid'] + 100
+    assert moved['precision'] == computed['precision']  # precision/recall still use the arr_0 features
+
+
+def test_ref_mode_writes_an_adm_reference_batch_of_an_image_folder(tmp_path, random_inception_file,
+                                                                   linear_inception_features):
+    from tokenizer import make_dataset, to_uint8
+    root = make_image_folder(tmp_path / 'data', per_class=3, size=32)
+    config = default_config(mode='ref', data_dir=str(root), image_size=32, ref_sample_images=4, batch_size=4,
+                            num_workers=0, device='cpu', inception_weights=random_inception_file,
+                            ref_out=str(tmp_path / 'ref' / 'folder_ref.npz'), out_dir=str(tmp_path))
+    result = evaluate.run_ref(config)
+    dataset = make_dataset(str(root), 32, train=False, augment=False)
+    images = to_uint8(torch.stack([dataset[i][0] for i in range(len(dataset))])).permute(0, 2, 3, 1).numpy()
+    assert result['num_images'] == len(images) == 6 and result['arr_0_images'] == 4
+    features, spatial, _ = linear_inception_features(None, images, 'cpu')
+    with np.load(config['ref_out']) as ref:
+        assert sorted(ref.files) == ['arr_0', 'mu', 'mu_s', 'sigma', 'sigma_s']
+        for got, want in zip((ref['mu'], ref['sigma']), feature_statistics(features)):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+        for got, want in zip((ref['mu_s'], ref['sigma_s']), feature_statistics(spatial)):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+        arr_0 = ref['arr_0']
+    # arr_0: 4 distinct images of the folder, in folder order
+    rows = [int(np.flatnonzero((images == image).all(axis=(1, 2, 3)))[0]) for image in arr_0]
+    assert arr_0.shape == (4, 32, 32, 3) and rows == sorted(set(rows))
+    assert not [f for f in os.listdir(tmp_path / 'ref') if f != 'folder_ref.npz']  # no temp files left
+    samples = save_images_npz(tmp_path / 'samples.npz', images[:3])
+    gen = evaluate.run_gen(gen_config(tmp_path, config['ref_out'], samples, random_inception_file))
+    assert gen['ref_statistics'] == 'stored mu/sigma and mu_s/sigma_s' and gen['num_ref'] == 4
+    with pytest.raises(ValueError, match='ref mode needs --data_dir'):
+        evaluate.run_ref({**config, 'data_dir': 'from_ckpt'})
 
 
 @pytest.mark.slow
@@ -427,7 +657,7 @@ def test_cli_entropy_mode(tmp_path):
     result = read_json(tmp_path / 'eval_entropy.json')
     H = np.array(result['H_bits'])
     assert len(H) == 16 and abs(H[0] - 4.0) < 0.05 and (H[8:] == 0).all()
-    assert abs(H.sum() - math.log2(512)) < 1e-9 and result['t_star_bound'] == 3  # 4 bits per position, 9 bits
+    assert abs(H.sum() - math.log2(512)) < 1e-9 and result['t_star'] == 3  # 4 bits per position, 9 bits
     np.testing.assert_allclose(H, conditional_entropies(codes.reshape(512, 16)))
     with open(tmp_path / 'entropy.csv') as f:
         rows = f.read().splitlines()
@@ -440,7 +670,8 @@ def test_entropy_mode_in_process_and_its_errors(tmp_path):
     result = evaluate.run_entropy(default_config(codes=str(tmp_path / 'codes.npy'), codebook_size=16,
                                                  out_dir=str(tmp_path)))
     np.testing.assert_allclose(result['H_bits'], conditional_entropies(codes.reshape(512, 16)))
-    assert result['t_star_bound'] == 3 and os.path.isfile(result['csv']) and os.path.isfile(result['png'])
+    assert result['t_star'] == 3 and os.path.isfile(result['csv']) and os.path.isfile(result['png'])
+    assert result['num_sequences'] == 512 and result['t_cliff'] == 4  # 1/128 bit is left after t = 4
     np.savez(tmp_path / 'codes.npz', codes=codes)
     with pytest.raises(ValueError, match=r"codes.npz' is an .npz archive \(codes\); "
                                          r"codes are a single .npy array"):
@@ -466,6 +697,69 @@ def tiny_tokenizer_ckpt(tmp_path):
     torch.save({'model': model.state_dict(), 'model_args': TINY_TOKENIZER,
                 'config': {'image_size': 32, 'data_dir': ''}}, path)
     return path
+
+
+def train_ar_codes_folder(folder, num_images=40, views=10, T=4, K=16, unreadable=(3,)):
+    """A codes folder as train_ar.py writes it: views_per_image adjacent rows per image, rows of label -1 (all
+    zero codes) for unreadable images, meta.json. The centre view (4 with ten crops) of image i is its class
+    i % 4 written in every token; the other views are noise."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, K, (num_images * views, T))
+    labels = np.repeat(np.arange(num_images) % 4, views)
+    codes[4::views] = (np.arange(num_images) % 4)[:, None]
+    for i in unreadable:
+        codes[i * views:(i + 1) * views], labels[i * views:(i + 1) * views] = 0, -1
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, 'codes.npy'), codes.astype(np.uint16))
+    np.save(os.path.join(folder, 'labels.npy'), labels)
+    with open(os.path.join(folder, 'meta.json'), 'w') as f:
+        json.dump({'num_images': num_images, 'views_per_image': views, 'center_view': 4, 'codebook_size': K,
+                   'vcq': False, 'grid_h': 2, 'grid_w': 2}, f)
+    return codes, labels
+
+
+def test_entropy_and_probe_use_one_view_per_image(tmp_path, tiny_tokenizer_ckpt):
+    codes, labels = train_ar_codes_folder(tmp_path / 'codes')
+    selected, kept = evaluate.one_view_per_image(codes, labels, str(tmp_path / 'codes' / 'codes.npy'))
+    readable = [i for i in range(40) if i != 3]
+    assert np.array_equal(selected, codes[[i * 10 + 4 for i in readable]])
+    assert np.array_equal(kept, np.arange(40)[readable] % 4)
+    # entropy: 39 sequences (log2 39 bits of budget, not log2 400), each a function of its class: H_1 = H(class)
+    result = evaluate.run_entropy(default_config(codes=str(tmp_path / 'codes' / 'codes.npy'),
+                                                 out_dir=str(tmp_path / 'eval')))
+    assert result['num_sequences'] == 39 and result['log2_N'] == pytest.approx(math.log2(39))
+    counts = np.bincount(kept)
+    assert result['H_bits'][0] == pytest.approx(-(counts / 39 * np.log2(counts / 39)).sum(), rel=1e-12)
+    assert result['t_cliff'] == 1 and result['t_star'] == 2  # K = 16 from meta.json: 8 bits >= log2 39
+    assert result['codebook_sizes_source'].endswith('meta.json')
+    # probe: the centre views carry the class exactly; the other 9 views are noise
+    probe = evaluate.run_probe(default_config(codes=str(tmp_path / 'codes' / 'codes.npy'),
+                                              labels=str(tmp_path / 'codes' / 'labels.npy'),
+                                              ckpt=tiny_tokenizer_ckpt, first_k=1, probe_steps=50))
+    assert probe['num_train'] + probe['num_val'] == 39 and probe['top1'] == 1.0
+    # a codes folder whose rows do not match its meta.json is refused
+    np.save(tmp_path / 'codes' / 'codes.npy', codes[:-1])
+    with pytest.raises(ValueError, match="399 rows, but its meta.json says 40 images x 10 views"):
+        evaluate.run_entropy(default_config(codes=str(tmp_path / 'codes' / 'codes.npy'),
+                                            out_dir=str(tmp_path / 'eval')))
+
+
+def test_entropy_mode_takes_vcq_codebook_sizes_from_a_file(tmp_path):
+    rng = np.random.default_rng(0)
+    sizes = np.array([2, 2, 4, 8, 16, 16])
+    codes = rng.integers(0, sizes, (1000, 6))
+    np.save(tmp_path / 'codes.npy', codes)
+    np.save(tmp_path / 'sizes.npy', sizes)
+    config = default_config(codes=str(tmp_path / 'codes.npy'), codebook_sizes=str(tmp_path / 'sizes.npy'),
+                            out_dir=str(tmp_path))
+    result = evaluate.run_entropy(config)
+    assert result['codebook_sizes'] == sizes.tolist() and result['t_star'] == 5  # 1+1+2+3+4 = 11 >= 9.97 bits
+    np.save(tmp_path / 'short.npy', sizes[:4])
+    with pytest.raises(ValueError, match='has 4 positions, the codes have 6'):
+        evaluate.run_entropy({**config, 'codebook_sizes': str(tmp_path / 'short.npy')})
+    np.save(tmp_path / 'small.npy', np.full(6, 2))
+    with pytest.raises(ValueError, match='position 3 reach 3 but the codebook there has 2 codes'):
+        evaluate.run_entropy({**config, 'codebook_sizes': str(tmp_path / 'small.npy')})
 
 
 def probe_test_codes(tmp_path):

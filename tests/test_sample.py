@@ -9,8 +9,9 @@ import torch
 
 from conftest import ROOT
 from quantizers import codebook_size_schedule
-from sample import cfg_weights, sample_from_logits, sample_tokens, generate
-from test_train_ar import save_tiny_tokenizer, tiny_gpt
+from sample import cfg_weights, sample_from_logits, sample_tokens, generate, sample_images, load_gpt
+from test_train_ar import save_tiny_tokenizer, tiny_gpt, TINY_TOKENIZER
+from tokenizer import Tokenizer, atomic_save, to_uint8
 
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
@@ -103,6 +104,47 @@ def test_class_id_out_of_range_is_an_error():
         generate(model, torch.tensor([3, 10]))
     with pytest.raises(ValueError, match='class id -1 is out of range'):
         generate(model, torch.tensor([-1, 2]))
+
+
+# -----------------------------------------------------------------------------
+# decoding and loading
+
+def test_sample_images_decode_in_float32_under_bf16_autocast():
+    """The GPT samples under the caller's autocast; the tokenizer decodes its codes in float32 regardless."""
+    model = tiny_gpt()  # K = 64 on a 4 x 4 grid: 8px images through the tiny tokenizer
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(**TINY_TOKENIZER).eval()
+    labels = torch.arange(10)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        images = sample_images(model, tokenizer, labels, generator=torch.Generator().manual_seed(0))
+        codes = generate(model, labels, generator=torch.Generator().manual_seed(0)).reshape(10, 4, 4)
+        bf16 = to_uint8(tokenizer.decode(codes).float()).permute(0, 2, 3, 1)
+    plain = to_uint8(tokenizer.decode(codes)).permute(0, 2, 3, 1)
+    assert images.dtype == torch.uint8 and torch.equal(images, plain)
+    assert not torch.equal(bf16, plain)  # a bf16 decode does move pixels
+
+
+def test_load_gpt_maps_the_checkpoint_and_drops_the_optimiser(tmp_path, monkeypatch):
+    model = tiny_gpt(adaln=True)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.tensor([1]), torch.randint(0, 64, (1, 15))).sum().backward()
+    optimizer.step()
+    model_args = dict(codebook_size=64, num_classes=10, grid_h=4, grid_w=4, n_layer=2, n_head=2, n_embd=32,
+                      adaln=True)
+    path = str(tmp_path / 'ckpt.pt')
+    atomic_save({'kind': 'gpt', 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'model_args': model_args, 'config': {'seed': 3}, 'rng_states': [torch.get_rng_state()],
+                 'tokenizer_ckpt': 'tok.pt', 'codebook_sizes': None}, path)
+    calls = []
+    torch_load = torch.load
+    monkeypatch.setattr(torch, 'load', lambda *a, **kw: calls.append(kw) or torch_load(*a, **kw))
+    loaded, settings = load_gpt(path, 'cpu')
+    assert calls == [dict(map_location='cpu', mmap=True, weights_only=False)]
+    assert not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert settings == {'kind': 'gpt', 'model_args': model_args, 'config': {'seed': 3},
+                        'tokenizer_ckpt': 'tok.pt', 'codebook_sizes': None}
 
 
 # -----------------------------------------------------------------------------

@@ -58,6 +58,25 @@ def test_checkpoint_round_trip(tmp_path):
         load_tokenizer(str(tmp_path / 'other.pt'))
 
 
+def test_load_tokenizer_maps_the_checkpoint_and_takes_the_ema(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model_args = dict(ch_mult=(1, 2), **TINY)
+    model, ema = Tokenizer(**model_args), Tokenizer(**model_args)
+    optimizer = torch.optim.Adam(model.parameters())
+    model.encoder.conv_in.weight.sum().backward()
+    optimizer.step()
+    path = str(tmp_path / 'ckpt.pt')
+    atomic_save({'kind': 'tokenizer', 'model': model.state_dict(), 'ema': ema.state_dict(),
+                 'optimizer': optimizer.state_dict(), 'model_args': model_args, 'config': {}}, path)
+    calls = []
+    torch_load = torch.load
+    monkeypatch.setattr(torch, 'load', lambda *a, **kw: calls.append(kw) or torch_load(*a, **kw))
+    loaded = load_tokenizer(path)
+    assert calls == [dict(map_location='cpu', mmap=True, weights_only=False)]
+    for key, value in ema.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_checkpoint_errors_name_the_file(tmp_path, monkeypatch):
     import errno
     import tokenizer as T

@@ -10,7 +10,8 @@ import torch
 
 from conftest import ROOT
 from tokenizer import Tokenizer, atomic_save
-from train_ar import GPT, GPT_PRESETS, gpt_model_args, rope_2d_angles, ffn_hidden_size
+from train_ar import (GPT, GPT_PRESETS, gpt_model_args, rope_2d_angles, ffn_hidden_size, image_views,
+                      center_view, encode_views, peak_bf16_flops, peak_bf16_flops_of)
 from sample import generate
 
 TINY_TOKENIZER = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, quantizer='vq',
@@ -158,6 +159,66 @@ def test_kv_cache_multi_token_steps_equal_full_forward(adaln):
     torch.testing.assert_close(torch.cat([prefill, middle, last], dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_flops_per_token_counts_what_is_computed():
+    """Against torch's FLOP counter on one forward + backward. The CPU's math attention computes all T x T
+    scores, the causal GPU kernels only the (T + 1) / 2 per token that flops_per_token counts: that term is
+    swapped analytically. A large codebook and adaLN make a per-token count of the embeddings or of the
+    once-per-sequence adaLN projections miss by far more than the tolerance."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    K, L, C, B = 4096, 2, 32, 3
+    torch.manual_seed(0)
+    model = GPT(K, 10, 4, 4, n_layer=L, n_head=2, n_embd=C, adaln=True)
+    T = model.seq_len
+    codes = torch.randint(0, K, (B, T))
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        _, loss = model(torch.tensor([1, 2, 10]), codes[:, :-1], targets=codes)
+        loss.backward()
+    full_attention = 12 * L * C * T  # per token: every one of the T keys
+    causal_attention = 12 * L * C * (T + 1) / 2
+    counted = counter.get_total_flops() / (B * T)
+    assert model.flops_per_token() - causal_attention + full_attention == pytest.approx(counted, rel=1e-9)
+    # by hand: the block linears and the head per token, the adaLN projections once per sequence
+    per_token = L * (4 * C * C + 3 * C * ffn_hidden_size(C)) + C * K
+    adaln = L * 6 * C * C + 2 * C * C
+    assert model.flops_per_token() == 6 * per_token + 6 * adaln / T + causal_attention
+
+
+def test_peak_bf16_flops_of_device_names():
+    expected = {'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 NVL': 835e12,
+                'NVIDIA H200': 989e12, 'NVIDIA H800': 989e12, 'NVIDIA A100-SXM4-80GB': 312e12,
+                'NVIDIA A100 80GB PCIe': 312e12, 'NVIDIA A800-SXM4-80GB': 312e12, 'NVIDIA L40S': 362e12,
+                'NVIDIA GeForce RTX 4090': 165e12, 'NVIDIA A10G': 70e12, 'NVIDIA A10': 125e12,
+                'NVIDIA GeForce RTX 3090': 0.0, 'NVIDIA RTX A1000': 0.0}
+    assert {name: peak_bf16_flops_of(name) for name in expected} == expected
+    assert peak_bf16_flops('cpu') == 0.0  # no MFU on the CPU
+
+
+# -----------------------------------------------------------------------------
+# code extraction
+
+@pytest.mark.parametrize('ten_crop, flip_augment, views',
+                         [(True, True, 10), (False, True, 2), (False, False, 1)])
+def test_center_view_is_the_centre_crop(ten_crop, flip_augment, views):
+    images = torch.randn(2, 3, 36, 36) if ten_crop else torch.randn(2, 3, 32, 32)
+    crops = image_views(images, 32, ten_crop, flip_augment).reshape(2, views, 3, 32, 32)
+    expected = images[..., 2:34, 2:34] if ten_crop else images  # (36 - 32) / 2 = 2 pixels off each side
+    assert torch.equal(crops[:, center_view(ten_crop)], expected)
+
+
+def test_encode_views_is_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(**TINY_TOKENIZER).eval()
+    images = torch.rand(1, 3, 35, 35) * 2 - 1  # ten crops of 32px from a 1.1x image (CPU bf16 is slow)
+    plain = tokenizer.encode(image_views(images, 32, True, True)).reshape(1, 10, 256)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        codes = encode_views(tokenizer, images, 32, True, True)
+        bf16 = tokenizer.encode(image_views(images, 32, True, True)).reshape(1, 10, 256)
+    assert torch.equal(codes, plain)
+    assert not torch.equal(bf16, plain)  # the caller's bf16 autocast, unguarded, does change codes
+
+
 # -----------------------------------------------------------------------------
 # the training script
 
@@ -190,6 +251,7 @@ def test_codes_extraction(codes_setup):
     meta = json.load(open(os.path.join(codes_dir, 'meta.json')))
     assert codes.dtype == np.uint16 and codes.shape == (40, 256) and labels.shape == (40,)
     assert meta['grid_h'] == meta['grid_w'] == 16 and meta['codebook_size'] == 64 and not meta['vcq']
+    assert meta['center_view'] == 0  # the unflipped image of each (image, flip) pair
     assert not os.path.exists(os.path.join(codes_dir, 'codebook_sizes.npy'))
     np.testing.assert_array_equal(labels, np.repeat(np.arange(20) % 10, 2))
     # the views are the image and its flip: encode image 3 here and compare
@@ -333,6 +395,7 @@ def test_whole_chain_tokenizer_codes_gpt_samples(tmp_path):
     assert len(losses_of(train.stdout)) == 4 and 'MFU n/a' in train.stdout
     codes = np.load(out / 'codes' / 'codes.npy', mmap_mode='r')
     assert codes.shape == (100, 256)  # 10 images x 10 crops
+    assert json.load(open(out / 'codes' / 'meta.json'))['center_view'] == 4  # TenCrop's centre crop
     checkpoint = torch.load(out / 'ckpt.pt', weights_only=False)
     assert checkpoint['codebook_sizes'] is None and checkpoint['tokenizer_ckpt'] == tok
     run_script('sample.py', f'--ckpt={out / "ckpt.pt"}', '--num_samples=5', '--batch_size=5',
@@ -350,7 +413,6 @@ def test_whole_chain_tokenizer_codes_gpt_samples(tmp_path):
         result = run_script('evaluate.py', '--mode=gen', f'--samples={out / "samples.npz"}',
                             f'--ref={out / "samples.npz"}',
                             f'--inception_weights={tmp_path / "inception_random.pth"}',
-                            f'--out_dir={tmp_path / "eval"}', '--device=cpu', '--is_splits=1',
-                            '--ref_cache=False')
+                            f'--out_dir={tmp_path / "eval"}', '--device=cpu', '--ref_cache=False')
         results = json.load(open(tmp_path / 'eval' / 'eval_gen.json'))
         assert results['num_samples'] == 5 and np.isfinite(results['fid']), result.stdout
