@@ -2,8 +2,12 @@
 Micro-benchmarks. Pick one with --what:
   quantizer:    forward+backward time and peak memory of one quantizer at a given codebook size, dim and
                 token count
-      python bench.py --what=quantizer --kind=ibq --codebook_size=262144 --dim=256 --tokens=8192 --device=cuda
+      python bench.py --what=quantizer --kind=ibq --codebook_size=262144 --dim=256 --tokens=8192 --device=cuda \
+          --baseline=naive
       last line: quantizer kind=ibq K=262144 D=256 N=8192 device=cuda: fwd+bwd <ms> ms, peak <MB> MB
+      (with --baseline=naive: ...; naive <ms> ms, peak <MB> MB; naive/nanoVQ <x>x): the same quantizer and
+      parameters written plainly with whole (N, K) matrices (IBQ: quantizers.ibq_reference), timed in the
+      same run, so the ratio is comparable across machines
   bridge_flops: FLOPs of one forward of the FVQ projector (FVQ Table 10), counted by torch.utils.flop_counter
       python bench.py --what=bridge_flops --codebook_size=262144 --dim=256 --projector=vqbridge
   inception:    features/s of evaluate.py's FID Inception-v3 on 256x256 uint8 images (float32, as FID needs)
@@ -21,15 +25,17 @@ Micro-benchmarks. Pick one with --what:
       python bench.py --what=ar --ar_model=B --ar_batch=64 --device=cuda --dtype=bfloat16
       last line: ar preset=B batch=64 device=cuda: <tok/s> tok/s, <ms> ms/iter, MFU <x>%
   sample:       KV-cached sampling of codes with CFG (sample.generate; no tokenizer decode): images/s
-      python bench.py --what=sample --ar_model=B --ar_batch=64 --cfg_scale=2.0 --device=cuda --dtype=bfloat16
+      python bench.py --what=sample --ar_model=B --ar_batch=64 --cfg_scale=2.0 --device=cuda --dtype=bfloat16 \
+          --compile=True
 Config values are globals below, overridden by config files / --key=value (configurator.py).
 """
 import os
 import time
 
 import torch
+import torch.nn.functional as F
 
-from quantizers import make_quantizer, options_from_config, quantizer_options
+from quantizers import make_quantizer, options_from_config, quantizer_options, ibq_reference, vq_reference
 from tokenizer import setup_device, autocast_context
 
 # -----------------------------------------------------------------------------
@@ -45,7 +51,8 @@ codebook_size = 16384
 dim = 256
 tokens = 1024  # N = batch * h * w tokens per step; laid out as (tokens // 256, dim, 16, 16) when divisible
 # quantizer options (named as make_quantizer's; one that has no effect for `kind` is an error)
-chunk_size = 1024  # tokens per chunk of the (tokens x K) distance / logit computation
+baseline = ''  # quantizer: 'naive' also times the plain whole-matrix formula and prints the ratio
+chunk_size = 0  # tokens per chunk of the (tokens x K) distance / logit computation; 0 = chosen from K
 projector = 'vqbridge'  # FVQ projector: 'vqbridge', 'linear' or 'mlp5'
 bridge_group_size = 0  # 0 = quantizers.bridge_group_size_for(K)
 bridge_dim = 256
@@ -100,6 +107,25 @@ def time_steps(step):
     return (time.perf_counter() - t0) / steps
 
 
+def naive_quantizer(quantizer, z):
+    """The quantizer's formula written plainly, with whole (N, K) matrices and its own parameters:
+    -> z_q (N, D) float32, loss: quantizers.vq_reference (VQ, and FVQ through its projector) or
+    quantizers.ibq_reference."""
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z_flat = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B, D, H, W) -> (N, D)
+        codebook = quantizer.codebook().float()  # (K, D), through the projector for FVQ
+        if kind == 'ibq':
+            if quantizer.l2_norm:
+                z_flat = F.normalize(z_flat, dim=-1)
+            z_q, loss, _ = ibq_reference(z_flat, codebook, quantizer.beta, quantizer.ibq_beta_term,
+                                         quantizer.entropy_weight, quantizer.entropy_temperature)
+            return z_q, loss
+        if quantizer.normalize_forward:
+            z_flat = F.normalize(z_flat, dim=-1)
+        z_q, loss, _ = vq_reference(z_flat, codebook, quantizer.beta)
+        return z_q, loss
+
+
 def peak_memory():
     return f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB" if device_type == 'cuda' else 'n/a'
 
@@ -142,8 +168,22 @@ if what == 'quantizer':
         quantizer.zero_grad(set_to_none=True)
 
     ms = time_steps(step) * 1000
-    print(f"quantizer kind={kind} K={codebook_size} D={dim} N={tokens} device={device}: fwd+bwd {ms:.1f} ms, "
-          f"peak {peak_memory()}")
+    line = (f"quantizer kind={kind} K={codebook_size} D={dim} N={tokens} device={device}: fwd+bwd {ms:.1f} ms, "
+            f"peak {peak_memory()}")
+    if baseline == 'naive':
+        def naive_step():
+            with autocast:
+                z_q, loss = naive_quantizer(quantizer, z)
+                total = (z_q.float() * upstream.permute(0, 2, 3, 1).reshape(z_q.shape)).sum() + loss
+            total.backward()
+            z.grad = None
+            quantizer.zero_grad(set_to_none=True)
+
+        naive_ms = time_steps(naive_step) * 1000
+        line += f"; naive {naive_ms:.1f} ms, peak {peak_memory()}; naive/nanoVQ {naive_ms / ms:.2f}x"
+    elif baseline != '':
+        raise ValueError(f"unknown --baseline='{baseline}'; expected '' or 'naive'")
+    print(line)
 
 elif what == 'bridge_flops':
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -230,14 +270,15 @@ elif what == 'ar':
           f"{1000 * dt:.1f} ms/iter, MFU {mfu}")
 
 elif what == 'sample':
-    from sample import generate
+    from sample import generate, compile_decode_step
     model.eval()
     labels = torch.arange(ar_batch, device=device) % 1000
     generator = torch.Generator(device=device).manual_seed(seed)
+    decode_step = compile_decode_step(model) if compile else None  # sample.py's default on CUDA
 
     def run():
         with autocast:
-            return generate(model, labels, cfg_scale=cfg_scale, generator=generator)
+            return generate(model, labels, cfg_scale=cfg_scale, generator=generator, decode_step=decode_step)
 
     dt = time_steps(run)
     print(f"sample preset={ar_model} batch={ar_batch} cfg={cfg_scale} tokens={ar_tokens} device={device}: "

@@ -62,29 +62,43 @@ def _channels_first(z_flat, B, H, W):
     return z_flat.reshape(B, H, W, -1).permute(0, 3, 1, 2)
 
 
-def _masked_codes(token_codebook_sizes, start, n, K, device):
-    # VCQ section 3: token t may only use the first K_t codes. (n, K) bool, True where code k is beyond the
-    # size of token start+i; None without VCQ. Every quantizer's search (and IBQ's softmax) masks with this.
-    if token_codebook_sizes is None:
+def _too_big_codes(scores, sizes):
+    # VCQ section 3: token t may only use the first K_t codes. scores (n, K) of n tokens whose sizes K_t are
+    # sizes (n,) -> (n, K) bool, True where code k is beyond its token's size; None without VCQ (sizes None).
+    # Every quantizer's search (and IBQ's softmax) masks with this.
+    if sizes is None:
         return None
-    return torch.arange(K, device=device)[None, :] >= token_codebook_sizes[start:start + n, None]
+    return torch.arange(scores.shape[1], device=scores.device)[None, :] >= sizes[:, None]
+
+
+# chunk_size = 0 (auto): rows of the (rows, K) blocks of the chunked loops from an element budget per block
+# (VQ's distances: 2^27 = 512 MB in float32; IBQ keeps ~4 such blocks alive: 2^24), but at least 1024 rows,
+# below which re-reading the (K, D) codebook once per chunk costs more than the block itself
+VQ_CHUNK_ELEMENTS, IBQ_CHUNK_ELEMENTS, MIN_CHUNK_ROWS = 2 ** 27, 2 ** 24, 1024
+
+
+def chunk_rows(chunk_size, K, element_budget):
+    return chunk_size or max(MIN_CHUNK_ROWS, element_budget // K)
 
 
 @torch.no_grad()
 def nearest_codes(z_flat, codebook, chunk_size, token_codebook_sizes=None):
     """Index of the nearest code (squared Euclidean) for each row of z_flat (N, D) among codebook (K, D).
-    Works on chunk_size tokens at a time so at most (chunk_size, K) distances exist at once.
-    token_codebook_sizes (N,) long (VCQ): token n may only pick codes < token_codebook_sizes[n]."""
+    Works on chunk_size tokens at a time (0: chunk_rows' choice for K) so at most (chunk_size, K) distances
+    exist at once. token_codebook_sizes (N,) long (VCQ): token n may only pick codes < token_codebook_sizes[n]."""
     N, K = z_flat.shape[0], codebook.shape[0]
+    chunk_size = chunk_rows(chunk_size, K, VQ_CHUNK_ELEMENTS)
     code_sq = (codebook * codebook).sum(1)  # (K,); |z|^2 is the same for every code, so it is left out
     indices = torch.empty(N, dtype=torch.long, device=z_flat.device)
     for start in range(0, N, chunk_size):
         z_chunk = z_flat[start:start + chunk_size]  # (n, D)
         dist = torch.addmm(code_sq, z_chunk, codebook.t(), alpha=-2.0)  # (n, K) = |c|^2 - 2 z.c
-        too_big = _masked_codes(token_codebook_sizes, start, z_chunk.shape[0], K, z_flat.device)
+        sizes = None if token_codebook_sizes is None else token_codebook_sizes[start:start + chunk_size]
+        too_big = _too_big_codes(dist, sizes)
         if too_big is not None:
             dist.masked_fill_(too_big, float('inf'))
         indices[start:start + chunk_size] = dist.argmin(1)
+        del dist  # before the next chunk's is allocated: one (chunk, K) block at a time, not two
     return indices
 
 
@@ -140,8 +154,9 @@ class RecentCodes(nn.Module):
 
 
 def _check_common(chunk_size, vcq_schedule):
-    if not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}")
+    if not (isinstance(chunk_size, int) and chunk_size >= 0):
+        raise ValueError(f"chunk_size must be an int >= 0 (tokens per chunk; 0 = chosen from K), "
+                         f"got {chunk_size!r}")
     if not isinstance(vcq_schedule, str):
         raise ValueError(f"vcq_schedule must be a string ('' for none), got {vcq_schedule!r}")
 
@@ -320,7 +335,7 @@ class VectorQuantizer(nn.Module):
     projector: 'vqbridge' (FVQ), 'linear' (SimVQ's single D -> D layer) or 'mlp5' (5 linear layers with ReLU),
     the baselines of FVQ Tables 5 and 10."""
 
-    def __init__(self, codebook_size, dim, *, beta=0.25, l2_norm=False, projector='', chunk_size=1024,
+    def __init__(self, codebook_size, dim, *, beta=0.25, l2_norm=False, projector='', chunk_size=0,
                  usage_window=0, usage_tokens=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5,
                  bridge_group_size=0, bridge_dim=256, bridge_depth=2, bridge_heads=4, bridge_mlp_ratio=2.0,
                  bridge_compress_norm=False, bridge_zero_init=True):
@@ -423,25 +438,27 @@ class _IBQChunked(torch.autograd.Function):
     """z_q = (onehot - sg(p) + p) C with p = softmax(z C^T) over the allowed codes, plus the MAGVIT-v2 entropy
     terms of softmax(z C^T / temperature). The forward keeps only the (N,) indices and the (K,) batch-averaged
     distribution; the backward recomputes each chunk's logits, so at most a few (chunk_size, K) matrices
-    exist. Returns z_q (N, D), sample entropy, batch (average) entropy, indices (N,)."""
+    exist. Per chunk the matmuls are cuBLAS calls and the element-wise / row-reduction work between them is
+    one function (_ibq_chunk_stats, _ibq_chunk_grads), fused into a few kernels on CUDA (fused()).
+    Returns z_q (N, D), sample entropy, batch (average) entropy, indices (N,)."""
 
     @staticmethod
     def forward(ctx, z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy):
         N, K = z.shape[0], codebook.shape[0]
+        chunk_size = chunk_rows(chunk_size, K, IBQ_CHUNK_ELEMENTS)
         indices = torch.empty(N, dtype=torch.long, device=z.device)
         prob_sum = torch.zeros(K, dtype=z.dtype, device=z.device)
         sample_entropy_sum = torch.zeros((), dtype=z.dtype, device=z.device)
+        stats = fused(_ibq_chunk_stats, z.device)
         for start in range(0, N, chunk_size):
             z_chunk = z[start:start + chunk_size]  # (n, D)
-            logits = z_chunk @ codebook.t()  # (n, K)
-            too_big = _masked_codes(token_codebook_sizes, start, z_chunk.shape[0], K, z.device)
-            if too_big is not None:
-                logits.masked_fill_(too_big, float('-inf'))
-            indices[start:start + chunk_size] = logits.argmax(1)
+            sizes = None if token_codebook_sizes is None else token_codebook_sizes[start:start + chunk_size]
+            chunk_indices, chunk_prob_sum, chunk_entropy_sum = stats(z_chunk @ codebook.t(), sizes,
+                                                                     temperature, with_entropy)
+            indices[start:start + chunk_size] = chunk_indices
             if with_entropy:
-                probs, log_probs = _tempered_softmax(logits, temperature, too_big)
-                prob_sum += probs.sum(0)
-                sample_entropy_sum -= torch.linalg.vecdot(probs, log_probs).sum()
+                prob_sum += chunk_prob_sum
+                sample_entropy_sum += chunk_entropy_sum
         avg_probs = prob_sum / N  # (K,)
         sample_entropy = sample_entropy_sum / N
         avg_entropy = -(avg_probs * torch.log(avg_probs + _ENTROPY_EPS)).sum()
@@ -454,43 +471,46 @@ class _IBQChunked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z_q, grad_sample_entropy, grad_avg_entropy, grad_indices):
         z, codebook, token_codebook_sizes, indices, avg_probs = ctx.saved_tensors
-        T = ctx.temperature
-        N, K = z.shape[0], codebook.shape[0]
+        N, chunk_size = z.shape[0], ctx.chunk_size
         grad_z = torch.empty_like(z)
         grad_codebook = torch.zeros_like(codebook)
         grad_codebook.index_add_(0, indices, grad_z_q)  # the hard one-hot part of Ind^T g
         # d(avg entropy)/d(avg_probs), a (K,) vector shared by all tokens
         d_avg = -(torch.log(avg_probs + _ENTROPY_EPS) + avg_probs / (avg_probs + _ENTROPY_EPS))
+        # the entropy gradients' weights as 0-d tensors: one compiled graph whatever their values
+        entropy_scales = (-grad_sample_entropy / (N * ctx.temperature), grad_avg_entropy / (N * ctx.temperature))
+        grads = fused(_ibq_chunk_grads, z.device)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            for start in range(0, N, ctx.chunk_size):
-                z_chunk, g_chunk = z[start:start + ctx.chunk_size], grad_z_q[start:start + ctx.chunk_size]
-                logits = z_chunk @ codebook.t()  # (n, K)
-                too_big = _masked_codes(token_codebook_sizes, start, z_chunk.shape[0], K, z.device)
-                if too_big is not None:
-                    logits.masked_fill_(too_big, float('-inf'))
-                if ctx.with_entropy:
-                    # dH/dx_k = -p_k (log p_k + H); d(sum_k a_k p_k)/dx_k = p_k (a_k - sum_j p_j a_j)
-                    # with x = logits / T
-                    probs_t, log_probs_t = _tempered_softmax(logits, T, too_big)
-                    entropy = -torch.linalg.vecdot(probs_t, log_probs_t)[:, None]  # (n, 1)
-                    grad_logits = log_probs_t.add_(entropy).mul_(probs_t).mul_(-grad_sample_entropy / (N * T))
-                    centered = d_avg - (probs_t @ d_avg)[:, None]  # (n, K)
-                    grad_logits += centered.mul_(probs_t).mul_(grad_avg_entropy / (N * T))
-                    del probs_t, log_probs_t, centered
-                else:
-                    grad_logits = torch.zeros_like(logits)
-                probs = torch.softmax(logits, dim=1)  # (n, K); 0 at masked codes
-                del logits
-                grad_probs = g_chunk @ codebook.t()  # (n, K) = dL/dp through z_q = Ind C
-                grad_probs -= torch.linalg.vecdot(probs, grad_probs)[:, None]
-                grad_logits += grad_probs.mul_(probs)  # softmax backward: p * (dp - <p, dp>)
-                del probs, grad_probs
-                grad_z[start:start + ctx.chunk_size] = grad_logits @ codebook
-                grad_codebook += grad_logits.t() @ z_chunk
+            for start in range(0, N, chunk_size):
+                z_chunk, g_chunk = z[start:start + chunk_size], grad_z_q[start:start + chunk_size]
+                sizes = None if token_codebook_sizes is None else token_codebook_sizes[start:start + chunk_size]
+                # (n, K) logits and dL/dp through z_q = Ind C, then dL/dlogits
+                grad_logits = grads(z_chunk @ codebook.t(), g_chunk @ codebook.t(), sizes, d_avg,
+                                    ctx.temperature, *entropy_scales, ctx.with_entropy)
+                grad_z[start:start + chunk_size] = grad_logits @ codebook
+                grad_codebook.addmm_(grad_logits.t(), z_chunk)
+                del grad_logits  # before the next chunk's blocks are allocated
         return grad_z, grad_codebook, None, None, None, None
 
 
+@torch.compiler.disable  # a compiled tokenizer calls it as it is: its chunk functions are compiled on their own
+def ibq_chunked(z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy):
+    return _IBQChunked.apply(z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy)
+
+
 _ENTROPY_EPS = 1e-5  # as in MAGVIT-v2 / SEED-Voken compute_entropy_loss
+FUSE_ON_CUDA = True  # False: IBQ's chunk functions run eagerly on CUDA too (~15 passes over each block)
+_fused_functions = {}
+
+
+def fused(fn, device):
+    """fn compiled by torch.compile on CUDA (its element-wise ops and row reductions fused into a few kernels
+    over the (n, K) block instead of one pass each), fn itself elsewhere: the CPU runs it eagerly."""
+    if device.type != 'cuda' or not FUSE_ON_CUDA:
+        return fn
+    if fn not in _fused_functions:
+        _fused_functions[fn] = torch.compile(fn, dynamic=False)
+    return _fused_functions[fn]
 
 
 def _tempered_softmax(logits, temperature, too_big):
@@ -500,6 +520,37 @@ def _tempered_softmax(logits, temperature, too_big):
     if too_big is not None:
         log_probs = log_probs.masked_fill(too_big, 0.0)
     return probs, log_probs
+
+
+def _ibq_chunk_stats(logits, sizes, temperature, with_entropy):
+    """One chunk's forward: logits (n, K) -> argmax (n,), sum over the chunk of p (K,) and of H(p) (),
+    p = softmax(logits / temperature) over the allowed codes (None, None without the entropy terms)."""
+    too_big = _too_big_codes(logits, sizes)
+    if too_big is not None:
+        logits = logits.masked_fill(too_big, float('-inf'))
+    indices = logits.argmax(1)
+    if not with_entropy:
+        return indices, None, None
+    probs, log_probs = _tempered_softmax(logits, temperature, too_big)
+    return indices, probs.sum(0), -torch.linalg.vecdot(probs, log_probs).sum()
+
+
+def _ibq_chunk_grads(logits, grad_probs, sizes, d_avg, temperature, sample_scale, avg_scale, with_entropy):
+    """One chunk's backward from its logits (n, K) and dL/dp (n, K), p = softmax(logits) -> dL/dlogits (n, K):
+    the softmax backward p (dp - <p, dp>) plus, with the entropy terms (x = logits / T, q = softmax(x)),
+    dH(q)/dx = -q (log q + H) weighted by sample_scale and d(sum_k a_k q_k)/dx = q (a - <q, a>), a = d_avg,
+    weighted by avg_scale."""
+    too_big = _too_big_codes(logits, sizes)
+    if too_big is not None:
+        logits = logits.masked_fill(too_big, float('-inf'))
+    probs = torch.softmax(logits, dim=1)  # 0 at masked codes
+    grad_logits = probs * (grad_probs - torch.linalg.vecdot(probs, grad_probs)[:, None])
+    if with_entropy:
+        probs_t, log_probs_t = _tempered_softmax(logits, temperature, too_big)
+        entropy = -torch.linalg.vecdot(probs_t, log_probs_t)[:, None]  # (n, 1)
+        grad_logits = grad_logits + sample_scale * probs_t * (log_probs_t + entropy)
+        grad_logits = grad_logits + avg_scale * probs_t * (d_avg - (probs_t @ d_avg)[:, None])
+    return grad_logits
 
 
 class IndexBackpropQuantizer(nn.Module):
@@ -516,7 +567,7 @@ class IndexBackpropQuantizer(nn.Module):
     # defaults from TencentARC/SEED-Voken configs/IBQ/gpu/imagenet_ibqgan_{16384,262144}.yaml: beta 0.25,
     # entropy_loss_weight 0.05, entropy_temperature 0.01, l2_normalize False
     def __init__(self, codebook_size, dim, *, beta=0.25, ibq_beta_term='codebook', l2_norm=False,
-                 entropy_weight=0.05, entropy_temperature=0.01, chunk_size=1024, usage_window=0,
+                 entropy_weight=0.05, entropy_temperature=0.01, chunk_size=0, usage_window=0,
                  usage_tokens=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5):
         super().__init__()
         K, D = codebook_size, dim
@@ -551,7 +602,7 @@ class IndexBackpropQuantizer(nn.Module):
             if self.l2_norm:
                 z_flat = F.normalize(z_flat, dim=-1)
             with_entropy = self.entropy_weight != 0
-            z_q, sample_entropy, avg_entropy, indices = _IBQChunked.apply(
+            z_q, sample_entropy, avg_entropy, indices = ibq_chunked(
                 z_flat, codebook, _token_codebook_sizes(self.codebook_sizes, B, H, W),
                 self.entropy_temperature, self.chunk_size, with_entropy)
             z_q_hard = F.embedding(indices, codebook)  # (N, D) z_q' of eq. 11; a repeatable backward (above)
@@ -568,6 +619,17 @@ class IndexBackpropQuantizer(nn.Module):
                      commit_loss=commit_loss, entropy_loss=entropy_loss, sample_entropy=sample_entropy,
                      avg_entropy=avg_entropy)
         return _channels_first(z_q, B, H, W), loss, info
+
+
+def vq_reference(z, codebook, beta=0.25):
+    """VQ written plainly with the whole (N, K) distance matrix, as LlamaGen writes it: the formula
+    VectorQuantizer computes in chunks. z (N, D), codebook (K, D) -> z_q (N, D) (straight-through), loss,
+    indices (N,)"""
+    dist = (z ** 2).sum(1, keepdim=True) + (codebook ** 2).sum(1) - 2 * z @ codebook.t()  # (N, K)
+    indices = dist.argmin(1)
+    z_q = codebook[indices]
+    loss = F.mse_loss(z_q, z.detach()) + beta * F.mse_loss(z_q.detach(), z)
+    return z + (z_q - z).detach(), loss, indices
 
 
 def ibq_reference(z, codebook, beta=0.25, ibq_beta_term='codebook', entropy_weight=0.05, temperature=0.01,

@@ -67,12 +67,20 @@ def sample_from_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=No
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def compile_decode_step(model):
+    """model.decode_step compiled with CUDA graphs (torch.compile mode='reduce-overhead'): a step of a large
+    batch is ~15 kernels per layer, and launching them from Python costs more than running them."""
+    return torch.compile(model.decode_step, mode='reduce-overhead', fullgraph=True, dynamic=False)
+
+
 @torch.no_grad()
 def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1.0, codebook_sizes=None,
-                  generator=None):
+                  generator=None, decode_step=None):
     """Autoregressive sampling with the KV cache, one forward per token. labels (B,) long; weights (T,) the
     CFG scale per position, or None for no guidance (then no unconditional half is run). codebook_sizes (T,)
-    K_t for VCQ: codes >= K_t are never sampled at position t. Returns codes (B, T) long in raster order."""
+    K_t for VCQ: codes >= K_t are never sampled at position t. decode_step: compile_decode_step(model) (the
+    KV cache then stays allocated for the next batch), or None for model.decode_step, eager. Returns codes
+    (B, T) long in raster order."""
     B, T, K, device = len(labels), model.seq_len, model.codebook_size, labels.device
     if labels.numel() and (labels.min() < 0 or labels.max() >= model.num_classes):
         bad = int(labels.max() if labels.max() >= model.num_classes else labels.min())
@@ -90,6 +98,8 @@ def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1
     model.eval()
     model.setup_kv_cache(len(labels))
     codes = torch.empty(B, T, dtype=torch.long, device=device)
+    positions = torch.arange(T, device=device)  # step t's position as a tensor: no recompile, no host sync
+    step = decode_step or model.decode_step
     try:
         for t in range(T):  # one token per step: the only loop autoregressive decoding allows
             if t == 0:
@@ -98,7 +108,7 @@ def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1
                 previous = codes[:, t - 1:t]
                 if weights is not None:
                     previous = torch.cat([previous, previous])  # the sampled token goes to both halves
-                logits = model(labels, previous, start_pos=t)[:, -1]  # (B or 2B, K)
+                logits = step(labels, previous, positions[t])  # (B or 2B, K)
             if weights is not None:
                 cond, uncond = logits.float().chunk(2)
                 logits = uncond + weights[t] * (cond - uncond)
@@ -106,7 +116,8 @@ def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1
                 logits = logits.masked_fill(too_big[t], float('-inf'))
             codes[:, t] = sample_from_logits(logits, temperature, top_k, top_p, generator)
     finally:
-        model.clear_kv_cache()
+        if decode_step is None:
+            model.clear_kv_cache()
         model.train(was_training)
     return codes
 
@@ -125,7 +136,7 @@ def check_sampling_options(cfg_scale, temperature, top_k, top_p):
 
 
 def generate(model, labels, cfg_scale=1.0, cfg_schedule='constant', cfg_power=1.0, temperature=1.0, top_k=0,
-             top_p=1.0, codebook_sizes=None, generator=None):
+             top_p=1.0, codebook_sizes=None, generator=None, decode_step=None):
     """codes (B, T) for class labels (B,); cfg_scale 1.0 = no guidance (no unconditional half)."""
     check_sampling_options(cfg_scale, temperature, top_k, top_p)
     weights = None
@@ -133,7 +144,8 @@ def generate(model, labels, cfg_scale=1.0, cfg_schedule='constant', cfg_power=1.
         weights = cfg_weights(cfg_schedule, cfg_scale, cfg_power, model.seq_len, codebook_sizes)
     elif cfg_schedule not in ('constant', 'linear', 'cosine', 'codebook_size_aware'):
         raise ValueError(f"unknown cfg_schedule '{cfg_schedule}'")
-    return sample_tokens(model, labels, weights, temperature, top_k, top_p, codebook_sizes, generator)
+    return sample_tokens(model, labels, weights, temperature, top_k, top_p, codebook_sizes, generator,
+                         decode_step)
 
 
 def load_gpt(ckpt_path, device):
@@ -188,6 +200,7 @@ if __name__ == '__main__':
     seed = 0
     device = 'auto'
     dtype = 'bfloat16'  # autocast dtype on GPU ('bfloat16' or 'float32'); the CPU always runs float32
+    compile = True  # CUDA: the decode step compiled with CUDA graphs (same codes as eager); False = eager
     # -----------------------------------------------------------------------------
     config_keys = [k for k, v in globals().items()
                    if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
@@ -226,7 +239,8 @@ if __name__ == '__main__':
     codebook_sizes = gpt_settings.get('codebook_sizes')  # VCQ: K_t per position; None otherwise
     options = dict(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, cfg_power=cfg_power,
                    temperature=temperature, top_k=top_k, top_p=top_p, codebook_sizes=codebook_sizes,
-                   generator=generator)
+                   generator=generator,
+                   decode_step=compile_decode_step(model) if compile and device_type == 'cuda' else None)
 
     # -----------------------------------------------------------------------------
     # sampling: every rank samples the global indices rank, rank + world_size, ...; labels are index % classes

@@ -78,7 +78,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
         self.resid_dropout = nn.Dropout(dropout)
-        self.k_cache = self.v_cache = None  # (B, H, max_len, head_dim) each while generating
+        # (B, H, max_len, head_dim) each while generating; buffers, so that a CUDA-graphed decode step sees
+        # them at fixed addresses (never saved)
+        self.register_buffer('k_cache', None, persistent=False)
+        self.register_buffer('v_cache', None, persistent=False)
 
     def forward(self, x, cos, sin, start_pos=None):
         B, L, C = x.shape
@@ -87,6 +90,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if start_pos is None:  # training / full recompute: plain causal attention over the L inputs
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif isinstance(start_pos, torch.Tensor):  # decode_step: one token at a tensor position, static shapes
+            self.k_cache.index_copy_(2, start_pos.view(1), k)
+            self.v_cache.index_copy_(2, start_pos.view(1), v)
+            visible = torch.arange(self.k_cache.shape[2], device=x.device) <= start_pos  # (max_len,) written keys
+            y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=visible[None, :])
         else:  # generation: write this step's keys/values into the static cache, attend to everything so far
             end = start_pos + L
             self.k_cache[:, :, start_pos:end] = k
@@ -197,12 +205,17 @@ class GPT(nn.Module):
         cache; logits for those inputs."""
         cond = self.embed_classes(labels)  # (B, C)
         x = self.tok_embeddings(codes) if codes is not None else cond[:, None][:, :0]  # (B, L, C)
-        if start_pos is None or start_pos == 0:
-            x = torch.cat([cond[:, None], x], dim=1)  # the class token is input 0
-        first = start_pos or 0
-        if first + x.shape[1] > self.seq_len:
-            raise ValueError(f"{first + x.shape[1]} inputs exceed the model's sequence length {self.seq_len}")
-        cos, sin = self.rope_cos[first:first + x.shape[1]], self.rope_sin[first:first + x.shape[1]]
+        if isinstance(start_pos, torch.Tensor):  # decode_step: one code at a tensor position (no host sync)
+            position = start_pos.view(1)  # index_select keeps the shape static (indexing would not)
+            cos, sin = self.rope_cos.index_select(0, position), self.rope_sin.index_select(0, position)
+        else:
+            if start_pos is None or start_pos == 0:
+                x = torch.cat([cond[:, None], x], dim=1)  # the class token is input 0
+            first = start_pos or 0
+            if first + x.shape[1] > self.seq_len:
+                raise ValueError(f"{first + x.shape[1]} inputs exceed the model's sequence length "
+                                 f"{self.seq_len}")
+            cos, sin = self.rope_cos[first:first + x.shape[1]], self.rope_sin[first:first + x.shape[1]]
         x = self.token_dropout(x)
         for block in self.layers:
             x = block(x, cond, cos, sin, start_pos)
@@ -216,16 +229,29 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     def setup_kv_cache(self, batch_size, dtype=None, device=None):
-        """Preallocates a static (B, H, T, head_dim) key and value cache in every layer for one generation."""
+        """Preallocates a static (B, H, T, head_dim) key and value cache in every layer for one generation;
+        zeroes the existing one instead when it has that shape (a CUDA graph keeps replaying on its memory)."""
         param = self.output.weight
         device = torch.device(device or param.device)
         if dtype is None:  # the dtype the keys come out in: autocast's when it is on
             on = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if on else param.dtype
+        shape = (batch_size, self.n_head, self.seq_len, self.n_embd // self.n_head)
         for block in self.layers:
-            shape = (batch_size, self.n_head, self.seq_len, self.n_embd // self.n_head)
-            block.attention.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            block.attention.v_cache = torch.zeros_like(block.attention.k_cache)
+            attention = block.attention
+            cache = attention.k_cache
+            if cache is not None and cache.shape == shape and cache.dtype == dtype and cache.device == device:
+                attention.k_cache.zero_()
+                attention.v_cache.zero_()
+            else:
+                attention.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+                attention.v_cache = torch.zeros_like(attention.k_cache)
+
+    def decode_step(self, labels, codes, position):
+        """One generation step with static shapes, for CUDA graphs: codes (B, 1) at position `position`, a 0-d
+        long tensor >= 1, after setup_kv_cache and the prefill self(labels, None, start_pos=0)
+        -> logits (B, K)."""
+        return self(labels, codes, start_pos=position)[:, -1]
 
     def clear_kv_cache(self):
         for block in self.layers:

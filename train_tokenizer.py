@@ -56,7 +56,7 @@ code_dim = 8
 beta = 0.25  # commitment weight
 l2_norm = True  # vq: l2-normalised codes and z (LlamaGen); fvq: the raw codes normalised once at init (the
 #                 release's flag; its scripts leave it off); ibq: cosine logits (off in the release)
-chunk_size = 1024  # tokens per (chunk, K) distance / logit block
+chunk_size = 0  # tokens per (chunk, K) distance / logit block; 0 = chosen from K (quantizers.chunk_rows)
 # window_usage: distinct codes among the last max(65536, K + 1) tokens (the release's; 0 = that)
 usage_window = 0
 usage_tokens = 0  # usage: distinct codes among the last usage_tokens training tokens (0 = 10 K)

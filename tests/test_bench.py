@@ -41,6 +41,18 @@ def test_quantizer_bench_last_line(kind, capsys, monkeypatch):
     assert match and float(match.group(1)) > 0, line
 
 
+@pytest.mark.parametrize('kind', ['ibq', 'vq'])
+def test_quantizer_bench_naive_baseline_ratio(kind, capsys, monkeypatch):
+    line = run_bench_in_process(['--what=quantizer', f'--kind={kind}', '--codebook_size=256', '--dim=16',
+                                 '--tokens=512', '--warmup_steps=1', '--steps=1', '--baseline=naive'],
+                                capsys, monkeypatch)
+    match = re.fullmatch(rf'quantizer kind={kind} K=256 D=16 N=512 device=cpu: fwd\+bwd (\d+\.\d) ms, '
+                         r'peak n/a; naive (\d+\.\d) ms, peak n/a; naive/nanoVQ (\d+\.\d\d)x', line)
+    assert match, line
+    ms, naive_ms, ratio = (float(g) for g in match.groups())
+    assert ms > 0 and naive_ms > 0 and ratio == pytest.approx(naive_ms / ms, abs=0.01 + 0.06 * ratio)
+
+
 def test_bridge_flops_counts_the_projector(capsys, monkeypatch):
     line = run_bench_in_process(['--what=bridge_flops', '--codebook_size=256', '--dim=16',
                                  '--projector=linear'], capsys, monkeypatch)

@@ -35,6 +35,33 @@ def test_vq_chunked_equals_unchunked():
     assert all(torch.equal(o, outputs[0]) for o in outputs)
 
 
+@pytest.mark.parametrize('l2_norm', [False, True])
+def test_vq_module_equals_reference_formula_with_auto_chunks(l2_norm, monkeypatch):
+    """VectorQuantizer with the automatic chunk size = vq_reference's whole (N, K) matrix in codes, loss and
+    both gradients."""
+    assert Q.chunk_rows(0, 16384, Q.VQ_CHUNK_ELEMENTS) == 8192
+    assert Q.chunk_rows(0, 262144, Q.VQ_CHUNK_ELEMENTS) == 1024
+    assert Q.chunk_rows(0, 16384, Q.IBQ_CHUNK_ELEMENTS) == 1024 and Q.chunk_rows(500, 16384, 1) == 500
+    monkeypatch.setattr(Q, 'MIN_CHUNK_ROWS', 64)  # a small budget: 10 chunks of 64 tokens at K = 256
+    monkeypatch.setattr(Q, 'VQ_CHUNK_ELEMENTS', 64 * 256)
+    torch.manual_seed(0)
+    q = Q.make_quantizer('vq', 256, 16, l2_norm=l2_norm)
+    z = torch.randn(2, 16, 15, 20, requires_grad=True)
+    z_q, loss, info = q(z)
+    upstream = torch.randn_like(z_q)
+    ((z_q * upstream).sum() + loss).backward()
+    codebook_grad, q.embedding.grad = q.embedding.grad, None
+    z_ref = z.detach().clone().requires_grad_(True)
+    z_flat = z_ref.permute(0, 2, 3, 1).reshape(-1, 16)  # (B, D, H, W) -> (B*H*W, D)
+    z_flat = F.normalize(z_flat, dim=-1) if l2_norm else z_flat
+    z_q_ref, loss_ref, indices_ref = Q.vq_reference(z_flat, q.codebook(), 0.25)
+    ((z_q_ref * upstream.permute(0, 2, 3, 1).reshape(-1, 16)).sum() + loss_ref).backward()
+    assert torch.equal(info['indices'].reshape(-1), indices_ref)
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(z.grad, z_ref.grad)
+    torch.testing.assert_close(codebook_grad, q.embedding.grad)
+
+
 @pytest.mark.parametrize('kind', ['vq', 'ibq'])
 def test_codebook_gradient_repeats_exactly_on_a_multithreaded_cpu(kind):
     """Many tokens on few codes, two threads: the codebook gradient is the same sum in the same order every
@@ -381,7 +408,7 @@ def test_unknown_options_are_errors():
     with pytest.raises(ValueError, match="'lfq'"):
         Q.make_quantizer('lfq', 64, 8)
     with pytest.raises(ValueError, match='chunk_size'):
-        Q.make_quantizer('vq', 64, 8, chunk_size=0)
+        Q.make_quantizer('vq', 64, 8, chunk_size=-1)
     with pytest.raises(ValueError, match=r'\(B, 8, H, W\)'):
         Q.make_quantizer('ibq', 64, 8)(torch.randn(2, 4, 3, 3))
 

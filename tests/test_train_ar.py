@@ -12,7 +12,7 @@ from conftest import ROOT
 from tokenizer import Tokenizer, atomic_save
 from train_ar import (GPT, GPT_PRESETS, gpt_model_args, rope_2d_angles, ffn_hidden_size, image_views,
                       center_view, encode_views, peak_bf16_flops, peak_bf16_flops_of)
-from sample import generate
+from sample import generate, sample_tokens, sample_from_logits
 
 TINY_TOKENIZER = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, quantizer='vq',
                       codebook_size=64, code_dim=8)
@@ -416,3 +416,36 @@ def test_whole_chain_tokenizer_codes_gpt_samples(tmp_path):
                             f'--out_dir={tmp_path / "eval"}', '--device=cpu', '--ref_cache=False')
         results = json.load(open(tmp_path / 'eval' / 'eval_gen.json'))
         assert results['num_samples'] == 5 and np.isfinite(results['fid']), result.stdout
+
+
+@pytest.mark.parametrize('cfg_scale', [1.0, 2.5])
+def test_static_decode_step_samples_the_codes_of_the_dynamic_cache_path(cfg_scale):
+    """sample.py's decode step (static shapes, a tensor position: what CUDA graphs replay) draws the same codes
+    as feeding the KV cache at Python-int positions, for the same seed; a kept cache (the compiled path) is
+    zeroed and reused by the next batch with the same result."""
+    model = tiny_gpt(adaln=True)
+    labels = torch.tensor([0, 3, 9, 5])
+    weights = torch.full((model.seq_len,), cfg_scale) if cfg_scale != 1.0 else None
+    static = sample_tokens(model, labels, weights, temperature=1.5,
+                           generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    batch = torch.cat([labels, torch.full_like(labels, 10)]) if weights is not None else labels
+    codes = torch.empty(4, 0, dtype=torch.long)
+    with torch.no_grad():
+        model.setup_kv_cache(len(batch))
+        for t in range(model.seq_len):
+            previous = None if t == 0 else codes[:, -1:]
+            if previous is not None and weights is not None:
+                previous = torch.cat([previous, previous])
+            logits = model(batch, previous, start_pos=t)[:, -1]
+            if weights is not None:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            codes = torch.cat([codes, sample_from_logits(logits, 1.5, generator=generator)[:, None]], 1)
+        model.clear_kv_cache()
+    assert torch.equal(static, codes) and len(codes.unique()) > 5
+    kept = [sample_tokens(model, labels, weights, temperature=1.5, generator=torch.Generator().manual_seed(1),
+                          decode_step=model.decode_step) for _ in range(2)]
+    assert model.layers[0].attention.k_cache is not None  # kept for the next batch
+    assert torch.equal(kept[0], static) and torch.equal(kept[1], static)
+    model.clear_kv_cache()
