@@ -213,9 +213,18 @@ elif what == 'tokenizer':
     exec(open(tokenizer_config).read(), cfg)  # the config's keys; train_tokenizer.py's defaults for the rest
     model_keys = ('ch', 'ch_mult', 'num_res_blocks', 'z_channels', 'quantizer', 'codebook_size', 'code_dim')
     model_args = {k: cfg[k] for k in model_keys if k in cfg}
+    if cfg.get('tokenizer_type', 'vqgan') == 'titok':  # the 1D tokenizer: its ViTs and latent tokens
+        model_args.update({k: cfg[k] for k in ('tokenizer_type', 'titok_preset', 'patch_size', 'num_latent_tokens')
+                           if k in cfg}, image_size=cfg.get('image_size', 256))
     q_kind = cfg.get('quantizer', 'vq')
     q_options = quantizer_options(q_kind, cfg.get('projector', 'vqbridge'), cfg.get('vcq_schedule', ''))
     model_args['quantizer_args'] = {k: cfg[k] for k in q_options if k in cfg}
+    if model_args['quantizer_args'].get('vcq_seq_len') == 0 or (cfg.get('vcq_schedule') and 'vcq_seq_len' not in cfg):
+        # train_tokenizer.py's automatic schedule length: the tokens per image
+        downsample = 2 ** (len(cfg.get('ch_mult', (1, 1, 2, 2, 4))) - 1)
+        model_args['quantizer_args']['vcq_seq_len'] = (cfg.get('num_latent_tokens', 256)
+                                                       if cfg.get('tokenizer_type') == 'titok'
+                                                       else (cfg.get('image_size', 256) // downsample) ** 2)
     model = Tokenizer(**model_args).to(device)
     disc = PatchDiscriminator(3, cfg.get('disc_ch', 64), cfg.get('disc_layers', 3)).to(device)
     lpips_model = make_lpips(random_backbone=True).to(device)  # same cost as the pretrained one, no download

@@ -254,7 +254,7 @@ if __name__ == '__main__':
     if device_type == 'cuda':
         torch.cuda.synchronize()
     elapsed = time.time() - t0
-    image_px = model.grid_h * tokenizer.downsample
+    image_px = gpt_settings.get('image_size') or model.grid_h * tokenizer.downsample
     images = torch.cat(parts) if parts else torch.empty(0, image_px, image_px, 3, dtype=torch.uint8)
     part_path = os.path.join(out_dir, f'{sample_name}_rank{rank}.npz')
     np.savez(part_path, indices=my_indices.numpy(), images=images.numpy())

@@ -149,17 +149,121 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
 
 
-class Tokenizer(nn.Module):
-    """image -> encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder -> image."""
-    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, dropout=0.0,
-                 quantizer='vq', codebook_size=16384, code_dim=8, quantizer_args=None):
+# -----------------------------------------------------------------------------
+# 1D tokenizer (TiTok, as the VCQ paper's tokenizer): a ViT reads the image patches and L learnable latent
+# tokens; only the L latent outputs are quantized; a ViT decoder reads them with one mask token per patch
+
+# (width, depth, heads) of the ViT encoder and decoder. VCQ Appendix A: Base = ViT-B enc + ViT-B dec (172M),
+# Large = ViT-B enc + ViT-L dec (the paper counts 496M; ViT-B + ViT-L come to 390M here, see README)
+TITOK_PRESETS = {'tiny': ((64, 2, 4), (64, 2, 4)), 'small': ((128, 4, 4), (128, 4, 4)),
+                 'base': ((768, 12, 12), (768, 12, 12)), 'large': ((768, 12, 12), (1024, 24, 16))}
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block (ViT / CLIP as TiTok uses): LayerNorm -> attention, LayerNorm -> 4x GELU MLP."""
+    def __init__(self, width, heads, dropout):
         super().__init__()
-        self.downsample = 2 ** (len(ch_mult) - 1)
-        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
-        self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
-        self.quantizer = make_quantizer(quantizer, codebook_size, code_dim, **(quantizer_args or {}))
-        self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 1)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, width, depth, heads, dropout):
+        super().__init__()
+        self.norm_pre = nn.LayerNorm(width)
+        self.blocks = nn.Sequential(*[ViTBlock(width, heads, dropout) for _ in range(depth)])
+        self.norm_post = nn.LayerNorm(width)
+
+    def forward(self, x):
+        return self.norm_post(self.blocks(self.norm_pre(x)))
+
+
+class LatentEncoder1D(nn.Module):
+    """image (B, 3, S, S) -> (B, code_dim, 1, L): patch tokens + L latent tokens through a ViT; the latent
+    outputs projected to the code dimension (a 1 x L latent grid, so every quantizer and VCQ schedule
+    applies unchanged)."""
+    def __init__(self, image_size, patch_size, width, depth, heads, num_latent_tokens, code_dim, dropout):
+        super().__init__()
+        scale = width ** -0.5
+        self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)
+        self.patch_pos = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2, width))
+        self.latent_tokens = nn.Parameter(scale * torch.randn(num_latent_tokens, width))  # with their position
+        self.vit = ViT(width, depth, heads, dropout)
+        self.to_code = nn.Linear(width, code_dim)
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.patch_pos  # (B, P, width)
+        x = torch.cat([x, self.latent_tokens.expand(len(x), -1, -1)], dim=1)  # (B, P + L, width)
+        z = self.to_code(self.vit(x)[:, self.patch_pos.shape[0]:])  # (B, L, code_dim)
+        return z.transpose(1, 2)[:, :, None]  # (B, code_dim, 1, L)
+
+
+class LatentDecoder1D(nn.Module):
+    """(B, code_dim, 1, L) -> image (B, 3, S, S): the L quantized tokens and one mask token per patch through a
+    ViT; each patch output is projected to its p x p pixels (a single-stage pixel decoder, as VCQ trains it)."""
+    def __init__(self, image_size, patch_size, width, depth, heads, num_latent_tokens, code_dim, dropout):
+        super().__init__()
+        self.patch_size, self.grid = patch_size, image_size // patch_size
+        scale = width ** -0.5
+        self.from_code = nn.Linear(code_dim, width)
+        self.latent_pos = nn.Parameter(scale * torch.randn(num_latent_tokens, width))
+        self.mask_token = nn.Parameter(scale * torch.randn(width))
+        self.patch_pos = nn.Parameter(scale * torch.randn(self.grid ** 2, width))
+        self.vit = ViT(width, depth, heads, dropout)
+        self.to_pixels = nn.Linear(width, 3 * patch_size ** 2)
+
+    def forward(self, z_q):
+        latent = self.from_code(z_q.flatten(2).transpose(1, 2)) + self.latent_pos  # (B, L, width)
+        patches = (self.mask_token + self.patch_pos).expand(len(latent), -1, -1)  # (B, P, width)
+        x = self.vit(torch.cat([latent, patches], dim=1))[:, latent.shape[1]:]  # (B, P, width)
+        p, g = self.patch_size, self.grid
+        pixels = self.to_pixels(x).reshape(len(x), g, g, 3, p, p)  # (B, g, g, 3, p, p)
+        return pixels.permute(0, 3, 1, 4, 2, 5).reshape(len(x), 3, g * p, g * p)
+
+
+class Tokenizer(nn.Module):
+    """image -> encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder -> image.
+    tokenizer_type 'vqgan': the 2D VQGAN (an h x w grid of codes); 'titok': the 1D tokenizer (L = num_latent_tokens
+    codes, a 1 x L grid; the ViT sizes from TITOK_PRESETS, the ch* / z_channels arguments unused)."""
+    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, dropout=0.0,
+                 quantizer='vq', codebook_size=16384, code_dim=8, quantizer_args=None, tokenizer_type='vqgan',
+                 image_size=256, patch_size=16, num_latent_tokens=256, titok_preset='base'):
+        super().__init__()
+        self.tokenizer_type = tokenizer_type
+        quantizer_args = quantizer_args or {}
+        if tokenizer_type == 'vqgan':  # (modules built in this order: it fixes which random init each gets)
+            self.downsample = 2 ** (len(ch_mult) - 1)
+            self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
+            self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
+            self.quantizer = make_quantizer(quantizer, codebook_size, code_dim, **quantizer_args)
+            self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 1)
+            self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
+        elif tokenizer_type == 'titok':
+            if titok_preset not in TITOK_PRESETS:
+                raise ValueError(f"unknown titok_preset '{titok_preset}'; expected one of {sorted(TITOK_PRESETS)}")
+            if image_size % patch_size != 0:
+                raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+            (enc_width, enc_depth, enc_heads), (dec_width, dec_depth, dec_heads) = TITOK_PRESETS[titok_preset]
+            self.num_latent_tokens = num_latent_tokens
+            self.encoder = LatentEncoder1D(image_size, patch_size, enc_width, enc_depth, enc_heads,
+                                           num_latent_tokens, code_dim, dropout)
+            self.quant_conv = self.post_quant_conv = nn.Identity()  # the ViTs project to / from code_dim
+            self.quantizer = make_quantizer(quantizer, codebook_size, code_dim, **quantizer_args)
+            self.decoder = LatentDecoder1D(image_size, patch_size, dec_width, dec_depth, dec_heads,
+                                           num_latent_tokens, code_dim, dropout)
+        else:
+            raise ValueError(f"unknown tokenizer_type '{tokenizer_type}'; expected 'vqgan' or 'titok'")
 
     def forward(self, images):
         z = self.quant_conv(self.encoder(images))  # (B, code_dim, h, w)
@@ -174,17 +278,27 @@ class Tokenizer(nn.Module):
     def decode_latent(self, z_q):
         return self.decoder(self.post_quant_conv(z_q))
 
+    def token_grid(self, image_size):
+        """(h, w) of the codes of an image_size image: the VQGAN's grid, or 1 x L for the 1D tokenizer."""
+        if self.tokenizer_type == 'titok':
+            return 1, self.num_latent_tokens
+        return image_size // self.downsample, image_size // self.downsample
+
     @torch.no_grad()
     def encode(self, images):
         z = self.quant_conv(self.encoder(images))
-        return self.quantize(z)[2]['indices']  # (B, h, w)
+        indices = self.quantize(z)[2]['indices']  # (B, h, w)
+        return indices[:, 0] if self.tokenizer_type == 'titok' else indices  # 1D: (B, L)
 
     @torch.no_grad()
     def decode(self, indices):
-        return self.decode_latent(self.quantizer.lookup(indices))  # (B, h, w) -> (B, 3, H, W)
+        # (B, h, w), or (B, L) for the 1D tokenizer -> (B, 3, H, W)
+        if self.tokenizer_type == 'titok':
+            indices = indices.reshape(len(indices), 1, -1)
+        return self.decode_latent(self.quantizer.lookup(indices))
 
     def last_layer(self):
-        return self.decoder.conv_out.weight
+        return self.decoder.to_pixels.weight if self.tokenizer_type == 'titok' else self.decoder.conv_out.weight
 
 
 def load_tokenizer(path, map_location='cpu', ema=True):

@@ -63,6 +63,14 @@ def rope_2d_angles(grid_h, grid_w, head_dim, base=10000.0):
     return torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1).float()  # (T, head_dim/2)
 
 
+def rope_1d_angles(seq_len, head_dim, base=10000.0):
+    """Rotation angles (T, head_dim // 2) for a 1D token sequence (the 1D tokenizer's L codes): the class token
+    at position 0, code i at position i + 1; every rotary pair rotates with the position."""
+    half = head_dim // 2
+    freqs = 1.0 / base ** (torch.arange(half, dtype=torch.float64) / half)  # (head_dim/2,)
+    return (torch.arange(seq_len, dtype=torch.float64)[:, None] * freqs).float()  # (T, head_dim/2)
+
+
 def apply_rope(x, cos, sin):
     # x (B, H, L, head_dim); adjacent channels (2i, 2i+1) form rotary pair i; cos/sin (L, head_dim/2)
     x_pairs = x.float().reshape(*x.shape[:-1], -1, 2)
@@ -156,7 +164,7 @@ class GPT(nn.Module):
     T = grid_h * grid_w. Class num_classes is the learned null class (used for label dropout in training and
     for CFG)."""
     def __init__(self, codebook_size, num_classes, grid_h, grid_w, n_layer=12, n_head=12, n_embd=768,
-                 dropout=0.1, token_dropout=0.1, class_dropout=0.1, adaln=False):
+                 dropout=0.1, token_dropout=0.1, class_dropout=0.1, adaln=False, rope='2d'):
         super().__init__()
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd {n_embd} is not divisible by n_head {n_head}")
@@ -172,7 +180,10 @@ class GPT(nn.Module):
         self.norm = RMSNorm(n_embd)
         self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(n_embd, 2 * n_embd)) if adaln else None
         self.output = nn.Linear(n_embd, codebook_size, bias=False)  # untied from tok_embeddings
-        angles = rope_2d_angles(grid_h, grid_w, n_embd // n_head)
+        if rope not in ('2d', '1d'):
+            raise ValueError(f"rope must be '2d' (a code grid) or '1d' (a 1D tokenizer's sequence), got {rope!r}")
+        angles = (rope_2d_angles(grid_h, grid_w, n_embd // n_head) if rope == '2d'
+                  else rope_1d_angles(self.seq_len, n_embd // n_head))
         self.register_buffer('rope_cos', angles.cos(), persistent=False)  # (T, head_dim/2)
         self.register_buffer('rope_sin', angles.sin(), persistent=False)
         # LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head; adaLN-Zero
@@ -479,8 +490,8 @@ if __name__ == '__main__':
         dataset = make_dataset(data_dir, round(1.1 * image_size) if ten_crop else image_size, train=True,
                                num_images=num_images, augment=False)
         N, K = len(dataset), tokenizer.quantizer.codebook_size
-        grid = image_size // tokenizer.downsample
-        T = grid * grid
+        grid_h, grid_w = tokenizer.token_grid(image_size)  # 1 x L for the 1D tokenizer
+        T = grid_h * grid_w
         code_dtype = np.uint16 if K <= 65536 else np.int32
         os.makedirs(codes_dir, exist_ok=True)
         codes_path, labels_path = os.path.join(codes_dir, 'codes.npy'), os.path.join(codes_dir, 'labels.npy')
@@ -526,7 +537,8 @@ if __name__ == '__main__':
                 np.save(os.path.join(codes_dir, 'codebook_sizes.npy'),
                         codebook_sizes.cpu().numpy().astype(np.int64))
             # center_view stays out of `extraction`: folders written before it existed remain valid
-            meta = dict(extraction, grid_h=grid, grid_w=grid, codebook_size=K,
+            meta = dict(extraction, grid_h=grid_h, grid_w=grid_w, codebook_size=K,
+                        tokenizer_type=tokenizer.tokenizer_type,
                         dataset_classes=dataset.num_classes, vcq=codebook_sizes is not None,
                         center_view=center_view(ten_crop))
             # written last: its presence marks complete codes
@@ -585,7 +597,9 @@ if __name__ == '__main__':
     torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     model_args = gpt_model_args(meta['codebook_size'], num_classes, meta['grid_h'], meta['grid_w'], ar_model,
                                 n_layer, n_head, n_embd, dropout=dropout, token_dropout=token_dropout,
-                                class_dropout=class_dropout, adaln=ar_adaln)
+                                class_dropout=class_dropout, adaln=ar_adaln,
+                                # a 1D tokenizer's codes get 1D RoPE (2D grids keep the model_args they had)
+                                **({'rope': '1d'} if meta.get('tokenizer_type') == 'titok' else {}))
     model = GPT(**model_args).to(device)
     decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and 'adaln' not in name]
     no_decay = [p for name, p in model.named_parameters() if p.dim() < 2 or 'adaln' in name]

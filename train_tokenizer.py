@@ -42,6 +42,10 @@ num_images = 0  # size of the built-in dataset (0 = its default)
 image_size = 256
 num_workers = 4
 # model
+tokenizer_type = 'vqgan'  # 'vqgan': the 2D grid (the ch* / z_channels keys); 'titok': the 1D tokenizer (VCQ's)
+titok_preset = 'base'  # titok: ViT sizes, tokenizer.TITOK_PRESETS ('base' = VCQ's Base, 'large', 'small', 'tiny')
+patch_size = 16  # titok: ViT patch size
+num_latent_tokens = 256  # titok: L, the codes per image
 ch = 128
 ch_mult = (1, 1, 2, 2, 4)  # downsample 16; (1, 2, 2, 4) gives 8
 num_res_blocks = 2
@@ -130,9 +134,10 @@ if batch_size % (world_size * gradient_accumulation_steps) != 0:
                      f"gradient_accumulation_steps {gradient_accumulation_steps}")
 micro_batch = batch_size // (world_size * gradient_accumulation_steps)
 downsample = 2 ** (len(ch_mult) - 1)
-if image_size % downsample != 0:
+if tokenizer_type == 'vqgan' and image_size % downsample != 0:
     raise ValueError(f"image_size {image_size} is not divisible by the downsampling factor {downsample} "
                      f"of ch_mult {ch_mult}")
+num_tokens = num_latent_tokens if tokenizer_type == 'titok' else (image_size // downsample) ** 2
 lr = learning_rate * batch_size / base_batch_size
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 autocast = autocast_context(device, dtype)
@@ -148,7 +153,7 @@ torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts ran
 # automatic values resolved, so checkpoints record them
 quantizer_args = options_from_config(quantizer, config, default_config)
 if quantizer_args.get('vcq_seq_len') == 0:
-    quantizer_args['vcq_seq_len'] = (image_size // downsample) ** 2
+    quantizer_args['vcq_seq_len'] = num_tokens
 if quantizer_args.get('bridge_group_size') == 0:
     quantizer_args['bridge_group_size'] = bridge_group_size_for(codebook_size)
 if master:
@@ -161,6 +166,9 @@ if master:
 model_args = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
                   dropout=dropout, quantizer=quantizer, codebook_size=codebook_size, code_dim=code_dim,
                   quantizer_args=quantizer_args)
+if tokenizer_type != 'vqgan':  # (VQGAN checkpoints keep the model_args they always had)
+    model_args.update(tokenizer_type=tokenizer_type, image_size=image_size, patch_size=patch_size,
+                      num_latent_tokens=num_latent_tokens, titok_preset=titok_preset)
 use_disc = disc_weight > 0
 model = Tokenizer(**model_args).to(device)
 # IBQ's release evaluates with an EMA of the weights (LitEma, constant decay)
@@ -176,9 +184,11 @@ gen_optimizer = Optimizer(model.parameters(), lr=lr, betas=(beta1, beta2), weigh
 disc_optimizer = Optimizer(disc.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                            fused=fused) if use_disc else None
 if master:
-    print(f"tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{downsample}x downsampling, {image_size // downsample}^2 tokens per image, quantizer {quantizer} "
-          f"{quantizer_args}")
+    shape = (f"1D, {num_latent_tokens} tokens per image ({titok_preset} ViTs, patch {patch_size})"
+             if tokenizer_type == 'titok' else
+             f"{downsample}x downsampling, {image_size // downsample}^2 tokens per image")
+    print(f"tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {shape}, "
+          f"quantizer {quantizer} {quantizer_args}")
 
 iter_num, skipped_images, rng_states = 0, 0, None
 lecam_ema = torch.zeros(2, device=device)  # EMA of D's mean logits on real and on reconstructed images

@@ -74,10 +74,11 @@ def test_unknown_what_is_an_error(capsys, monkeypatch):
         run_bench_in_process(['--what=nothing'], capsys, monkeypatch)
 
 
-def test_tokenizer_bench_last_line(capsys, monkeypatch):
-    line = run_bench_in_process(['--what=tokenizer', '--tokenizer_config=config/smoke.py',
+@pytest.mark.parametrize('config', ['smoke', 'smoke_1d'])  # the VQGAN, and the 1D tokenizer with VCQ
+def test_tokenizer_bench_last_line(config, capsys, monkeypatch):
+    line = run_bench_in_process(['--what=tokenizer', f'--tokenizer_config=config/{config}.py',
                                  '--tokenizer_batch=2', '--warmup_steps=1', '--steps=1'], capsys, monkeypatch)
-    match = re.fullmatch(r'tokenizer config=config/smoke.py batch=2 32px device=cpu: (\d+\.\d\d) img/s, '
+    match = re.fullmatch(rf'tokenizer config=config/{config}.py batch=2 32px device=cpu: (\d+\.\d\d) img/s, '
                          r'(\d+\.\d) ms/iter, peak n/a', line)
     assert match and float(match.group(1)) > 0, line
 

@@ -2,6 +2,7 @@ import ast
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 
@@ -22,6 +23,13 @@ def run_script(args, cwd=ROOT):
     """evaluate.py in a subprocess: tests that call it are marked slow."""
     return subprocess.run([sys.executable, 'evaluate.py'] + args, cwd=cwd, capture_output=True, text=True,
                           timeout=300)
+
+
+def run_in_process(monkeypatch, args):
+    """evaluate.py's command line as __main__ in this process (no ~5 s interpreter and torch start-up)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['evaluate.py', *args])
+    runpy.run_path(os.path.join(ROOT, 'evaluate.py'), run_name='__main__')
 
 
 def default_config(**overrides):
@@ -633,10 +641,11 @@ def test_ref_mode_writes_an_adm_reference_batch_of_an_image_folder(tmp_path, ran
         evaluate.run_ref({**config, 'data_dir': 'from_ckpt'})
 
 
-@pytest.mark.slow
-def test_cli_unknown_mode():
-    out = run_script(['--mode=nope'])
-    assert out.returncode != 0 and "unknown mode 'nope'" in out.stderr
+def test_cli_unknown_mode(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['evaluate.py', '--mode=nope'])
+    with pytest.raises(ValueError, match="unknown mode 'nope'"):  # the command line, in this process
+        runpy.run_path(os.path.join(ROOT, 'evaluate.py'), run_name='__main__')
 
 
 def entropy_test_codes(tmp_path):
@@ -648,12 +657,10 @@ def entropy_test_codes(tmp_path):
     return codes
 
 
-@pytest.mark.slow
-def test_cli_entropy_mode(tmp_path):
+def test_cli_entropy_mode(tmp_path, monkeypatch):
     codes = entropy_test_codes(tmp_path)
-    out = run_script(['--mode=entropy', f'--codes={tmp_path / "codes.npy"}', f'--out_dir={tmp_path}',
-                      '--codebook_size=16'])
-    assert out.returncode == 0, out.stderr
+    run_in_process(monkeypatch, ['--mode=entropy', f'--codes={tmp_path / "codes.npy"}', f'--out_dir={tmp_path}',
+                                 '--codebook_size=16'])
     result = read_json(tmp_path / 'eval_entropy.json')
     H = np.array(result['H_bits'])
     assert len(H) == 16 and abs(H[0] - 4.0) < 0.05 and (H[8:] == 0).all()
@@ -774,13 +781,11 @@ def probe_test_codes(tmp_path):
     return codes, labels
 
 
-@pytest.mark.slow
-def test_cli_probe_mode(tmp_path, tiny_tokenizer_ckpt):
+def test_cli_probe_mode(tmp_path, tiny_tokenizer_ckpt, monkeypatch):
     probe_test_codes(tmp_path)
-    base = ['--mode=probe', f'--codes={tmp_path / "codes.npy"}', f'--labels={tmp_path / "labels.npy"}',
-            f'--out_dir={tmp_path}', '--probe_steps=50']
-    out = run_script(base + [f'--ckpt={tiny_tokenizer_ckpt}', '--first_k=2'])
-    assert out.returncode == 0, out.stderr
+    run_in_process(monkeypatch, ['--mode=probe', f'--codes={tmp_path / "codes.npy"}',
+                                 f'--labels={tmp_path / "labels.npy"}', f'--out_dir={tmp_path}', '--probe_steps=50',
+                                 f'--ckpt={tiny_tokenizer_ckpt}', '--first_k=2'])
     result = read_json(tmp_path / 'eval_probe.json')
     assert result['top1'] == 1.0 and result['num_val'] == 60 and result['feature_dim'] == 16
 
@@ -823,8 +828,7 @@ def test_cli_recon_mode(tmp_path, tiny_tokenizer_ckpt, random_inception_file):
     assert result['codebook_usage'] == len(np.unique(codes)) / 64
 
 
-@pytest.mark.slow
-def test_recon_mode_without_weights_on_the_held_out_split(tmp_path):
+def test_recon_mode_without_weights_on_the_held_out_split(tmp_path, monkeypatch):
     """rfid=False, lpips=False: no network weights at all; split='heldout' takes exactly the images that
     train_tokenizer.py held out of its data_dir."""
     from tokenizer import Tokenizer, make_dataset, split_held_out
@@ -834,9 +838,9 @@ def test_recon_mode_without_weights_on_the_held_out_split(tmp_path):
     torch.save({'model': Tokenizer(**TINY_TOKENIZER).state_dict(), 'model_args': TINY_TOKENIZER,
                 'config': {'image_size': 32, 'data_dir': str(root), 'eval_data_dir': '', 'eval_images': 3}},
                path)
-    out = run_script(['--mode=recon', f'--ckpt={path}', '--split=heldout', '--rfid=False', '--lpips=False',
-                      '--batch_size=2', '--num_workers=0', '--device=cpu', f'--out_dir={tmp_path}'])
-    assert out.returncode == 0, out.stderr
+    run_in_process(monkeypatch, ['--mode=recon', f'--ckpt={path}', '--split=heldout', '--rfid=False',
+                                 '--lpips=False', '--batch_size=2', '--num_workers=0', '--device=cpu',
+                                 f'--out_dir={tmp_path}'])
     result = read_json(tmp_path / 'eval_recon.json')
     assert result['num_images'] == 3 and result['usage_tokens'] == 3 * 256 and 'rfid' not in result
     assert 'lpips' not in result and result['psnr'] > 0 and 0 < result['codebook_usage'] <= 1

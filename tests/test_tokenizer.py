@@ -254,3 +254,48 @@ def test_uint8_levels_and_psnr():
     # mse 0.01 -> 20 dB
     assert torch.allclose(psnr(x, x + torch.full_like(x, 0.1)), torch.full((2,), 20.0, dtype=torch.float64))
     assert torch.equal(psnr(x, x), torch.full((2,), 100.0, dtype=torch.float64))
+
+
+def test_titok_presets_shapes_and_parameter_counts():
+    from tokenizer import TITOK_PRESETS
+    with torch.device('meta'):  # the sizes without allocating them
+        counts = {}
+        for preset in ('base', 'large'):
+            model = Tokenizer(tokenizer_type='titok', titok_preset=preset, quantizer='vq', codebook_size=16384,
+                              code_dim=12)
+            counts[preset] = {part: sum(p.numel() for p in getattr(model, part).parameters())
+                              for part in ('encoder', 'decoder')}
+    # VCQ Appendix A: the Base tokenizer (ViT-B encoder + ViT-B decoder) has 172M parameters
+    assert abs(sum(counts['base'].values()) / 1e6 - 172) < 1
+    assert counts['large']['encoder'] == counts['base']['encoder']  # Large keeps the ViT-B encoder
+    assert 300e6 < counts['large']['decoder'] < 310e6  # ViT-L: 24 blocks of width 1024
+    assert TITOK_PRESETS['large'][1] == (1024, 24, 16)
+    torch.manual_seed(0)
+    model = Tokenizer(tokenizer_type='titok', titok_preset='tiny', image_size=32, patch_size=8, num_latent_tokens=12,
+                      quantizer='vq', codebook_size=64, code_dim=8)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    recon, loss, info = model(images)
+    assert recon.shape == images.shape and info['indices'].shape == (3, 1, 12) and loss.ndim == 0
+    codes = model.encode(images)
+    assert codes.shape == (3, 12) and model.token_grid(32) == (1, 12)
+    assert torch.equal(codes, info['indices'][:, 0])
+    assert model.decode(codes).shape == (3, 3, 32, 32)
+    with pytest.raises(ValueError, match='not divisible by patch_size'):
+        Tokenizer(tokenizer_type='titok', titok_preset='tiny', image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="unknown tokenizer_type 'vit'"):
+        Tokenizer(tokenizer_type='vit')
+
+
+@pytest.mark.parametrize('quantizer', ['vq', 'ibq', 'fvq'])
+def test_vcq_on_1d_latent_tokens_never_uses_a_code_beyond_k_t(quantizer):
+    torch.manual_seed(0)
+    # (a random bridge output layer: zero-initialised, every mapped code starts at 0 and ties pick code 0)
+    extra = {'bridge_dim': 32, 'bridge_zero_init': False} if quantizer == 'fvq' else {}
+    model = Tokenizer(tokenizer_type='titok', titok_preset='tiny', image_size=16, patch_size=4, num_latent_tokens=24,
+                      quantizer=quantizer, codebook_size=128, code_dim=8,
+                      quantizer_args={'vcq_schedule': 'cosine', 'vcq_k_min': 2, 'vcq_seq_len': 24, **extra})
+    sizes = model.quantizer.codebook_sizes  # (24,) K_t along the latent tokens
+    assert sizes[0] == 2 and sizes[-1] == 128
+    codes = model.encode(torch.rand(64, 3, 16, 16) * 2 - 1)  # (64, 24)
+    assert (codes < sizes[None, :]).all()
+    assert (codes[:, -1] >= 2).any()  # the late positions do use their larger codebooks

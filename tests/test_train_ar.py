@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 
@@ -449,3 +450,64 @@ def test_static_decode_step_samples_the_codes_of_the_dynamic_cache_path(cfg_scal
     assert model.layers[0].attention.k_cache is not None  # kept for the next batch
     assert torch.equal(kept[0], static) and torch.equal(kept[1], static)
     model.clear_kv_cache()
+
+
+def test_kv_cache_greedy_equals_full_recompute_with_1d_rope():
+    """A 1D tokenizer's codes: 1D RoPE (every rotary pair turns with the position), the KV cache and the
+    static decode step give what a full recompute gives."""
+    torch.manual_seed(0)
+    model = GPT(64, 10, 1, 16, n_layer=2, n_head=2, n_embd=32, rope='1d').eval()
+    torch.nn.init.normal_(model.output.weight, std=1.0)
+    assert torch.equal(model.rope_cos[:, 0], torch.cos(torch.arange(16.0)))  # pair 0 turns 1 rad per position
+    labels = torch.tensor([0, 3, 9])
+    cached = generate(model, labels, cfg_scale=2.0, top_k=1)
+    codes = torch.empty(3, 0, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(model.seq_len):
+            logits = model(labels, codes)[:, -1]
+            uncond = model(torch.full_like(labels, 10), codes)[:, -1]
+            codes = torch.cat([codes, (uncond + 2.0 * (logits - uncond)).argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, codes) and len(codes.unique()) > 1
+    with pytest.raises(ValueError, match="rope must be '2d'"):
+        GPT(64, 10, 1, 16, n_layer=1, n_head=2, n_embd=32, rope='3d')
+
+
+def run_in_process(monkeypatch, script, *args):
+    """A script as __main__ in this process (no ~5 s interpreter and torch start-up per script)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', [script, *args])
+    runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
+
+
+@pytest.mark.slow
+def test_1d_tokenizer_chain_tokenizer_codes_gpt_samples_entropy(tmp_path, monkeypatch, capsys):
+    """config/smoke_1d.py (1D tokenizer, FVQ + cosine VCQ over 32 latent tokens) -> train_ar.py on its codes
+    (1D RoPE) -> sample.py (K_t masking, codebook-size-aware CFG, 1D decoder) -> evaluate.py entropy, each a
+    few iterations on the CPU."""
+    tok, ar = tmp_path / 'tok', tmp_path / 'ar'
+    run_in_process(monkeypatch, 'train_tokenizer.py', 'config/smoke_1d.py', f'--out_dir={tok}', '--max_iters=3',
+                   '--eval_interval=3', '--log_interval=1', '--num_images=64', '--eval_images=8', '--batch_size=8',
+                   '--base_batch_size=8')
+    run_in_process(monkeypatch, 'train_ar.py', 'config/ar_smoke_1d.py', f'--tokenizer_ckpt={tok / "ckpt.pt"}',
+                   f'--out_dir={ar}', '--num_images=12', '--max_iters=3', '--batch_size=4', '--log_interval=1',
+                   '--ckpt_interval=3')
+    meta = json.load(open(ar / 'codes' / 'meta.json'))
+    assert meta['tokenizer_type'] == 'titok' and (meta['grid_h'], meta['grid_w']) == (1, 32)
+    codes = np.load(ar / 'codes' / 'codes.npy')
+    sizes = np.load(ar / 'codes' / 'codebook_sizes.npy')
+    assert codes.shape == (24, 32) and sizes[0] == 2 and sizes[-1] == 256  # 12 images x {image, flip}
+    assert (codes < sizes[None, :]).all()  # VCQ on 1D: position t never holds a code >= K_t
+    checkpoint = torch.load(ar / 'ckpt.pt', weights_only=False)
+    assert checkpoint['model_args']['rope'] == '1d' and checkpoint['iter_num'] == 3
+    run_in_process(monkeypatch, 'sample.py', f'--ckpt={ar / "ckpt.pt"}', '--num_samples=4', '--batch_size=4',
+                   '--cfg_scale=2.0', '--cfg_schedule=codebook_size_aware', '--grid_classes=(0, 1)',
+                   '--grid_per_class=1', '--device=cpu')
+    with np.load(ar / 'samples.npz') as f:
+        assert f['arr_0'].shape == (4, 32, 32, 3) and f['arr_0'].dtype == np.uint8
+    import evaluate
+    config = {k: getattr(evaluate, k) for k in evaluate.config_keys}
+    result = evaluate.run_entropy({**config, 'codes': str(ar / 'codes' / 'codes.npy'),
+                                   'out_dir': str(tmp_path / 'eval')})
+    assert result['num_sequences'] == 12 and result['seq_len'] == 32  # one view per image
+    assert result['codebook_sizes'] == sizes.tolist() and result['t_star'] > 2  # K_1 = K_2 = 2: 1 bit each
+    capsys.readouterr()

@@ -284,25 +284,28 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('name', ['study_vq', 'study_ibq', 'study_fvq', 'study_vcq', 'study_cpu_vq',
                                   'study_cpu_ibq', 'study_cpu_fvq', 'study_cpu_vcq'])
-def test_study_configs_run(name, tmp_path):
+def test_study_configs_run(name, tmp_path, monkeypatch, capsys):
     """Each study config as written (quantizer, K, code dim, schedule) for 2 iterations, shrunk in width,
     batch and image count, on a tiny ImageFolder so that the suite needs no ../shared data: every quantizer
-    kind (VQ, IBQ, FVQ, FVQ + VCQ) through a short training run."""
+    kind (VQ, IBQ, FVQ, FVQ + VCQ) through a short training run (in this process: no 5-s start-up each)."""
     root = make_image_folder(tmp_path / 'data', per_class=4, size=40)
-    result = run([sys.executable, 'train_tokenizer.py', f'config/{name}.py', f'--data_dir={root}',
-                  '--device=cpu', '--ch=16', '--z_channels=16', '--image_size=32', '--batch_size=2',
-                  '--base_batch_size=2', '--max_iters=2', '--eval_images=2', '--eval_interval=2',
-                  '--log_interval=1', '--num_workers=0', f'--out_dir={tmp_path / "out"}'],
-                 env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', [
+        'train_tokenizer.py', f'config/{name}.py', f'--data_dir={root}', '--device=cpu', '--ch=16',
+        '--z_channels=16', '--image_size=32', '--batch_size=2', '--base_batch_size=2', '--max_iters=2',
+        '--eval_images=2', '--eval_interval=2', '--log_interval=1', '--num_workers=0',
+        f'--out_dir={tmp_path / "out"}'])
+    runpy.run_path(os.path.join(ROOT, 'train_tokenizer.py'), run_name='__main__')
+    stdout = capsys.readouterr().out
     ckpt = params(tmp_path / 'out')
     args = ckpt['model_args']
     assert ckpt['iter_num'] == 2 and args['code_dim'] == 256
     assert args['codebook_size'] == (4096 if name.startswith('study_cpu') else 16384)
     assert (args['quantizer_args']['vcq_schedule'] == 'cosine') == name.endswith('vcq')
     # eval 0, 1, 2, eval 2
-    assert 'eval iter 2: psnr' in result.stdout and len(read_log(tmp_path / 'out')) == 4
-    usages = [float(u) for u in re.findall(r'usage ([0-9.]+)%', result.stdout)]
-    assert usages and all(0 < u <= 100 for u in usages), result.stdout[-2000:]
+    assert 'eval iter 2: psnr' in stdout and len(read_log(tmp_path / 'out')) == 4
+    usages = [float(u) for u in re.findall(r'usage ([0-9.]+)%', stdout)]
+    assert usages and all(0 < u <= 100 for u in usages), stdout[-2000:]
 
 
 def test_smoke_config_keeps_the_codebook_in_use_and_learns(tmp_path):
