@@ -192,7 +192,7 @@ def _info(module, indices, B, H, W, **losses):
     if module.training:
         module.window.record(indices)
         module.recent_codes.record(indices)
-    info = {'indices': indices.reshape(B, H, W), 'usage': module.recent_codes.usage(),
+    info = {'indices': indices.reshape(B, H, W, *indices.shape[1:]), 'usage': module.recent_codes.usage(),
             'usage_tokens': module.recent_codes.window_tokens(), 'window_usage': module.window.usage(),
             'perplexity': _perplexity(indices, module.codebook_size)}
     info.update({name: value.detach() for name, value in losses.items()})
@@ -338,11 +338,13 @@ class VectorQuantizer(nn.Module):
     def __init__(self, codebook_size, dim, *, beta=0.25, l2_norm=False, projector='', chunk_size=0,
                  usage_window=0, usage_tokens=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5,
                  bridge_group_size=0, bridge_dim=256, bridge_depth=2, bridge_heads=4, bridge_mlp_ratio=2.0,
-                 bridge_compress_norm=False, bridge_zero_init=True):
+                 bridge_compress_norm=False, bridge_zero_init=True, rq_depth=1):
         super().__init__()
         K, D = codebook_size, dim
         _check_common(chunk_size, vcq_schedule)
-        self.codebook_size, self.dim = K, D
+        if not (isinstance(rq_depth, int) and rq_depth >= 1):
+            raise ValueError(f"rq_depth must be an int >= 1 (codes per position), got {rq_depth!r}")
+        self.codebook_size, self.dim, self.rq_depth = K, D, rq_depth
         self.beta, self.l2_norm, self.chunk_size = beta, l2_norm, chunk_size
         embedding = torch.empty(K, D).uniform_(-1 / K, 1 / K)  # raw codebook
         self.embedding = nn.Parameter(F.normalize(embedding, dim=-1) if l2_norm else embedding)
@@ -371,8 +373,9 @@ class VectorQuantizer(nn.Module):
         return F.normalize(self.embedding, dim=-1) if self.normalize_forward else self.embedding
 
     def lookup(self, indices):
-        # (B, H, W) long -> (B, D, H, W)
-        return self.codebook()[indices].permute(0, 3, 1, 2)
+        # (B, H, W) long, or (B, H, W, rq_depth) for residual codes (summed) -> (B, D, H, W)
+        codes = self.codebook()[indices]
+        return (codes if self.rq_depth == 1 else codes.sum(-2)).permute(0, 3, 1, 2)
 
     def forward(self, z):
         _check_input(z, self.dim)
@@ -382,15 +385,24 @@ class VectorQuantizer(nn.Module):
             z_flat = _tokens_first(z.float())  # (N, D)
             if self.normalize_forward:
                 z_flat = F.normalize(z_flat, dim=-1)
-            indices = nearest_codes(z_flat, codebook.detach(), self.chunk_size,
-                                    _token_codebook_sizes(self.codebook_sizes, B, H, W))  # (N,)
-            # (N, D), carries the gradient to the codebook / projector; F.embedding, not codebook[indices]:
-            # indexing's backward adds in a thread-dependent order on a multi-core CPU (runs not repeatable)
-            z_q = F.embedding(indices, codebook)
-            codebook_loss = F.mse_loss(z_q, z_flat.detach())
-            commit_loss = F.mse_loss(z_q.detach(), z_flat)
+            sizes = _token_codebook_sizes(self.codebook_sizes, B, H, W)
+            # rq_depth codes per position, each the nearest to what the previous ones left (RQ-VAE; depth 1 is
+            # plain VQ). The partial sums carry the gradient to the codebook / projector; F.embedding, not
+            # codebook[indices]: indexing's backward adds in a thread-dependent order on a multi-core CPU
+            residual, z_q, indices, partial_sums = z_flat.detach(), 0, [], []
+            for _ in range(self.rq_depth):
+                depth_indices = nearest_codes(residual, codebook.detach(), self.chunk_size, sizes)  # (N,)
+                code = F.embedding(depth_indices, codebook)  # (N, D)
+                residual = residual - code.detach()
+                z_q = z_q + code
+                indices.append(depth_indices)
+                partial_sums.append(z_q)
+            # RQ-VAE's losses on every partial sum (FVQ's release, vq_model_qbridge_rqvae.py), averaged
+            codebook_loss = torch.stack([F.mse_loss(q, z_flat.detach()) for q in partial_sums]).mean()
+            commit_loss = torch.stack([F.mse_loss(q.detach(), z_flat) for q in partial_sums]).mean()
             loss = codebook_loss + self.beta * commit_loss
             z_q = z_flat + (z_q - z_flat).detach()  # straight-through: dz = dz_q
+            indices = indices[0] if self.rq_depth == 1 else torch.stack(indices, dim=1)  # (N,) or (N, depth)
         info = _info(self, indices, B, H, W, codebook_loss=codebook_loss, commit_loss=commit_loss)
         if isinstance(self.projector, VQBridge):
             info['bridge_live_slots'] = self.projector.live_slots()
@@ -668,24 +680,26 @@ def ibq_reference(z, codebook, beta=0.25, ibq_beta_term='codebook', entropy_weig
 # every make_quantizer option: the kinds it applies to
 # (the projector and VCQ options apply conditionally, below)
 QUANTIZER_OPTIONS = {
-    'beta': ('vq', 'fvq', 'ibq'), 'l2_norm': ('vq', 'fvq', 'ibq'), 'chunk_size': ('vq', 'fvq', 'ibq'),
-    'usage_window': ('vq', 'fvq', 'ibq'), 'usage_tokens': ('vq', 'fvq', 'ibq'),
+    'beta': ('vq', 'fvq', 'ibq', 'rq'), 'l2_norm': ('vq', 'fvq', 'ibq', 'rq'),
+    'chunk_size': ('vq', 'fvq', 'ibq', 'rq'), 'usage_window': ('vq', 'fvq', 'ibq', 'rq'),
+    'usage_tokens': ('vq', 'fvq', 'ibq', 'rq'),
     'ibq_beta_term': ('ibq',), 'entropy_weight': ('ibq',), 'entropy_temperature': ('ibq',),
-    'projector': ('fvq',), 'bridge_group_size': ('fvq',), 'bridge_dim': ('fvq',), 'bridge_depth': ('fvq',),
-    'bridge_heads': ('fvq',), 'bridge_mlp_ratio': ('fvq',), 'bridge_compress_norm': ('fvq',),
-    'bridge_zero_init': ('fvq',),
-    'vcq_schedule': ('vq', 'fvq', 'ibq'), 'vcq_k_min': ('vq', 'fvq', 'ibq'),
-    'vcq_seq_len': ('vq', 'fvq', 'ibq'), 'vcq_gamma': ('vq', 'fvq', 'ibq'),
+    'projector': ('fvq', 'rq'), 'bridge_group_size': ('fvq', 'rq'), 'bridge_dim': ('fvq', 'rq'),
+    'bridge_depth': ('fvq', 'rq'), 'bridge_heads': ('fvq', 'rq'), 'bridge_mlp_ratio': ('fvq', 'rq'),
+    'bridge_compress_norm': ('fvq', 'rq'), 'bridge_zero_init': ('fvq', 'rq'),
+    'rq_depth': ('rq',),
+    'vcq_schedule': ('vq', 'fvq', 'ibq', 'rq'), 'vcq_k_min': ('vq', 'fvq', 'ibq', 'rq'),
+    'vcq_seq_len': ('vq', 'fvq', 'ibq', 'rq'), 'vcq_gamma': ('vq', 'fvq', 'ibq', 'rq'),
 }
 
 
 def quantizer_options(kind, projector='vqbridge', vcq_schedule=''):
     """Names of the make_quantizer options that take effect for this kind: the bridge_* options only with
     projector='vqbridge', vcq_k_min / vcq_seq_len only with a VCQ schedule, vcq_gamma only with 'power'."""
-    if kind not in ('vq', 'fvq', 'ibq'):
-        raise ValueError(f"unknown quantizer kind '{kind}'; expected 'vq', 'ibq' or 'fvq'")
+    if kind not in ('vq', 'fvq', 'ibq', 'rq'):
+        raise ValueError(f"unknown quantizer kind '{kind}'; expected 'vq', 'ibq', 'fvq' or 'rq'")
     names = [name for name, kinds in QUANTIZER_OPTIONS.items() if kind in kinds]
-    if kind == 'fvq' and projector != 'vqbridge':
+    if kind in ('fvq', 'rq') and projector != 'vqbridge':
         names = [name for name in names if not name.startswith('bridge_')]
     if vcq_schedule == '':
         names = [name for name in names if name not in ('vcq_k_min', 'vcq_seq_len', 'vcq_gamma')]
@@ -703,7 +717,7 @@ def options_from_config(kind, config, defaults):
                if k in config and k not in applicable and config[k] != defaults[k]]
     if ignored:
         raise ValueError(f"config key(s) {ignored} have no effect with quantizer='{kind}'"
-                         + (f", projector={config['projector']!r}" if kind == 'fvq' else '')
+                         + (f", projector={config['projector']!r}" if kind in ('fvq', 'rq') else '')
                          + f", vcq_schedule={config.get('vcq_schedule', '')!r}; "
                            f"remove them or change the quantizer")
     return {k: config[k] for k in applicable if k in config}
@@ -711,12 +725,14 @@ def options_from_config(kind, config, defaults):
 
 def make_quantizer(kind, codebook_size, dim, **options):
     """kind 'vq' (LlamaGen: l2-normalised codes by default), 'fvq' (VQBridge-mapped codebook; options
-    projector= 'linear' | 'mlp5' give the FVQ Table 5 baselines) or 'ibq'. options: any of
+    projector= 'linear' | 'mlp5' give the FVQ Table 5 baselines), 'ibq' or 'rq' (residual VQ, rq_depth codes per
+    position, FVQ Table 4; any projector over its shared codebook, none by default). options: any of
     quantizer_options(kind, ...); one that would have no effect for this kind is an error naming it."""
     if not (isinstance(codebook_size, int) and codebook_size >= 2 and isinstance(dim, int) and dim >= 1):
         raise ValueError(f"codebook_size must be an int >= 2 and dim an int >= 1, "
                          f"got {codebook_size!r}, {dim!r}")
-    valid = quantizer_options(kind, options.get('projector', 'vqbridge'), options.get('vcq_schedule', ''))
+    default_projector = 'vqbridge' if kind == 'fvq' else ''
+    valid = quantizer_options(kind, options.get('projector', default_projector), options.get('vcq_schedule', ''))
     unknown = [name for name in options if name not in valid]
     if unknown:
         raise TypeError(f"option(s) {unknown} do not apply to quantizer '{kind}'"
@@ -726,6 +742,8 @@ def make_quantizer(kind, codebook_size, dim, **options):
                         + f"; options that apply: {valid}")
     if kind == 'vq':
         return VectorQuantizer(codebook_size, dim, **{'l2_norm': True, **options})
+    if kind == 'rq':  # RQ-VAE: 4 codes per position from one shared codebook; projector='vqbridge' is FVQ's
+        return VectorQuantizer(codebook_size, dim, **{'rq_depth': 4, **options})
     if kind == 'fvq':
         if options.get('projector', 'vqbridge') == '':
             raise ValueError("quantizer 'fvq' needs a projector ('vqbridge', 'linear' or 'mlp5'); "

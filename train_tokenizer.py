@@ -51,7 +51,7 @@ ch_mult = (1, 1, 2, 2, 4)  # downsample 16; (1, 2, 2, 4) gives 8
 num_res_blocks = 2
 z_channels = 256
 dropout = 0.0
-quantizer = 'vq'  # 'vq', 'ibq' or 'fvq'
+quantizer = 'vq'  # 'vq', 'ibq', 'fvq' or 'rq'
 codebook_size = 16384
 code_dim = 8
 # quantizer options (quantizers.make_quantizer's): each takes effect for some quantizers only, and changing
@@ -67,7 +67,8 @@ usage_tokens = 0  # usage: distinct codes among the last usage_tokens training t
 ibq_beta_term = 'codebook'  # ibq: beta on the codebook term (SEED-Voken) or 'commit' (IBQ eq. 12 as printed)
 entropy_weight = 0.05  # ibq: MAGVIT-v2 entropy penalty
 entropy_temperature = 0.01
-projector = 'vqbridge'  # fvq: 'vqbridge', 'linear' or 'mlp5'
+projector = 'vqbridge'  # fvq, rq: 'vqbridge', 'linear' or 'mlp5' ('' for rq: RQ-VAE's own codebook)
+rq_depth = 4  # rq: codes per position (RQ-VAE's depth)
 bridge_group_size = 0  # codes per bridge token (0 = quantizers.bridge_group_size_for(K): 16 at 16,384)
 bridge_dim = 256
 bridge_depth = 2

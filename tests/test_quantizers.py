@@ -449,3 +449,54 @@ def test_code_usage():
     assert usage.item() == 0.5 and abs(perplexity.item() - 4.0) < 1e-12
     usage, perplexity = Q.code_usage(torch.tensor([1, 0, 0, 0]))
     assert usage.item() == 0.25 and perplexity.item() == 1.0
+
+
+# -----------------------------------------------------------------------------
+# RQ (residual VQ over one shared codebook; FVQ Table 4)
+
+def test_rq_depth_one_is_plain_vq_and_shapes():
+    torch.manual_seed(0)
+    rq = Q.make_quantizer('rq', 64, 8, rq_depth=1)
+    vq = Q.make_quantizer('vq', 64, 8, l2_norm=False)
+    vq.load_state_dict(rq.state_dict())
+    z = torch.randn(2, 8, 3, 5)
+    (zq_r, loss_r, info_r), (zq_v, loss_v, info_v) = rq(z), vq(z)
+    assert torch.equal(zq_r, zq_v) and torch.equal(loss_r, loss_v)
+    assert torch.equal(info_r['indices'], info_v['indices']) and info_r['indices'].shape == (2, 3, 5)
+    deep = Q.make_quantizer('rq', 64, 8)  # RQ-VAE's depth 4 by default
+    z_q, loss, info = deep(z)
+    assert info['indices'].shape == (2, 3, 5, 4) and int(info['usage_tokens']) == 2 * 3 * 5 * 4  # all depths
+    torch.testing.assert_close(deep.lookup(info['indices']), z_q)  # the codes of a position add up to z_q
+    with pytest.raises(TypeError, match="'rq_depth'"):
+        Q.make_quantizer('vq', 64, 8, rq_depth=2)
+
+
+def test_rq_error_never_grows_with_depth_and_chunks_do_not_matter():
+    """Each level takes the code nearest to what the previous ones left; with the zero vector among the codes
+    the residual can only shrink. The chunk size changes nothing."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 16, 6, 7)
+    errors = []
+    for depth in (1, 2, 3, 4, 6):
+        outputs = []
+        for chunk_size in (5, 1000):
+            torch.manual_seed(1)
+            q = Q.make_quantizer('rq', 128, 16, rq_depth=depth, chunk_size=chunk_size)
+            with torch.no_grad():
+                q.embedding.mul_(200.0)[0] = 0.0  # codes of the scale of z (uniform(+-1/K) otherwise), one zero
+            outputs.append(q(z))
+        assert torch.equal(outputs[0][2]['indices'], outputs[1][2]['indices'])
+        assert torch.equal(outputs[0][1], outputs[1][1])
+        errors.append((outputs[0][0] - z).pow(2).mean().item())
+    assert all(b <= a + 1e-7 for a, b in zip(errors, errors[1:])) and errors[-1] < 0.8 * errors[0], errors
+
+
+def test_rq_gradients_reach_the_raw_codebook_through_the_bridge():
+    torch.manual_seed(0)
+    q = Q.make_quantizer('rq', 64, 8, projector='vqbridge', bridge_group_size=4, bridge_dim=32,
+                         bridge_zero_init=False)
+    z = torch.randn(2, 8, 4, 4, requires_grad=True)
+    z_q, loss, info = q(z)
+    ((z_q * torch.randn_like(z_q)).sum() + loss).backward()
+    assert q.embedding.grad is not None and q.embedding.grad.abs().sum() > 0
+    assert z.grad.abs().sum() > 0 and info['indices'].shape == (2, 4, 4, 4)
