@@ -208,7 +208,7 @@ elif what == 'inception':
     print(f"inception batch={inception_batch} device={device}: {inception_batch / dt:.2f} features/s")
 
 elif what == 'tokenizer':
-    from tokenizer import Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn
+    from tokenizer import Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, tokens_per_image
     cfg = {}
     exec(open(tokenizer_config).read(), cfg)  # the config's keys; train_tokenizer.py's defaults for the rest
     model_keys = ('ch', 'ch_mult', 'num_res_blocks', 'z_channels', 'quantizer', 'codebook_size', 'code_dim')
@@ -219,12 +219,10 @@ elif what == 'tokenizer':
     q_kind = cfg.get('quantizer', 'vq')
     q_options = quantizer_options(q_kind, cfg.get('projector', 'vqbridge'), cfg.get('vcq_schedule', ''))
     model_args['quantizer_args'] = {k: cfg[k] for k in q_options if k in cfg}
-    if model_args['quantizer_args'].get('vcq_seq_len') == 0 or (cfg.get('vcq_schedule') and 'vcq_seq_len' not in cfg):
-        # train_tokenizer.py's automatic schedule length: the tokens per image
-        downsample = 2 ** (len(cfg.get('ch_mult', (1, 1, 2, 2, 4))) - 1)
-        model_args['quantizer_args']['vcq_seq_len'] = (cfg.get('num_latent_tokens', 256)
-                                                       if cfg.get('tokenizer_type') == 'titok'
-                                                       else (cfg.get('image_size', 256) // downsample) ** 2)
+    if cfg.get('vcq_schedule') and not cfg.get('vcq_seq_len'):  # train_tokenizer.py's automatic length
+        model_args['quantizer_args']['vcq_seq_len'] = tokens_per_image(
+            cfg.get('tokenizer_type', 'vqgan'), cfg.get('image_size', 256), cfg.get('ch_mult', (1, 1, 2, 2, 4)),
+            cfg.get('num_latent_tokens', 256))
     model = Tokenizer(**model_args).to(device)
     disc = PatchDiscriminator(3, cfg.get('disc_ch', 64), cfg.get('disc_layers', 3)).to(device)
     lpips_model = make_lpips(random_backbone=True).to(device)  # same cost as the pretrained one, no download

@@ -893,7 +893,8 @@ def run_ref(config):
     pool, spatial, position, filled, skipped = None, None, 0, 0, 0
     try:
         for batch in tqdm(loader, desc='reference'):
-            keep = [item is not None and chosen[position + i] for i, item in enumerate(batch)]
+            # the readable images of this batch that belong to the arr_0 sample (collate keeps them in order)
+            picked_rows = [bool(chosen[position + i]) for i, item in enumerate(batch) if item is not None]
             position += len(batch)
             images, _, n_skipped = collate(batch)
             skipped += n_skipped
@@ -902,8 +903,7 @@ def run_ref(config):
             images = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
             features, spatial_features, _ = inception_forward(model, images, dev)
             pool, spatial = add_moments(pool, features), add_moments(spatial, spatial_features)
-            readable_keep = [flag for flag, item in zip(keep, batch) if item is not None]
-            picked = images[np.asarray(readable_keep, dtype=bool)]
+            picked = images[np.asarray(picked_rows, dtype=bool)]
             sample[filled:filled + len(picked)] = picked
             filled += len(picked)
         if pool is None:

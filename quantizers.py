@@ -651,8 +651,7 @@ def ibq_reference(z, codebook, beta=0.25, ibq_beta_term='codebook', entropy_weig
     codebook_sizes (N,) or None. -> z_q (N, D), loss, indices (N,)"""
     K = codebook.shape[0]
     logits = z @ codebook.t()  # (N, K), eq. 3
-    masked = None if codebook_sizes is None else (torch.arange(K, device=z.device)[None, :]
-                                                  >= codebook_sizes[:, None])
+    masked = _too_big_codes(logits, codebook_sizes)
     if masked is not None:  # VCQ section 3: token n may only use the first K_n codes
         logits = logits.masked_fill(masked, float('-inf'))
     soft = logits.softmax(1)  # eq. 4

@@ -301,6 +301,14 @@ class Tokenizer(nn.Module):
         return self.decoder.to_pixels.weight if self.tokenizer_type == 'titok' else self.decoder.conv_out.weight
 
 
+def tokens_per_image(tokenizer_type, image_size, ch_mult, num_latent_tokens):
+    """Codes per image of a tokenizer config: the VQGAN's grid (image_size / 2^(levels - 1))^2, or the 1D
+    tokenizer's L (train_tokenizer.py's automatic VCQ schedule length)."""
+    if tokenizer_type == 'titok':
+        return num_latent_tokens
+    return (image_size // 2 ** (len(ch_mult) - 1)) ** 2
+
+
 def load_tokenizer(path, map_location='cpu', ema=True):
     """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py: its EMA weights when
     the run kept them (ema_decay > 0; what IBQ's release evaluates and extracts codes with) unless

@@ -22,7 +22,7 @@ from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, 
                        adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate,
                        ShardedBatchSampler, setup_device, autocast_context, atomic_save, save_image_grid,
                        truncate_log, append_log, load_checkpoint, check_out_dir, check_resume_config,
-                       gather_rng_states, restore_rng_states, psnr, to_uint8)
+                       gather_rng_states, restore_rng_states, psnr, to_uint8, tokens_per_image)
 
 # -----------------------------------------------------------------------------
 # default config: LlamaGen VQ-16 on ImageNet 256 (config/vq_16k.py); override with config files / --key=value
@@ -138,7 +138,7 @@ downsample = 2 ** (len(ch_mult) - 1)
 if tokenizer_type == 'vqgan' and image_size % downsample != 0:
     raise ValueError(f"image_size {image_size} is not divisible by the downsampling factor {downsample} "
                      f"of ch_mult {ch_mult}")
-num_tokens = num_latent_tokens if tokenizer_type == 'titok' else (image_size // downsample) ** 2
+num_tokens = tokens_per_image(tokenizer_type, image_size, ch_mult, num_latent_tokens)
 lr = learning_rate * batch_size / base_batch_size
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 autocast = autocast_context(device, dtype)
