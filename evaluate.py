@@ -2,8 +2,9 @@
 Evaluation, self-contained (torch, numpy, scipy; the lpips package for LPIPS):
 - the FID Inception-v3 of pytorch-fid (TF-ported weights), features for FID / sFID / IS / precision-recall
   with ADM's evaluator conventions (a reference batch's stored mu/sigma, 5,000-sample IS chunks);
-- reconstruction metrics of a tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity, also under
-  the conventions of LlamaGen's and FVQ's tables (--metric_convention);
+- reconstruction metrics of a tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity (and, for
+  rq / msvq tokenizers, usage per depth / scale), also under the conventions of LlamaGen's and FVQ's tables
+  (--metric_convention);
 - the VCQ entropy-cliff analysis of token sequences (t* of eq. 1-2) and the VCQ §4.4 linear probe;
 - training curves of several runs (their out_dir/log.jsonl) and entropy cliffs side by side (matplotlib).
 
@@ -38,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from quantizers import code_usage
+from quantizers import code_usage, code_levels, flat_codes
 from tokenizer import atomic_write, to_uint8, psnr
 
 # -----------------------------------------------------------------------------
@@ -749,7 +750,7 @@ def run_recon(config):
     lpips_model = (make_lpips(config['lpips_random_backbone'], lpips_network(convention)).to(dev)
                    if config['lpips'] else None)
     K = tokenizer.quantizer.codebook_size
-    counts = torch.zeros(K, dtype=torch.long, device=dev)
+    counts, level_counts = torch.zeros(K, dtype=torch.long, device=dev), {}
     real_feats, fake_feats, psnrs, ssims, lpipses, all_codes, all_labels = [], [], [], [], [], [], []
     skipped = 0
     with torch.no_grad():
@@ -758,10 +759,14 @@ def run_recon(config):
             if len(images) == 0:
                 continue
             images = images.to(dev)
-            indices = tokenizer.encode(images)  # (B, h, w)
+            indices = tokenizer.encode(images)  # (B, h, w); rq: (B, h, w, depth); msvq: [(B, s, s)] per scale
             real = to_uint8(images) / 255.0  # (B, 3, S, S) in [0, 1], the levels of a saved image
             fake = to_uint8(tokenizer.decode(indices)) / 255.0
-            counts += torch.bincount(indices.flatten(), minlength=K)
+            codes = flat_codes(indices)  # (B, T)
+            counts += torch.bincount(codes.flatten(), minlength=K)
+            for level, level_codes in code_levels(indices).items():  # multi-code quantizers: per depth / scale
+                level_counts.setdefault(level, torch.zeros(K, dtype=torch.long, device=dev))
+                level_counts[level] += torch.bincount(level_codes.flatten(), minlength=K)
             if inception is not None:
                 real_feats.append(inception(real)[0].cpu())
                 fake_feats.append(inception(fake)[0].cpu())
@@ -770,7 +775,7 @@ def run_recon(config):
             ssims.append(ssim_batch.cpu())
             if lpips_model is not None:
                 lpipses.append(lpips_model(fake * 2 - 1, real * 2 - 1).flatten().cpu())
-            all_codes.append(indices.flatten(1).cpu())
+            all_codes.append(codes.cpu())
             all_labels.append(labels_batch)
     if not psnrs:
         raise ValueError(f"no readable images in '{data_dir}'")
@@ -780,6 +785,7 @@ def run_recon(config):
                'usage_tokens': int(counts.sum()), 'num_images': int(sum(len(c) for c in all_codes)),
                'num_skipped': skipped, 'image_size': size, 'data_dir': data_dir, 'split': config['split'],
                'metric_convention': convention}
+    results.update({f'codebook_usage_{level}': code_usage(c)[0].item() for level, c in level_counts.items()})
     if inception is not None:
         results['rfid'] = fid_from_features(torch.cat(fake_feats).numpy(), torch.cat(real_feats).numpy())
     if lpips_model is not None:
@@ -787,7 +793,7 @@ def run_recon(config):
                        lpips_random_backbone=config['lpips_random_backbone'])
     if config['save_codes']:
         os.makedirs(config['out_dir'], exist_ok=True)
-        codes_array = torch.cat(all_codes).numpy().astype(np.int32 if K < 2 ** 31 else np.int64)  # (N, h*w)
+        codes_array = torch.cat(all_codes).numpy().astype(np.int32 if K < 2 ** 31 else np.int64)  # (N, T)
         np.save(os.path.join(config['out_dir'], 'codes.npy'), codes_array)
         np.save(os.path.join(config['out_dir'], 'labels.npy'), torch.cat(all_labels).numpy())
         results['codes_file'] = os.path.join(config['out_dir'], 'codes.npy')

@@ -110,6 +110,24 @@ def code_usage(counts):
     return (counts > 0).double().mean(), torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum())
 
 
+def flat_codes(indices):
+    """An image's codes as one sequence (B, T): (B, h, w) grids and 1D (B, L) codes in raster order,
+    rq's (B, h, w, depth) position by position, msvq's per-scale list [(B, s, s)] coarse to fine (VAR's)."""
+    if isinstance(indices, (list, tuple)):
+        return torch.cat([i.flatten(1) for i in indices], 1)
+    return indices.flatten(1)
+
+
+def code_levels(indices):
+    """{level name: (B, n) codes} for multi-code quantizers, one entry per rq depth ('depth1', ...) or msvq scale
+    ('scale1x1', ...); {} for single-code maps. For usage per level (evaluate.py --mode=recon)."""
+    if isinstance(indices, (list, tuple)):
+        return {f'scale{i.shape[-1]}x{i.shape[-1]}': i.flatten(1) for i in indices}
+    if indices.dim() == 4:
+        return {f'depth{d + 1}': indices[..., d].flatten(1) for d in range(indices.shape[-1])}
+    return {}
+
+
 def _perplexity(indices, K):
     # the batch's code histogram (index_add_ rather than bincount: no host sync on GPU) -> its perplexity
     counts = torch.zeros(K, device=indices.device).index_add_(
@@ -322,6 +340,24 @@ class VQBridge(nn.Module):
         return x.reshape(self.K, self.D)
 
 
+def make_projector(projector, K, D, bridge_group_size=0, bridge_dim=256, bridge_depth=2, bridge_heads=4,
+                   bridge_mlp_ratio=2.0, bridge_compress_norm=False, bridge_zero_init=True):
+    """The map from the raw (K, D) codebook to the codes used: None for the raw codes, 'vqbridge' (FVQ),
+    'linear' (SimVQ's single D -> D layer) or 'mlp5' (5 linear layers with ReLU), the baselines of FVQ Tables
+    5 and 10."""
+    if projector == '':
+        return None
+    if projector == 'vqbridge':
+        return VQBridge(K, D, bridge_group_size or bridge_group_size_for(K), bridge_dim, bridge_depth,
+                        bridge_heads, bridge_mlp_ratio, bridge_compress_norm, bridge_zero_init)
+    if projector == 'linear':
+        return nn.Linear(D, D)
+    if projector == 'mlp5':
+        return nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(),
+                             nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D))
+    raise ValueError(f"unknown projector '{projector}'; expected '', 'vqbridge', 'linear' or 'mlp5'")
+
+
 # -----------------------------------------------------------------------------
 # plain VQ (LlamaGen) and FVQ (VQ against a mapped codebook)
 
@@ -331,9 +367,8 @@ class VectorQuantizer(nn.Module):
     FVQ). Without a projector (plain VQ, LlamaGen) l2_norm also normalises z and the codes in every forward.
     With projector != '' (FVQ) the codes used are projector(raw codebook), computed once per forward, and are
     never normalised (the release's --codebook-l2-norm is init-time only, and its scripts leave it off); the
-    raw codebook then gets gradients only through the projector.
-    projector: 'vqbridge' (FVQ), 'linear' (SimVQ's single D -> D layer) or 'mlp5' (5 linear layers with ReLU),
-    the baselines of FVQ Tables 5 and 10."""
+    raw codebook then gets gradients only through the projector (make_projector: 'vqbridge', 'linear', 'mlp5').
+    rq_depth > 1: residual VQ (RQ-VAE), rq_depth codes per position from the one codebook."""
 
     def __init__(self, codebook_size, dim, *, beta=0.25, l2_norm=False, projector='', chunk_size=0,
                  usage_window=0, usage_tokens=0, vcq_schedule='', vcq_k_min=2, vcq_seq_len=256, vcq_gamma=2.5,
@@ -348,20 +383,8 @@ class VectorQuantizer(nn.Module):
         self.beta, self.l2_norm, self.chunk_size = beta, l2_norm, chunk_size
         embedding = torch.empty(K, D).uniform_(-1 / K, 1 / K)  # raw codebook
         self.embedding = nn.Parameter(F.normalize(embedding, dim=-1) if l2_norm else embedding)
-        if projector == '':
-            self.projector = None
-        elif projector == 'vqbridge':
-            self.projector = VQBridge(K, D, bridge_group_size or bridge_group_size_for(K), bridge_dim,
-                                      bridge_depth, bridge_heads, bridge_mlp_ratio, bridge_compress_norm,
-                                      bridge_zero_init)
-        elif projector == 'linear':
-            self.projector = nn.Linear(D, D)
-        elif projector == 'mlp5':
-            self.projector = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(),
-                                           nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(),
-                                           nn.Linear(D, D))
-        else:
-            raise ValueError(f"unknown projector '{projector}'; expected '', 'vqbridge', 'linear' or 'mlp5'")
+        self.projector = make_projector(projector, K, D, bridge_group_size, bridge_dim, bridge_depth, bridge_heads,
+                                        bridge_mlp_ratio, bridge_compress_norm, bridge_zero_init)
         self.normalize_forward = l2_norm and self.projector is None  # never behind a projector
         _setup_usage(self, K, usage_window, usage_tokens)
         _setup_schedule(self, K, vcq_schedule, vcq_k_min, vcq_seq_len, vcq_gamma)
@@ -409,37 +432,141 @@ class VectorQuantizer(nn.Module):
         return _channels_first(z_q, B, H, W), loss, info
 
 
+# -----------------------------------------------------------------------------
+# VAR's multi-scale residual quantizer (FVQ Table 4's "680_10step")
+
+VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 1 + 4 + ... + 256 = 680 tokens at a 16 x 16 latent
+
+
+class MultiScaleQuantizer(nn.Module):
+    """VAR's multi-scale VQ (Tian et al. 2024; FVQ's release var/model/quant.py). For each scale s (small to
+    large): the residual is area-downsampled to s x s, each of its s*s vectors takes its nearest code, the code
+    map is upsampled (bicubic) to H x W, passed through phi, added to the running sum f_hat and subtracted
+    from the residual. phi(h) = (1 - phi_ratio) h + phi_ratio conv3x3(h), one of msvq_phi_convs convolutions
+    chosen by the scale's place in the sequence (VAR's quant_resi = 0.5, share_quant_resi = 4; 1 = one shared
+    phi, len(scales) = one per scale). loss = mean over scales of |f_hat_s - sg z|^2 + beta |sg f_hat_s - z|^2,
+    z_q = f_hat with a straight-through estimator; phi is trained by the first term only, as in VAR.
+    Codes come from one shared codebook, raw or through a projector (FVQ: 'vqbridge'). l2_norm: VAR's
+    using_znorm, the nearest code by cosine similarity (the codes themselves are used as they are)."""
+
+    def __init__(self, codebook_size, dim, *, beta=0.25, l2_norm=False, projector='', chunk_size=0, usage_window=0,
+                 usage_tokens=0, msvq_scales=VAR_SCALES, msvq_phi_ratio=0.5, msvq_phi_convs=4, **bridge_options):
+        super().__init__()
+        K, D = codebook_size, dim
+        _check_common(chunk_size, '')
+        scales = tuple(msvq_scales)
+        if not scales or any(not isinstance(s, int) or s < 1 for s in scales) or list(scales) != sorted(set(scales)):
+            raise ValueError(f"msvq_scales must be increasing ints >= 1 (the last = the latent grid's side), "
+                             f"got {msvq_scales!r}")
+        if not (isinstance(msvq_phi_convs, int) and msvq_phi_convs >= 1):
+            raise ValueError(f"msvq_phi_convs must be an int >= 1, got {msvq_phi_convs!r}")
+        self.codebook_size, self.dim, self.scales = K, D, scales
+        self.beta, self.l2_norm, self.chunk_size, self.phi_ratio = beta, l2_norm, chunk_size, abs(msvq_phi_ratio)
+        self.embedding = nn.Parameter(torch.randn(K, D))  # N(0, 1): the release keeps nn.Embedding's init
+        self.projector = make_projector(projector, K, D, **bridge_options)
+        self.phi = nn.ModuleList(nn.Conv2d(D, D, 3, padding=1) for _ in range(msvq_phi_convs)) \
+            if self.phi_ratio > 1e-6 else None
+        # VAR's Phi{Shared, PartiallyShared, NonShared}: scale si at si / (S - 1) uses the conv whose tick is
+        # nearest (ticks spread over [0, 1]; VAR's 1/3 margins for 4 convs)
+        n = msvq_phi_convs
+        margin = 1 / 3 / n if n == 4 else 1 / 2 / n
+        ticks = torch.linspace(margin, 1 - margin, n, dtype=torch.float64)
+        self.phi_of_scale = [int((ticks - si / max(len(scales) - 1, 1)).abs().argmin()) for si in range(len(scales))]
+        _setup_usage(self, K, usage_window, usage_tokens)
+        self.codebook_sizes = None  # no VCQ over scales
+
+    def codebook(self):
+        # (K, D) codes used for lookup
+        return self.embedding if self.projector is None else self.projector(self.embedding).float()
+
+    def _phi(self, h, si):
+        if self.phi is None:
+            return h
+        return h * (1 - self.phi_ratio) + self.phi[self.phi_of_scale[si]](h) * self.phi_ratio
+
+    def _upsampled(self, codes, si, H, W):
+        # (B, D, s, s) code map of scale si -> its phi'd contribution (B, D, H, W) to f_hat
+        if codes.shape[-2:] != (H, W):
+            codes = F.interpolate(codes, size=(H, W), mode='bicubic')
+        return self._phi(codes, si)
+
+    def lookup(self, indices):
+        # [(B, s, s) long per scale] -> f_hat (B, D, H, W)
+        codebook, side = self.codebook(), self.scales[-1]
+        return sum(self._upsampled(codebook[idx].permute(0, 3, 1, 2), si, side, side)
+                   for si, idx in enumerate(indices))
+
+    def forward(self, z):
+        _check_input(z, self.dim)
+        B, D, H, W = z.shape
+        if H != W or H != self.scales[-1]:
+            raise ValueError(f"msvq's last scale must be the latent grid's side: scales {self.scales}, "
+                             f"latent {H}x{W}")
+        codebook = self.codebook()
+        search_codes = F.normalize(codebook.detach(), dim=-1) if self.l2_norm else codebook.detach()
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            residual, f_hat, indices, codebook_losses, commit_losses = z.detach(), 0, [], [], []
+            for si, side in enumerate(self.scales):
+                rest = residual if side == H else F.interpolate(residual, size=(side, side), mode='area')
+                rest = _tokens_first(rest)  # (B*s*s, D)
+                if self.l2_norm:
+                    rest = F.normalize(rest, dim=-1)
+                scale_indices = nearest_codes(rest, search_codes, self.chunk_size)  # (B*s*s,)
+                codes = _channels_first(F.embedding(scale_indices, codebook), B, side, side)  # (B, D, s, s)
+                h = self._upsampled(codes, si, H, W)  # (B, D, H, W)
+                f_hat = f_hat + h
+                residual = residual - h.detach()
+                indices.append(scale_indices.reshape(B, side, side))
+                codebook_losses.append(F.mse_loss(f_hat, z.detach()))
+                commit_losses.append(F.mse_loss(f_hat.detach(), z))
+            codebook_loss, commit_loss = torch.stack(codebook_losses).mean(), torch.stack(commit_losses).mean()
+            loss = codebook_loss + self.beta * commit_loss
+            z_q = z + (f_hat - z).detach()  # straight-through
+        # usage and perplexity over all scales' tokens; info['indices'] is the list per scale (VAR's order)
+        info = _info(self, torch.cat([i.flatten(1) for i in indices], 1).flatten(), B, 1, -1,
+                     codebook_loss=codebook_loss, commit_loss=commit_loss)
+        info['indices'] = indices
+        if isinstance(self.projector, VQBridge):
+            info['bridge_live_slots'] = self.projector.live_slots()
+        return z_q, loss, info
+
+
 def fvq_to_vq_checkpoint(checkpoint):
-    """FVQ tokenizer checkpoint -> plain-VQ tokenizer checkpoint whose codebook is the mapped codebook, so the
-    bridge is not needed at inference. Optimiser entries are dropped (they refer to the bridge's parameters);
-    the EMA weights, when present, are exported the same way."""
+    """Tokenizer checkpoint with a projected codebook (quantizer 'fvq', or 'rq' / 'msvq' with a projector) ->
+    the same tokenizer whose raw codebook is the mapped codebook and which has no projector, so the bridge is
+    not needed at inference: 'fvq' becomes plain 'vq', 'rq' / 'msvq' keep their kind (and msvq its phi
+    convolutions). Optimiser entries are dropped (they refer to the bridge's parameters); the EMA weights, when
+    present, are exported the same way."""
     args = checkpoint['model_args']
-    if args.get('quantizer') != 'fvq':
-        raise ValueError(f"fvq_to_vq_checkpoint needs an FVQ checkpoint, "
-                         f"got quantizer={args.get('quantizer')!r}")
-    options = dict(args.get('quantizer_args') or {})
-    fvq = make_quantizer('fvq', args['codebook_size'], args['code_dim'], **options)
+    kind, options = args.get('quantizer'), dict(args.get('quantizer_args') or {})
+    projector = options.get('projector', 'vqbridge' if kind == 'fvq' else '')
+    if kind not in BRIDGED or projector == '':
+        raise ValueError(f"fvq_to_vq_checkpoint needs a checkpoint with a projected codebook (quantizer 'fvq', "
+                         f"or 'rq' / 'msvq' with a projector), got quantizer={kind!r}, projector={projector!r}")
+    source = make_quantizer(kind, args['codebook_size'], args['code_dim'], **options)
+    target_kind = 'vq' if kind == 'fvq' else kind  # rq and msvq have no projector by default
+    target_options = {k: v for k, v in options.items() if k != 'projector' and k in quantizer_options(
+        target_kind, '', options.get('vcq_schedule', ''))}
+    if 'l2_norm' in target_options or target_kind == 'vq':
+        target_options['l2_norm'] = False  # the mapped codes are used as they are (no forward normalisation)
+    target_keys = make_quantizer(target_kind, args['codebook_size'], args['code_dim'], **target_options).state_dict()
     prefix = 'quantizer.'
 
     def export(state):
-        fvq.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        source.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         with torch.no_grad():
-            mapped = fvq.codebook().float().clone()  # (K, D)
-        exported = {k: v for k, v in state.items() if not k.startswith(prefix)}
+            mapped = source.codebook().float().clone()  # (K, D)
+        exported = {k: v for k, v in state.items() if not k.startswith(prefix) or k[len(prefix):] in target_keys}
         exported[prefix + 'embedding'] = mapped
-        if fvq.codebook_sizes is not None:
-            exported[prefix + 'codebook_sizes'] = fvq.codebook_sizes.clone()
         return exported
 
-    vq_options = {k: v for k, v in options.items()
-                  if k in quantizer_options('vq', vcq_schedule=options.get('vcq_schedule', ''))}
-    vq_options['l2_norm'] = False  # the mapped codes are used as they are (no forward normalisation)
     out = {k: v for k, v in checkpoint.items()
            if k not in ('model', 'model_args', 'ema') and 'optim' not in k}
     out['model'] = export(checkpoint['model'])
     if checkpoint.get('ema') is not None:
         out['ema'] = export(checkpoint['ema'])
-    out['model_args'] = {**args, 'quantizer': 'vq', 'quantizer_args': vq_options}
+    out['model_args'] = {**args, 'quantizer': target_kind, 'quantizer_args': target_options}
     return out
 
 
@@ -678,32 +805,33 @@ def ibq_reference(z, codebook, beta=0.25, ibq_beta_term='codebook', entropy_weig
 
 # every make_quantizer option: the kinds it applies to
 # (the projector and VCQ options apply conditionally, below)
+VQ_KINDS = ('vq', 'fvq', 'ibq', 'rq')  # one code (or rq_depth) per latent position: VCQ's K_t apply
+BRIDGED = ('fvq', 'rq', 'msvq')  # those with a projector over their codebook
 QUANTIZER_OPTIONS = {
-    'beta': ('vq', 'fvq', 'ibq', 'rq'), 'l2_norm': ('vq', 'fvq', 'ibq', 'rq'),
-    'chunk_size': ('vq', 'fvq', 'ibq', 'rq'), 'usage_window': ('vq', 'fvq', 'ibq', 'rq'),
-    'usage_tokens': ('vq', 'fvq', 'ibq', 'rq'),
+    'beta': VQ_KINDS + ('msvq',), 'l2_norm': VQ_KINDS + ('msvq',),
+    'chunk_size': VQ_KINDS + ('msvq',), 'usage_window': VQ_KINDS + ('msvq',), 'usage_tokens': VQ_KINDS + ('msvq',),
     'ibq_beta_term': ('ibq',), 'entropy_weight': ('ibq',), 'entropy_temperature': ('ibq',),
-    'projector': ('fvq', 'rq'), 'bridge_group_size': ('fvq', 'rq'), 'bridge_dim': ('fvq', 'rq'),
-    'bridge_depth': ('fvq', 'rq'), 'bridge_heads': ('fvq', 'rq'), 'bridge_mlp_ratio': ('fvq', 'rq'),
-    'bridge_compress_norm': ('fvq', 'rq'), 'bridge_zero_init': ('fvq', 'rq'),
+    'projector': BRIDGED, 'bridge_group_size': BRIDGED, 'bridge_dim': BRIDGED, 'bridge_depth': BRIDGED,
+    'bridge_heads': BRIDGED, 'bridge_mlp_ratio': BRIDGED, 'bridge_compress_norm': BRIDGED,
+    'bridge_zero_init': BRIDGED,
     'rq_depth': ('rq',),
-    'vcq_schedule': ('vq', 'fvq', 'ibq', 'rq'), 'vcq_k_min': ('vq', 'fvq', 'ibq', 'rq'),
-    'vcq_seq_len': ('vq', 'fvq', 'ibq', 'rq'), 'vcq_gamma': ('vq', 'fvq', 'ibq', 'rq'),
+    'msvq_scales': ('msvq',), 'msvq_phi_ratio': ('msvq',), 'msvq_phi_convs': ('msvq',),
+    'vcq_schedule': VQ_KINDS, 'vcq_k_min': VQ_KINDS, 'vcq_seq_len': VQ_KINDS, 'vcq_gamma': VQ_KINDS,
 }
 
 
 def quantizer_options(kind, projector='vqbridge', vcq_schedule=''):
     """Names of the make_quantizer options that take effect for this kind: the bridge_* options only with
     projector='vqbridge', vcq_k_min / vcq_seq_len only with a VCQ schedule, vcq_gamma only with 'power'."""
-    if kind not in ('vq', 'fvq', 'ibq', 'rq'):
-        raise ValueError(f"unknown quantizer kind '{kind}'; expected 'vq', 'ibq', 'fvq' or 'rq'")
+    if kind not in VQ_KINDS + ('msvq',):
+        raise ValueError(f"unknown quantizer kind '{kind}'; expected 'vq', 'ibq', 'fvq', 'rq' or 'msvq'")
     names = [name for name, kinds in QUANTIZER_OPTIONS.items() if kind in kinds]
-    if kind in ('fvq', 'rq') and projector != 'vqbridge':
+    if kind in BRIDGED and projector != 'vqbridge':
         names = [name for name in names if not name.startswith('bridge_')]
     if vcq_schedule == '':
         names = [name for name in names if name not in ('vcq_k_min', 'vcq_seq_len', 'vcq_gamma')]
     elif vcq_schedule != 'power':
-        names.remove('vcq_gamma')
+        names = [name for name in names if name != 'vcq_gamma']
     return names
 
 
@@ -716,7 +844,7 @@ def options_from_config(kind, config, defaults):
                if k in config and k not in applicable and config[k] != defaults[k]]
     if ignored:
         raise ValueError(f"config key(s) {ignored} have no effect with quantizer='{kind}'"
-                         + (f", projector={config['projector']!r}" if kind in ('fvq', 'rq') else '')
+                         + (f", projector={config['projector']!r}" if kind in BRIDGED else '')
                          + f", vcq_schedule={config.get('vcq_schedule', '')!r}; "
                            f"remove them or change the quantizer")
     return {k: config[k] for k in applicable if k in config}
@@ -724,8 +852,9 @@ def options_from_config(kind, config, defaults):
 
 def make_quantizer(kind, codebook_size, dim, **options):
     """kind 'vq' (LlamaGen: l2-normalised codes by default), 'fvq' (VQBridge-mapped codebook; options
-    projector= 'linear' | 'mlp5' give the FVQ Table 5 baselines), 'ibq' or 'rq' (residual VQ, rq_depth codes per
-    position, FVQ Table 4; any projector over its shared codebook, none by default). options: any of
+    projector= 'linear' | 'mlp5' give the FVQ Table 5 baselines), 'ibq', 'rq' (residual VQ, rq_depth codes per
+    position) or 'msvq' (VAR's multi-scale VQ); rq and msvq take any projector over their shared codebook, none
+    by default ('vqbridge' = FVQ Table 4's). options: any of
     quantizer_options(kind, ...); one that would have no effect for this kind is an error naming it."""
     if not (isinstance(codebook_size, int) and codebook_size >= 2 and isinstance(dim, int) and dim >= 1):
         raise ValueError(f"codebook_size must be an int >= 2 and dim an int >= 1, "
@@ -743,6 +872,8 @@ def make_quantizer(kind, codebook_size, dim, **options):
         return VectorQuantizer(codebook_size, dim, **{'l2_norm': True, **options})
     if kind == 'rq':  # RQ-VAE: 4 codes per position from one shared codebook; projector='vqbridge' is FVQ's
         return VectorQuantizer(codebook_size, dim, **{'rq_depth': 4, **options})
+    if kind == 'msvq':
+        return MultiScaleQuantizer(codebook_size, dim, **options)
     if kind == 'fvq':
         if options.get('projector', 'vqbridge') == '':
             raise ValueError("quantizer 'fvq' needs a projector ('vqbridge', 'linear' or 'mlp5'); "

@@ -485,6 +485,9 @@ if __name__ == '__main__':
     else:
         # float32 weights (and encode_views turns autocast off): bf16 changes ~0.7% of the codes
         tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()
+        if getattr(tokenizer.quantizer, 'rq_depth', 1) > 1 or hasattr(tokenizer.quantizer, 'scales'):
+            raise ValueError(f"'{tokenizer_ckpt}' is a multi-code tokenizer (quantizer 'rq' or 'msvq', FVQ Table 4, "
+                             f"reconstruction only here); train_ar.py models one code per position")
         # the training images, without random augmentation: deterministic resize + centre crop;
         # ten_crop reads at 1.1x and takes the crops here, on the tensor
         dataset = make_dataset(data_dir, round(1.1 * image_size) if ten_crop else image_size, train=True,

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from quantizers import options_from_config, bridge_group_size_for, code_usage
+from quantizers import options_from_config, bridge_group_size_for, code_usage, flat_codes
 from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, lecam_loss,
                        adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate,
                        ShardedBatchSampler, setup_device, autocast_context, atomic_save, save_image_grid,
@@ -51,7 +51,7 @@ ch_mult = (1, 1, 2, 2, 4)  # downsample 16; (1, 2, 2, 4) gives 8
 num_res_blocks = 2
 z_channels = 256
 dropout = 0.0
-quantizer = 'vq'  # 'vq', 'ibq', 'fvq' or 'rq'
+quantizer = 'vq'  # 'vq', 'ibq', 'fvq', 'rq' (RQ-VAE) or 'msvq' (VAR)
 codebook_size = 16384
 code_dim = 8
 # quantizer options (quantizers.make_quantizer's): each takes effect for some quantizers only, and changing
@@ -59,7 +59,8 @@ code_dim = 8
 # All resolved values are recorded in the checkpoint's model_args.
 beta = 0.25  # commitment weight
 l2_norm = True  # vq: l2-normalised codes and z (LlamaGen); fvq: the raw codes normalised once at init (the
-#                 release's flag; its scripts leave it off); ibq: cosine logits (off in the release)
+#                 release's flag; its scripts leave it off); ibq: cosine logits (off in the release); msvq: the
+#                 nearest code by cosine similarity (VAR's using_znorm, off in VAR)
 chunk_size = 0  # tokens per (chunk, K) distance / logit block; 0 = chosen from K (quantizers.chunk_rows)
 # window_usage: distinct codes among the last max(65536, K + 1) tokens (the release's; 0 = that)
 usage_window = 0
@@ -67,8 +68,11 @@ usage_tokens = 0  # usage: distinct codes among the last usage_tokens training t
 ibq_beta_term = 'codebook'  # ibq: beta on the codebook term (SEED-Voken) or 'commit' (IBQ eq. 12 as printed)
 entropy_weight = 0.05  # ibq: MAGVIT-v2 entropy penalty
 entropy_temperature = 0.01
-projector = 'vqbridge'  # fvq, rq: 'vqbridge', 'linear' or 'mlp5' ('' for rq: RQ-VAE's own codebook)
+projector = 'vqbridge'  # fvq, rq, msvq: 'vqbridge', 'linear' or 'mlp5' ('' for rq / msvq: their own codebook)
 rq_depth = 4  # rq: codes per position (RQ-VAE's depth)
+msvq_scales = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # msvq: side of each scale's code map (VAR's); last = grid's
+msvq_phi_ratio = 0.5  # msvq: phi(h) = (1 - r) h + r conv3x3(h) (VAR's quant_resi)
+msvq_phi_convs = 4  # msvq: phi convolutions shared over the scales (VAR's share_quant_resi)
 bridge_group_size = 0  # codes per bridge token (0 = quantizers.bridge_group_size_for(K): 16 at 16,384)
 bridge_dim = 256
 bridge_depth = 2
@@ -139,6 +143,10 @@ if tokenizer_type == 'vqgan' and image_size % downsample != 0:
     raise ValueError(f"image_size {image_size} is not divisible by the downsampling factor {downsample} "
                      f"of ch_mult {ch_mult}")
 num_tokens = tokens_per_image(tokenizer_type, image_size, ch_mult, num_latent_tokens)
+if quantizer == 'msvq' and (tokenizer_type != 'vqgan' or msvq_scales[-1] != image_size // downsample):
+    raise ValueError(f"msvq needs the VQGAN's grid with msvq_scales ending at its side: msvq_scales {msvq_scales}, "
+                     f"latent grid {image_size // downsample} (image_size {image_size}, ch_mult {ch_mult}), "
+                     f"tokenizer_type {tokenizer_type!r}")
 lr = learning_rate * batch_size / base_batch_size
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 autocast = autocast_context(device, dtype)
@@ -188,6 +196,11 @@ if master:
     shape = (f"1D, {num_latent_tokens} tokens per image ({titok_preset} ViTs, patch {patch_size})"
              if tokenizer_type == 'titok' else
              f"{downsample}x downsampling, {image_size // downsample}^2 tokens per image")
+    if quantizer == 'rq':
+        shape += f" x depth {rq_depth}"
+    elif quantizer == 'msvq':
+        shape = (f"{downsample}x downsampling, {sum(s * s for s in msvq_scales)} tokens per image over "
+                 f"{len(msvq_scales)} scales")
     print(f"tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {shape}, "
           f"quantizer {quantizer} {quantizer_args}")
 
@@ -278,7 +291,7 @@ def evaluate():
                     else (recon - images).pow(2)).flatten(1).mean(1))
         recon = recon.clamp(-1, 1)
         psnrs.append(psnr(to_uint8(recon) / 255.0, to_uint8(images) / 255.0))  # as evaluate.py: saved levels
-        indices.append(info['indices'].flatten())
+        indices.append(flat_codes(info['indices']).flatten())
         if shown is None:
             n = min(8, len(images))
             shown = torch.cat([images[:n], recon[:n]])

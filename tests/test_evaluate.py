@@ -851,6 +851,35 @@ def test_recon_mode_without_weights_on_the_held_out_split(tmp_path, monkeypatch)
         split_held_out(dataset.samples, 10)
 
 
+@pytest.mark.parametrize('kind, options', [('rq', {'rq_depth': 3}), ('msvq', {'msvq_scales': (1, 2, 4, 16)})])
+def test_recon_mode_on_multi_code_tokenizers_reports_usage_per_level(kind, options, tmp_path, monkeypatch,
+                                                                     random_inception_file):
+    """FVQ Table 4's tokenizers: rFID, PSNR, usage over all codes and per rq depth / msvq scale."""
+    from tokenizer import Tokenizer, load_tokenizer, make_dataset
+    from quantizers import flat_codes
+    model_args = {**TINY_TOKENIZER, 'quantizer': kind, 'quantizer_args': options}
+    torch.manual_seed(0)
+    path = str(tmp_path / 'ckpt.pt')
+    torch.save({'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args,
+                'config': {'image_size': 32, 'data_dir': ''}}, path)
+    run_in_process(monkeypatch, ['--mode=recon', f'--ckpt={path}', '--num_images=3', '--batch_size=2',
+                                 '--lpips=False', '--num_workers=0', '--device=cpu', f'--out_dir={tmp_path}',
+                                 f'--inception_weights={random_inception_file}'])
+    result = read_json(tmp_path / 'eval_recon.json')
+    levels = [f'depth{d}' for d in (1, 2, 3)] if kind == 'rq' else [f'scale{s}x{s}' for s in (1, 2, 4, 16)]
+    per_image = 16 * 16 * 3 if kind == 'rq' else 1 + 4 + 16 + 256
+    assert result['usage_tokens'] == 3 * per_image and math.isfinite(result['rfid']) and result['psnr'] > 0
+    codes = np.load(tmp_path / 'codes.npy')
+    images = torch.stack([make_dataset('', 32, train=False)[i][0] for i in range(3)])
+    with torch.no_grad():
+        indices = load_tokenizer(path).encode(images)
+    assert np.array_equal(codes, flat_codes(indices).numpy()) and codes.shape == (3, per_image)
+    level_codes = ([indices[..., d] for d in range(3)] if kind == 'rq' else indices)
+    for level, c in zip(levels, level_codes):
+        assert result[f'codebook_usage_{level}'] == len(np.unique(c.numpy())) / 64
+    assert result['codebook_usage'] == len(np.unique(codes)) / 64
+
+
 @pytest.mark.slow
 def test_curves_mode_plots_training_logs_and_entropy_cliffs(tmp_path):
     """Two tiny 10-iteration tokenizer runs (log.jsonl) and two entropy results -> one PNG per metric, the

@@ -416,18 +416,22 @@ def test_unknown_options_are_errors():
 # -----------------------------------------------------------------------------
 # FVQ checkpoint -> plain VQ checkpoint
 
-def test_fvq_export_to_plain_vq_gives_identical_indices_and_reconstructions():
+@pytest.mark.parametrize('kind, options, exported_kind', [
+    ('fvq', {}, 'vq'),
+    ('rq', {'projector': 'vqbridge', 'rq_depth': 3}, 'rq'),
+    ('msvq', {'projector': 'vqbridge', 'msvq_scales': (1, 2, 4, 8)}, 'msvq')])
+def test_fvq_export_to_plain_vq_gives_identical_indices_and_reconstructions(kind, options, exported_kind):
     from tokenizer import Tokenizer
     torch.manual_seed(0)
-    model_args = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, dropout=0.0, quantizer='fvq',
+    model_args = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, dropout=0.0, quantizer=kind,
                       codebook_size=64, code_dim=8,
-                      quantizer_args={'bridge_group_size': 16, 'bridge_dim': 32, 'chunk_size': 7})
+                      quantizer_args={'bridge_group_size': 16, 'bridge_dim': 32, 'chunk_size': 7, **options})
     fvq_model = Tokenizer(**model_args).eval()
     torch.nn.init.normal_(fvq_model.quantizer.projector.expand.weight, std=0.1)  # distinct mapped codes
     ckpt = {'model': fvq_model.state_dict(), 'model_args': model_args, 'config': {'image_size': 16},
             'optimizer': {'state': {}}, 'iter_num': 3}
     vq_ckpt = Q.fvq_to_vq_checkpoint(ckpt)
-    assert (vq_ckpt['model_args']['quantizer'] == 'vq' and 'optimizer' not in vq_ckpt
+    assert (vq_ckpt['model_args']['quantizer'] == exported_kind and 'optimizer' not in vq_ckpt
             and vq_ckpt['iter_num'] == 3)
     assert not any('projector' in k for k in vq_ckpt['model'])
     vq_model = Tokenizer(**vq_ckpt['model_args'])
@@ -435,12 +439,13 @@ def test_fvq_export_to_plain_vq_gives_identical_indices_and_reconstructions():
     vq_model.eval()
     images = torch.rand(3, 3, 16, 16) * 2 - 1
     indices = fvq_model.encode(images)
-    assert len(indices.unique()) > 1
-    assert torch.equal(vq_model.encode(images), indices)
+    flat = Q.flat_codes(indices)
+    assert len(flat.unique()) > 1
+    assert torch.equal(Q.flat_codes(vq_model.encode(images)), flat)
     assert torch.allclose(vq_model.decode(indices), fvq_model.decode(indices), atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(vq_model(images)[0], fvq_model(images)[0], atol=1e-6)
-    with pytest.raises(ValueError, match='FVQ'):
+    with pytest.raises(ValueError, match='projected codebook'):
         Q.fvq_to_vq_checkpoint(vq_ckpt)
 
 
@@ -500,3 +505,75 @@ def test_rq_gradients_reach_the_raw_codebook_through_the_bridge():
     ((z_q * torch.randn_like(z_q)).sum() + loss).backward()
     assert q.embedding.grad is not None and q.embedding.grad.abs().sum() > 0
     assert z.grad.abs().sum() > 0 and info['indices'].shape == (2, 4, 4, 4)
+
+
+# -----------------------------------------------------------------------------
+# msvq (VAR's multi-scale residual VQ; FVQ Table 4)
+
+def test_msvq_at_one_scale_is_plain_vq_up_to_phi():
+    torch.manual_seed(0)
+    z = torch.randn(2, 8, 4, 4)
+    vq = Q.make_quantizer('vq', 64, 8, l2_norm=False)
+    for ratio in (0.0, 0.5):
+        ms = Q.make_quantizer('msvq', 64, 8, msvq_scales=(4,), msvq_phi_ratio=ratio)
+        with torch.no_grad():
+            vq.embedding.copy_(ms.embedding)
+        (zq_m, loss_m, info_m), (zq_v, loss_v, info_v) = ms(z), vq(z)
+        assert len(info_m['indices']) == 1 and torch.equal(info_m['indices'][0], info_v['indices'])
+        if ratio == 0:  # no phi: exactly VQ
+            assert torch.equal(zq_m, zq_v) and torch.equal(loss_m, loss_v)
+        else:  # f_hat = phi(VQ's z_q)
+            assert ms.phi is not None and not torch.allclose(zq_m, zq_v)
+            torch.testing.assert_close(zq_m, ms._phi(zq_v, 0))
+    # l2_norm (VAR's using_znorm): the code of largest cosine similarity, as VQ with l2_norm picks it
+    ms = Q.make_quantizer('msvq', 64, 8, msvq_scales=(4,), l2_norm=True)
+    cosine = F.normalize(z.permute(0, 2, 3, 1), dim=-1) @ F.normalize(ms.embedding, dim=-1).t()  # (B, H, W, K)
+    assert torch.equal(ms(z)[2]['indices'][0], cosine.argmax(-1))
+
+
+def test_msvq_shapes_token_count_lookup_and_chunking():
+    torch.manual_seed(0)
+    z = torch.randn(2, 8, 16, 16)
+    outputs = []
+    for chunk_size in (7, 0):
+        torch.manual_seed(1)
+        q = Q.make_quantizer('msvq', 64, 8, chunk_size=chunk_size, usage_tokens=10 ** 5)  # VAR's 10 scales
+        outputs.append(q(z))
+    (z_q, loss, info), (z_q2, loss2, info2) = outputs
+    assert [i.shape for i in info['indices']] == [(2, s, s) for s in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
+    assert Q.flat_codes(info['indices']).shape == (2, 680) and int(info['usage_tokens']) == 2 * 680
+    assert torch.equal(z_q, z_q2) and torch.equal(loss, loss2)
+    assert all(torch.equal(a, b) for a, b in zip(info['indices'], info2['indices']))
+    torch.testing.assert_close(q.lookup(info['indices']), z_q)  # the scales' codes add up to z_q
+    assert list(Q.code_levels(info['indices'])) == [f'scale{s}x{s}' for s in Q.VAR_SCALES]
+    with pytest.raises(ValueError, match='last scale'):
+        q(torch.randn(1, 8, 8, 8))
+    with pytest.raises(ValueError, match='msvq_scales'):
+        Q.make_quantizer('msvq', 64, 8, msvq_scales=(4, 2))
+    with pytest.raises(TypeError, match='vcq_schedule'):
+        Q.make_quantizer('msvq', 64, 8, vcq_schedule='cosine')
+
+
+def test_msvq_phi_choice_matches_var():
+    """VAR's PhiPartiallyShared / PhiNonShared / PhiShared pick, for scale si of S, the phi whose tick is
+    nearest si / (S - 1); transcribed with numpy."""
+    import numpy as np
+    for n in (1, 4, 10):
+        q = Q.make_quantizer('msvq', 16, 4, msvq_phi_convs=n)
+        ticks = np.linspace(1 / 3 / n, 1 - 1 / 3 / n, n) if n == 4 else np.linspace(1 / 2 / n, 1 - 1 / 2 / n, n)
+        assert q.phi_of_scale == [int(np.argmin(np.abs(ticks - si / 9))) for si in range(10)]
+    assert Q.make_quantizer('msvq', 16, 4, msvq_phi_convs=10).phi_of_scale == list(range(10))
+
+
+def test_msvq_gradients_reach_the_raw_codebook_through_the_bridge_and_phi():
+    torch.manual_seed(0)
+    q = Q.make_quantizer('msvq', 64, 8, projector='vqbridge', bridge_group_size=4, bridge_dim=32,
+                         bridge_zero_init=False, msvq_scales=(1, 2, 4))
+    z = torch.randn(2, 8, 4, 4, requires_grad=True)
+    z_q, loss, info = q(z)
+    ((z_q * torch.randn_like(z_q)).sum() + loss).backward()
+    assert q.embedding.grad is not None and q.embedding.grad.abs().sum() > 0
+    used = set(q.phi_of_scale)  # 3 scales of 4 convs: one is unused
+    assert len(used) == 3 and all((q.phi[i].weight.grad is not None) == (i in used) for i in range(4))
+    assert all(q.phi[i].weight.grad.abs().sum() > 0 for i in used)
+    assert z.grad.abs().sum() > 0

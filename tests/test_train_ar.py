@@ -511,3 +511,14 @@ def test_1d_tokenizer_chain_tokenizer_codes_gpt_samples_entropy(tmp_path, monkey
     assert result['num_sequences'] == 12 and result['seq_len'] == 32  # one view per image
     assert result['codebook_sizes'] == sizes.tolist() and result['t_star'] > 2  # K_1 = K_2 = 2: 1 bit each
     capsys.readouterr()
+
+
+def test_multi_code_tokenizers_are_refused_by_name(tmp_path, monkeypatch):
+    """rq / msvq tokenizers (FVQ Table 4) give several codes per position; the GPT models one."""
+    from tokenizer import Tokenizer
+    model_args = dict(TINY_TOKENIZER, quantizer='msvq', quantizer_args={'msvq_scales': (1, 4, 16)})
+    atomic_save({'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args, 'iter_num': 0,
+                 'config': {'image_size': 32, 'data_dir': ''}}, str(tmp_path / 'tok.pt'))
+    with pytest.raises(ValueError, match="multi-code tokenizer"):
+        run_in_process(monkeypatch, 'train_ar.py', f'--tokenizer_ckpt={tmp_path / "tok.pt"}',
+                       f'--codes_dir={tmp_path / "codes"}', f'--out_dir={tmp_path / "out"}', *TINY_RUN)

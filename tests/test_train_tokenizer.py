@@ -326,21 +326,27 @@ def test_smoke_config_keeps_the_codebook_in_use_and_learns(tmp_path):
     assert os.path.exists(tmp_path / 'ckpt.pt') and os.path.exists(tmp_path / 'recon_0000300.png')
 
 
+@pytest.mark.parametrize('kind', ['rq', 'msvq'])
 @pytest.mark.parametrize('projector', ['', 'vqbridge'])
-def test_rq_tokenizer_trains_with_and_without_the_bridge(projector, tmp_path, monkeypatch, capsys):
-    """RQ-VAE's residual quantizer (4 codes per position) and FVQ's version of it (a VQBridge over the shared
-    codebook, FVQ Table 4) through a short training run, in this process: usage over all depths is logged."""
+def test_multi_code_tokenizer_trains_with_and_without_the_bridge(kind, projector, tmp_path, monkeypatch, capsys):
+    """RQ-VAE's residual quantizer (4 codes per position), VAR's multi-scale one (680 codes at 16x16) and FVQ's
+    versions of them (a VQBridge over the shared codebook, FVQ Table 4) through a short training run, in this
+    process: usage over all depths / scales is logged."""
     monkeypatch.chdir(ROOT)
     bridge = ['--bridge_dim=32'] if projector else []  # (a bridge option without a bridge is an error)
-    monkeypatch.setattr(sys, 'argv', ['train_tokenizer.py', *TINY, '--quantizer=rq', f'--projector={projector}',
+    monkeypatch.setattr(sys, 'argv', ['train_tokenizer.py', *TINY, f'--quantizer={kind}', f'--projector={projector}',
                                       *bridge, '--l2_norm=False', '--max_iters=2', '--batch_size=2',
                                       '--disc_weight=0.0', '--eval_interval=2', '--usage_tokens=100000',
                                       f'--out_dir={tmp_path}'])
     runpy.run_path(os.path.join(ROOT, 'train_tokenizer.py'), run_name='__main__')
     stdout = capsys.readouterr().out
     ckpt = params(tmp_path)
-    assert ckpt['model_args']['quantizer_args']['rq_depth'] == 4
-    assert ('projector' in ckpt['model_args']['quantizer_args']) and (
-        any('projector' in k for k in ckpt['model']) == (projector == 'vqbridge'))
+    options = ckpt['model_args']['quantizer_args']
+    assert options.get('rq_depth') == (4 if kind == 'rq' else None)
+    assert options.get('msvq_scales') == ((1, 2, 3, 4, 5, 6, 8, 10, 13, 16) if kind == 'msvq' else None)
+    assert ('projector' in options) and (any('projector' in k for k in ckpt['model']) == (projector == 'vqbridge'))
     usage, tokens = re.findall(r'usage ([0-9.]+)% \(last (\d+) tokens\)', stdout)[-1]
-    assert 0 < float(usage) <= 100 and int(tokens) == 2 * 2 * 16 * 16 * 4  # 2 steps x 2 images x 16x16 x depth 4
+    per_image = 16 * 16 * 4 if kind == 'rq' else 680
+    assert 0 < float(usage) <= 100 and int(tokens) == 2 * 2 * per_image  # 2 steps x 2 images, all depths / scales
+    evals = [r for r in read_log(tmp_path) if r['split'] == 'eval']
+    assert evals[-1]['usage_tokens'] == 4 * per_image  # held-out: eval_images 4
