@@ -548,7 +548,7 @@ def fvq_to_vq_checkpoint(checkpoint):
     target_kind = 'vq' if kind == 'fvq' else kind  # rq and msvq have no projector by default
     target_options = {k: v for k, v in options.items() if k != 'projector' and k in quantizer_options(
         target_kind, '', options.get('vcq_schedule', ''))}
-    if 'l2_norm' in target_options or target_kind == 'vq':
+    if target_kind != 'msvq':  # (msvq's l2_norm is its cosine search, kept as it was)
         target_options['l2_norm'] = False  # the mapped codes are used as they are (no forward normalisation)
     target_keys = make_quantizer(target_kind, args['codebook_size'], args['code_dim'], **target_options).state_dict()
     prefix = 'quantizer.'

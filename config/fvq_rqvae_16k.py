@@ -7,22 +7,11 @@
 # partial sum. Assumed: 32x = the release's VQ-32 (ch_mult (1, 1, 2, 2, 4, 4)); the release's RQ bridge runs
 # over the codebook laid out as a 2D grid, this one is FVQ section 3.2's grouped VQBridge (as config/fvq_16k.py).
 # Run: torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/fvq_rqvae_16k.py
+exec(open('config/rqvae_16k.py').read())  # the same tokenizer, data and steps; the quantizer's codebook and the lr
 out_dir = 'out-fvq-rqvae-16k'
-data_dir = 'data/imagenet/train'
-eval_data_dir = 'data/imagenet/val'
-eval_interval = 5000
-log_interval = 100
-seed = 0
-ch_mult = (1, 1, 2, 2, 4, 4)  # 256 / 32 = 8x8 positions
-quantizer = 'rq'
 projector = 'vqbridge'
-rq_depth = 4
-codebook_size = 16384
-code_dim = 256
-l2_norm = False
 bridge_group_size = 16  # QBridge-S/4
 bridge_dim = 64
-max_iters = 10 * 1281167 // 128  # 10 epochs
 lr_schedule = 'annealing'
 warmup_frac = 0.1  # warmup_ep 1 of 10
 constant_frac = 0.3  # lrT

@@ -8,21 +8,14 @@
 # code dim as the release's VQVAE (its 3x3 quant_conv is this repo's 1x1); the release's bridge runs over the
 # codebook laid out as a 2D grid, this one is FVQ section 3.2's grouped VQBridge (as config/fvq_16k.py).
 # Run: torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/fvq_var_16k.py
+exec(open('config/var_4k.py').read())  # the same tokenizer, data and steps; the codebook and the lr differ
 out_dir = 'out-fvq-var-16k'
-data_dir = 'data/imagenet/train'
-eval_data_dir = 'data/imagenet/val'
-eval_interval = 5000
-log_interval = 100
-seed = 0
-quantizer = 'msvq'
 projector = 'vqbridge'
-l2_norm = False  # VAR's using_znorm off: the nearest code by Euclidean distance
 codebook_size = 16384
 code_dim = 256
 z_channels = 256
 bridge_group_size = 16  # QBridge-S/4
 bridge_dim = 64
-max_iters = 40 * 1281167 // 128  # 40 epochs
 lr_schedule = 'annealing'
 warmup_frac = 0.0  # warmup_ep 0
 constant_frac = 0.3  # lrT

@@ -419,7 +419,7 @@ def test_unknown_options_are_errors():
 @pytest.mark.parametrize('kind, options, exported_kind', [
     ('fvq', {}, 'vq'),
     ('rq', {'projector': 'vqbridge', 'rq_depth': 3}, 'rq'),
-    ('msvq', {'projector': 'vqbridge', 'msvq_scales': (1, 2, 4, 8)}, 'msvq')])
+    ('msvq', {'projector': 'vqbridge', 'msvq_scales': (1, 2, 4, 8), 'l2_norm': True}, 'msvq')])
 def test_fvq_export_to_plain_vq_gives_identical_indices_and_reconstructions(kind, options, exported_kind):
     from tokenizer import Tokenizer
     torch.manual_seed(0)
