@@ -41,6 +41,13 @@ def fails_in_process(monkeypatch, out_dir, *extra):
     return str(error.value)
 
 
+def runs_in_process(monkeypatch, out_dir, *extra):
+    """train_tokenizer.py as __main__ in this process, for a short run whose log and checkpoint are checked."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['train_tokenizer.py', *TINY, f'--out_dir={out_dir}', *extra])
+    runpy.run_path(os.path.join(ROOT, 'train_tokenizer.py'), run_name='__main__')
+
+
 def logged_losses(stdout):
     return {int(m.group(1)): m.group(2) for m in re.finditer(r'^iter (\d+): loss (-?[\d.]+)', stdout, re.M)}
 
@@ -115,11 +122,11 @@ def test_kill_and_resume_equals_uninterrupted(gan, tmp_path):
      [0.005, 0.5025] + [0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (it - 2) / 8)) for it in range(2, 10)]),
     ('step', ['--lr_milestones=(0.5,0.8)'], [1] * 5 + [0.1] * 3 + [0.01] * 2),  # IBQ's multi-step decay
 ])  # 'constant' (the default): test_weight_ema_update_and_loading
-def test_get_lr_schedules(schedule, extra, expected, tmp_path):
+def test_get_lr_schedules(schedule, extra, expected, tmp_path, monkeypatch):
     """The lr each iteration trained with (log.jsonl's iter k holds the lr of step k - 1), as a multiple of
     the batch-scaled learning rate."""
-    run(train_cmd(tmp_path, '--max_iters=10', '--batch_size=2', '--disc_weight=0.0', '--eval_interval=100',
-                  f'--lr_schedule={schedule}', *extra))
+    runs_in_process(monkeypatch, tmp_path, '--max_iters=10', '--batch_size=2', '--disc_weight=0.0',
+                    '--eval_interval=100', f'--lr_schedule={schedule}', *extra)
     lrs = [r['lr'] for r in read_log(tmp_path) if r['split'] == 'train']
     peak = 1e-3 * 2 / 8  # learning_rate x batch_size / base_batch_size
     assert lrs == pytest.approx([peak * m for m in expected], rel=1e-9)
@@ -133,7 +140,7 @@ def test_unknown_lr_schedule_is_an_error(tmp_path, monkeypatch):
 def test_weight_ema_update_and_loading(tmp_path, monkeypatch):
     """ema_decay d: after one step EMA = d * init + (1 - d) * weights; load_tokenizer returns the EMA
     weights."""
-    run(train_cmd(tmp_path, '--max_iters=1', '--batch_size=2', '--disc_weight=0.0', '--ema_decay=0.9'))
+    runs_in_process(monkeypatch, tmp_path, '--max_iters=1', '--batch_size=2', '--disc_weight=0.0', '--ema_decay=0.9')
     ckpt = params(tmp_path)
     assert [r['lr'] for r in read_log(tmp_path) if r['split'] == 'train'] == [1e-3 * 2 / 8]  # 'constant'
     torch.manual_seed(1337)  # the script's seed: this is the untrained model
