@@ -81,6 +81,11 @@ def chunk_rows(chunk_size, K, element_budget):
     return chunk_size or max(MIN_CHUNK_ROWS, element_budget // K)
 
 
+def _chunk_sizes(token_codebook_sizes, start, n):
+    # the VCQ sizes K_t of tokens start .. start + n - 1 of a chunked loop, or None without VCQ
+    return None if token_codebook_sizes is None else token_codebook_sizes[start:start + n]
+
+
 @torch.no_grad()
 def nearest_codes(z_flat, codebook, chunk_size, token_codebook_sizes=None):
     """Index of the nearest code (squared Euclidean) for each row of z_flat (N, D) among codebook (K, D).
@@ -93,8 +98,7 @@ def nearest_codes(z_flat, codebook, chunk_size, token_codebook_sizes=None):
     for start in range(0, N, chunk_size):
         z_chunk = z_flat[start:start + chunk_size]  # (n, D)
         dist = torch.addmm(code_sq, z_chunk, codebook.t(), alpha=-2.0)  # (n, K) = |c|^2 - 2 z.c
-        sizes = None if token_codebook_sizes is None else token_codebook_sizes[start:start + chunk_size]
-        too_big = _too_big_codes(dist, sizes)
+        too_big = _too_big_codes(dist, _chunk_sizes(token_codebook_sizes, start, chunk_size))
         if too_big is not None:
             dist.masked_fill_(too_big, float('inf'))
         indices[start:start + chunk_size] = dist.argmin(1)
@@ -216,6 +220,8 @@ def _info(module, indices, B, H, W, **losses):
     info.update({name: value.detach() for name, value in losses.items()})
     if module.codebook_sizes is not None:
         info['codebook_sizes'] = module.codebook_sizes
+    if isinstance(getattr(module, 'projector', None), VQBridge):
+        info['bridge_live_slots'] = module.projector.live_slots()
     return info
 
 
@@ -427,8 +433,6 @@ class VectorQuantizer(nn.Module):
             z_q = z_flat + (z_q - z_flat).detach()  # straight-through: dz = dz_q
             indices = indices[0] if self.rq_depth == 1 else torch.stack(indices, dim=1)  # (N,) or (N, depth)
         info = _info(self, indices, B, H, W, codebook_loss=codebook_loss, commit_loss=commit_loss)
-        if isinstance(self.projector, VQBridge):
-            info['bridge_live_slots'] = self.projector.live_slots()
         return _channels_first(z_q, B, H, W), loss, info
 
 
@@ -524,11 +528,9 @@ class MultiScaleQuantizer(nn.Module):
             loss = codebook_loss + self.beta * commit_loss
             z_q = z + (f_hat - z).detach()  # straight-through
         # usage and perplexity over all scales' tokens; info['indices'] is the list per scale (VAR's order)
-        info = _info(self, torch.cat([i.flatten(1) for i in indices], 1).flatten(), B, 1, -1,
-                     codebook_loss=codebook_loss, commit_loss=commit_loss)
+        info = _info(self, flat_codes(indices).flatten(), B, 1, -1, codebook_loss=codebook_loss,
+                     commit_loss=commit_loss)
         info['indices'] = indices
-        if isinstance(self.projector, VQBridge):
-            info['bridge_live_slots'] = self.projector.live_slots()
         return z_q, loss, info
 
 
@@ -540,7 +542,7 @@ def fvq_to_vq_checkpoint(checkpoint):
     present, are exported the same way."""
     args = checkpoint['model_args']
     kind, options = args.get('quantizer'), dict(args.get('quantizer_args') or {})
-    projector = options.get('projector', 'vqbridge' if kind == 'fvq' else '')
+    projector = options.get('projector', default_projector(kind))
     if kind not in BRIDGED or projector == '':
         raise ValueError(f"fvq_to_vq_checkpoint needs a checkpoint with a projected codebook (quantizer 'fvq', "
                          f"or 'rq' / 'msvq' with a projector), got quantizer={kind!r}, projector={projector!r}")
@@ -591,9 +593,9 @@ class _IBQChunked(torch.autograd.Function):
         stats = fused(_ibq_chunk_stats, z.device)
         for start in range(0, N, chunk_size):
             z_chunk = z[start:start + chunk_size]  # (n, D)
-            sizes = None if token_codebook_sizes is None else token_codebook_sizes[start:start + chunk_size]
-            chunk_indices, chunk_prob_sum, chunk_entropy_sum = stats(z_chunk @ codebook.t(), sizes,
-                                                                     temperature, with_entropy)
+            chunk_indices, chunk_prob_sum, chunk_entropy_sum = stats(
+                z_chunk @ codebook.t(), _chunk_sizes(token_codebook_sizes, start, chunk_size), temperature,
+                with_entropy)
             indices[start:start + chunk_size] = chunk_indices
             if with_entropy:
                 prob_sum += chunk_prob_sum
@@ -622,9 +624,9 @@ class _IBQChunked(torch.autograd.Function):
         with torch.autocast(device_type=z.device.type, enabled=False):
             for start in range(0, N, chunk_size):
                 z_chunk, g_chunk = z[start:start + chunk_size], grad_z_q[start:start + chunk_size]
-                sizes = None if token_codebook_sizes is None else token_codebook_sizes[start:start + chunk_size]
                 # (n, K) logits and dL/dp through z_q = Ind C, then dL/dlogits
-                grad_logits = grads(z_chunk @ codebook.t(), g_chunk @ codebook.t(), sizes, d_avg,
+                grad_logits = grads(z_chunk @ codebook.t(), g_chunk @ codebook.t(),
+                                    _chunk_sizes(token_codebook_sizes, start, chunk_size), d_avg,
                                     ctx.temperature, *entropy_scales, ctx.with_entropy)
                 grad_z[start:start + chunk_size] = grad_logits @ codebook
                 grad_codebook.addmm_(grad_logits.t(), z_chunk)
@@ -806,10 +808,11 @@ def ibq_reference(z, codebook, beta=0.25, ibq_beta_term='codebook', entropy_weig
 # every make_quantizer option: the kinds it applies to
 # (the projector and VCQ options apply conditionally, below)
 VQ_KINDS = ('vq', 'fvq', 'ibq', 'rq')  # one code (or rq_depth) per latent position: VCQ's K_t apply
+ALL_KINDS = VQ_KINDS + ('msvq',)
 BRIDGED = ('fvq', 'rq', 'msvq')  # those with a projector over their codebook
 QUANTIZER_OPTIONS = {
-    'beta': VQ_KINDS + ('msvq',), 'l2_norm': VQ_KINDS + ('msvq',),
-    'chunk_size': VQ_KINDS + ('msvq',), 'usage_window': VQ_KINDS + ('msvq',), 'usage_tokens': VQ_KINDS + ('msvq',),
+    'beta': ALL_KINDS, 'l2_norm': ALL_KINDS, 'chunk_size': ALL_KINDS, 'usage_window': ALL_KINDS,
+    'usage_tokens': ALL_KINDS,
     'ibq_beta_term': ('ibq',), 'entropy_weight': ('ibq',), 'entropy_temperature': ('ibq',),
     'projector': BRIDGED, 'bridge_group_size': BRIDGED, 'bridge_dim': BRIDGED, 'bridge_depth': BRIDGED,
     'bridge_heads': BRIDGED, 'bridge_mlp_ratio': BRIDGED, 'bridge_compress_norm': BRIDGED,
@@ -823,7 +826,7 @@ QUANTIZER_OPTIONS = {
 def quantizer_options(kind, projector='vqbridge', vcq_schedule=''):
     """Names of the make_quantizer options that take effect for this kind: the bridge_* options only with
     projector='vqbridge', vcq_k_min / vcq_seq_len only with a VCQ schedule, vcq_gamma only with 'power'."""
-    if kind not in VQ_KINDS + ('msvq',):
+    if kind not in ALL_KINDS:
         raise ValueError(f"unknown quantizer kind '{kind}'; expected 'vq', 'ibq', 'fvq', 'rq' or 'msvq'")
     names = [name for name, kinds in QUANTIZER_OPTIONS.items() if kind in kinds]
     if kind in BRIDGED and projector != 'vqbridge':
@@ -850,6 +853,11 @@ def options_from_config(kind, config, defaults):
     return {k: config[k] for k in applicable if k in config}
 
 
+def default_projector(kind):
+    # fvq is VQ behind a VQBridge; rq and msvq use their raw codebook unless a projector is asked for
+    return 'vqbridge' if kind == 'fvq' else ''
+
+
 def make_quantizer(kind, codebook_size, dim, **options):
     """kind 'vq' (LlamaGen: l2-normalised codes by default), 'fvq' (VQBridge-mapped codebook; options
     projector= 'linear' | 'mlp5' give the FVQ Table 5 baselines), 'ibq', 'rq' (residual VQ, rq_depth codes per
@@ -859,8 +867,7 @@ def make_quantizer(kind, codebook_size, dim, **options):
     if not (isinstance(codebook_size, int) and codebook_size >= 2 and isinstance(dim, int) and dim >= 1):
         raise ValueError(f"codebook_size must be an int >= 2 and dim an int >= 1, "
                          f"got {codebook_size!r}, {dim!r}")
-    default_projector = 'vqbridge' if kind == 'fvq' else ''
-    valid = quantizer_options(kind, options.get('projector', default_projector), options.get('vcq_schedule', ''))
+    valid = quantizer_options(kind, options.get('projector', default_projector(kind)), options.get('vcq_schedule', ''))
     unknown = [name for name in options if name not in valid]
     if unknown:
         raise TypeError(f"option(s) {unknown} do not apply to quantizer '{kind}'"

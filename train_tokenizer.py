@@ -193,14 +193,14 @@ gen_optimizer = Optimizer(model.parameters(), lr=lr, betas=(beta1, beta2), weigh
 disc_optimizer = Optimizer(disc.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                            fused=fused) if use_disc else None
 if master:
-    shape = (f"1D, {num_latent_tokens} tokens per image ({titok_preset} ViTs, patch {patch_size})"
-             if tokenizer_type == 'titok' else
-             f"{downsample}x downsampling, {image_size // downsample}^2 tokens per image")
-    if quantizer == 'rq':
-        shape += f" x depth {rq_depth}"
+    if tokenizer_type == 'titok':
+        shape = f"1D, {num_latent_tokens} tokens per image ({titok_preset} ViTs, patch {patch_size})"
     elif quantizer == 'msvq':
         shape = (f"{downsample}x downsampling, {sum(s * s for s in msvq_scales)} tokens per image over "
                  f"{len(msvq_scales)} scales")
+    else:
+        shape = (f"{downsample}x downsampling, {image_size // downsample}^2 tokens per image"
+                 + (f" x depth {rq_depth}" if quantizer == 'rq' else ''))
     print(f"tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {shape}, "
           f"quantizer {quantizer} {quantizer_args}")
 
