@@ -46,7 +46,7 @@ inception_batch = 50  # 256x256 uint8 images per forward
 tokenizer_config = 'config/vq_16k.py'
 tokenizer_batch = 8  # images per step (per GPU)
 # quantizer
-kind = 'vq'  # 'vq', 'ibq' or 'fvq'
+kind = 'vq'  # 'vq', 'ibq', 'fvq', 'rq' or 'msvq'
 codebook_size = 16384
 dim = 256
 tokens = 1024  # N = batch * h * w tokens per step; laid out as (tokens // 256, dim, 16, 16) when divisible
@@ -134,6 +134,9 @@ def peak_memory():
 # the model under test: a quantizer, or a train_ar.GPT preset with K = codebook_size and 1000 classes
 
 if what in ('quantizer', 'bridge_flops'):  # bridge_flops: an FVQ quantizer's projector, on the CPU
+    if what == 'quantizer' and baseline == 'naive' and kind in ('rq', 'msvq'):
+        raise ValueError(f"--baseline=naive has no plain formula for kind '{kind}' (vq_reference and "
+                         f"ibq_reference give one code per token); run it without --baseline")
     quantizer_kind = 'fvq' if what == 'bridge_flops' else kind
     options = options_from_config(quantizer_kind, config, default_config)
     if options.get('bridge_group_size') == 0:

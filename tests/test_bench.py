@@ -53,6 +53,12 @@ def test_quantizer_bench_naive_baseline_ratio(kind, capsys, monkeypatch):
     assert ms > 0 and naive_ms > 0 and ratio == pytest.approx(naive_ms / ms, abs=0.01 + 0.06 * ratio)
 
 
+def test_naive_baseline_is_refused_for_multi_code_quantizers(capsys, monkeypatch):
+    with pytest.raises(ValueError, match="no plain formula for kind 'rq'"):
+        run_bench_in_process(['--what=quantizer', '--kind=rq', '--codebook_size=256', '--dim=16',
+                              '--baseline=naive'], capsys, monkeypatch)
+
+
 def test_bridge_flops_counts_the_projector(capsys, monkeypatch):
     line = run_bench_in_process(['--what=bridge_flops', '--codebook_size=256', '--dim=16',
                                  '--projector=linear'], capsys, monkeypatch)
