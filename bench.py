@@ -19,11 +19,12 @@ Micro-benchmarks. Pick one with --what:
       python bench.py --what=tokenizer --tokenizer_config=config/vq_16k.py --tokenizer_batch=32 \
           --device=cuda --dtype=bfloat16 --compile=True
       last line (one line):
-      tokenizer config=config/vq_16k.py batch=32 256px device=cuda: <img/s> img/s, <ms> ms/iter, peak <MB> MB
+      tokenizer config=config/vq_16k.py batch=32 256px device=cuda: <img/s> img/s, <ms> ms/iter, peak <MB> MB,
+      first step <s> s (the first call's time: with --compile=True, mostly compilation)
   ar:           GPT training step (fwd+bwd+AdamW) on random codes: tok/s, ms/iter and MFU (train_ar.py's
                 GPT.flops_per_token and peak_bf16_flops, as its training log)
       python bench.py --what=ar --ar_model=B --ar_batch=64 --device=cuda --dtype=bfloat16
-      last line: ar preset=B batch=64 device=cuda: <tok/s> tok/s, <ms> ms/iter, MFU <x>%
+      last line: ar preset=B batch=64 device=cuda: <tok/s> tok/s, <ms> ms/iter, MFU <x>%, first step <s> s
   sample:       KV-cached sampling of codes with CFG (sample.generate; no tokenizer decode): images/s
       python bench.py --what=sample --ar_model=B --ar_batch=64 --cfg_scale=2.0 --device=cuda --dtype=bfloat16 \
           --compile=True
@@ -93,9 +94,15 @@ torch.manual_seed(seed)
 
 def time_steps(step):
     """Mean seconds per call of step() after warmup_steps untimed calls; resets the CUDA peak-memory
-    counter."""
-    for _ in range(warmup_steps):
+    counter. Sets first_step_s, the first call's seconds (with --compile=True: mostly compilation)."""
+    global first_step_s
+    first_step_s, t0 = float('nan'), time.perf_counter()
+    for i in range(warmup_steps):
         step()
+        if i == 0:
+            if device_type == 'cuda':
+                torch.cuda.synchronize()
+            first_step_s = time.perf_counter() - t0
     if device_type == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -256,7 +263,8 @@ elif what == 'tokenizer':
 
     dt = time_steps(step)
     print(f"tokenizer config={tokenizer_config} batch={tokenizer_batch} {size}px device={device}: "
-          f"{tokenizer_batch / dt:.2f} img/s, {1000 * dt:.1f} ms/iter, peak {peak_memory()}")
+          f"{tokenizer_batch / dt:.2f} img/s, {1000 * dt:.1f} ms/iter, peak {peak_memory()}, "
+          f"first step {first_step_s:.1f} s")
 
 elif what == 'ar':
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
@@ -277,7 +285,7 @@ elif what == 'ar':
     peak = peak_bf16_flops(device)
     mfu = f"{100 * model.flops_per_token() * ar_tokens * ar_batch / dt / peak:.2f}%" if peak else 'n/a'
     print(f"ar preset={ar_model} batch={ar_batch} device={device}: {ar_batch * ar_tokens / dt:.0f} tok/s, "
-          f"{1000 * dt:.1f} ms/iter, MFU {mfu}")
+          f"{1000 * dt:.1f} ms/iter, MFU {mfu}, first step {first_step_s:.1f} s")
 
 elif what == 'sample':
     from sample import generate, compile_decode_step
@@ -292,4 +300,4 @@ elif what == 'sample':
 
     dt = time_steps(run)
     print(f"sample preset={ar_model} batch={ar_batch} cfg={cfg_scale} tokens={ar_tokens} device={device}: "
-          f"{ar_batch / dt:.2f} images/s")
+          f"{ar_batch / dt:.2f} images/s, first call {first_step_s:.1f} s")

@@ -140,39 +140,43 @@ def _perplexity(indices, K):
 
 
 class RecentCodes(nn.Module):
-    """Histogram of the codes of the most recent `size` training tokens: a ring buffer of indices plus a
-    running (K,) count, both updated in place (no host sync). usage() = fraction of the K codes seen at least
-    once in them. Only training forwards record (record=True); eval forwards (held-out evaluation, code
-    extraction) leave it alone. Not saved in checkpoints (persistent=False): usage is a running statistic, and
-    it is per rank under DDP."""
+    """The codes of the most recent `size` training tokens, a ring buffer written in place (a few ops per step,
+    no host sync). usage(n) = fraction of the K codes seen at least once among the last n <= size of them,
+    counted only when read (once per log interval). Only training forwards record; eval forwards (held-out
+    evaluation, code extraction) leave it alone. Not saved in checkpoints (persistent=False): usage is a
+    running statistic, and it is per rank under DDP."""
 
     def __init__(self, K, size):
         super().__init__()
         self.K, self.size = K, size
-        # slot value K marks an empty slot; its count lives in the extra last bin and is never read
+        # slot value K marks an empty slot; it is counted in an extra last bin that is never read
         self.register_buffer('recent', torch.full((size,), K, dtype=torch.long), persistent=False)
-        self.register_buffer('counts', torch.zeros(K + 1, dtype=torch.long), persistent=False)
         self.register_buffer('tokens_seen', torch.zeros((), dtype=torch.long), persistent=False)
-        self.position = 0  # next slot to write
+        # next slot to write, a tensor: a Python int attribute would be a constant to torch.compile, and a
+        # compiled tokenizer would recompile at every step
+        self.register_buffer('position', torch.zeros((), dtype=torch.long), persistent=False)
 
     @torch.no_grad()
     def record(self, indices):
-        # a batch longer than the window: only its last `size` count
+        # a batch longer than the buffer: only its last `size` are kept
         indices = indices.reshape(-1)[-self.size:]
         n = indices.numel()
-        slots = (self.position + torch.arange(n, device=indices.device)) % self.size
-        ones = torch.ones(n, dtype=torch.long, device=indices.device)
-        self.counts.index_add_(0, self.recent[slots], -ones)  # the tokens that fall out of the window
-        self.counts.index_add_(0, indices, ones)
-        self.recent[slots] = indices
+        self.recent[(self.position + torch.arange(n, device=indices.device)) % self.size] = indices
         self.tokens_seen += n
-        self.position = (self.position + n) % self.size
+        self.position.copy_((self.position + n) % self.size)
 
-    def usage(self):
-        return code_usage(self.counts[:-1])[0]  # 0-d tensor
+    def counts(self, last):
+        # (K,) histogram of the last `last` recorded codes (index_add_, not bincount: no host sync on GPU)
+        slots = (self.position - last + torch.arange(last, device=self.recent.device)) % self.size
+        codes = self.recent[slots]
+        return torch.zeros(self.K + 1, device=codes.device).index_add_(
+            0, codes, torch.ones(last, device=codes.device))[:-1]
 
-    def window_tokens(self):
-        return self.tokens_seen.clamp(max=self.size)  # tokens the usage is counted over
+    def usage(self, last=None):
+        return code_usage(self.counts(last or self.size))[0]  # 0-d tensor
+
+    def window_tokens(self, last=None):
+        return self.tokens_seen.clamp(max=last or self.size)  # tokens the usage is counted over
 
 
 def _check_common(chunk_size, vcq_schedule):
@@ -206,23 +210,35 @@ def _setup_usage(module, K, usage_window, usage_tokens):
     # window_usage: the release's statistic (distinct codes among the last max(65536, K + 1) tokens), which
     # cannot exceed 1 - 1/e ~ 63% for a perfectly uniform code distribution once K >= 65,536; usage: counted
     # over the last usage_tokens tokens (default 10 K), where a uniform distribution shows ~100% (1 - e^-10)
-    module.window = RecentCodes(K, usage_window or max(65536, K + 1))
-    module.recent_codes = RecentCodes(K, usage_tokens or 10 * K)
+    # one buffer of the codes of the last max(both) training tokens; each statistic counts its own tail of it
+    module.window_tokens, module.usage_tokens = usage_window or max(65536, K + 1), usage_tokens or 10 * K
+    module.recent_codes = RecentCodes(K, max(module.window_tokens, module.usage_tokens))
 
 
 def _info(module, indices, B, H, W, **losses):
+    # the forward's info: indices, loss terms, the VCQ sizes. Training forwards record the codes; the usage
+    # statistics are computed from the records only when read (quantizer_stats), once per log interval
     if module.training:
-        module.window.record(indices)
         module.recent_codes.record(indices)
-    info = {'indices': indices.reshape(B, H, W, *indices.shape[1:]), 'usage': module.recent_codes.usage(),
-            'usage_tokens': module.recent_codes.window_tokens(), 'window_usage': module.window.usage(),
-            'perplexity': _perplexity(indices, module.codebook_size)}
+    info = {'indices': indices.reshape(B, H, W, *indices.shape[1:])}
     info.update({name: value.detach() for name, value in losses.items()})
     if module.codebook_sizes is not None:
         info['codebook_sizes'] = module.codebook_sizes
-    if isinstance(getattr(module, 'projector', None), VQBridge):
-        info['bridge_live_slots'] = module.projector.live_slots()
     return info
+
+
+def quantizer_stats(quantizer, indices):
+    """A quantizer's usage statistics as 0-d tensors (no host sync; the caller reads them once per log
+    interval): usage over its last usage_tokens training tokens and their number, the release's window_usage,
+    the perplexity of the codes `indices` (info['indices'] of a forward; any layout flat_codes takes) and, with
+    a VQBridge, its live slots."""
+    recent, n = quantizer.recent_codes, quantizer.usage_tokens
+    stats = {'usage': recent.usage(n), 'usage_tokens': recent.window_tokens(n),
+             'window_usage': recent.usage(quantizer.window_tokens),
+             'perplexity': _perplexity(flat_codes(indices), quantizer.codebook_size)}
+    if isinstance(getattr(quantizer, 'projector', None), VQBridge):
+        stats['bridge_live_slots'] = quantizer.projector.live_slots()
+    return stats
 
 
 # -----------------------------------------------------------------------------
@@ -367,6 +383,11 @@ def make_projector(projector, K, D, bridge_group_size=0, bridge_dim=256, bridge_
 # -----------------------------------------------------------------------------
 # plain VQ (LlamaGen) and FVQ (VQ against a mapped codebook)
 
+def _mean(terms):
+    # mean of a list of 0-d loss terms (a single term as it is: no extra ops in the common one-code case)
+    return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-code VQ with a straight-through estimator; loss = |z_q - sg z|^2 + beta |sg z_q - z|^2 (means).
     The raw codebook starts uniform(-1/K, 1/K) and, with l2_norm, is l2-normalised once at init (LlamaGen,
@@ -418,17 +439,17 @@ class VectorQuantizer(nn.Module):
             # rq_depth codes per position, each the nearest to what the previous ones left (RQ-VAE; depth 1 is
             # plain VQ). The partial sums carry the gradient to the codebook / projector; F.embedding, not
             # codebook[indices]: indexing's backward adds in a thread-dependent order on a multi-core CPU
-            residual, z_q, indices, partial_sums = z_flat.detach(), 0, [], []
-            for _ in range(self.rq_depth):
+            residual, indices, partial_sums = z_flat.detach(), [], []
+            for depth in range(self.rq_depth):
                 depth_indices = nearest_codes(residual, codebook.detach(), self.chunk_size, sizes)  # (N,)
                 code = F.embedding(depth_indices, codebook)  # (N, D)
                 residual = residual - code.detach()
-                z_q = z_q + code
+                z_q = code if depth == 0 else z_q + code
                 indices.append(depth_indices)
                 partial_sums.append(z_q)
             # RQ-VAE's losses on every partial sum (FVQ's release, vq_model_qbridge_rqvae.py), averaged
-            codebook_loss = torch.stack([F.mse_loss(q, z_flat.detach()) for q in partial_sums]).mean()
-            commit_loss = torch.stack([F.mse_loss(q.detach(), z_flat) for q in partial_sums]).mean()
+            codebook_loss = _mean([F.mse_loss(q, z_flat.detach()) for q in partial_sums])
+            commit_loss = _mean([F.mse_loss(q.detach(), z_flat) for q in partial_sums])
             loss = codebook_loss + self.beta * commit_loss
             z_q = z_flat + (z_q - z_flat).detach()  # straight-through: dz = dz_q
             indices = indices[0] if self.rq_depth == 1 else torch.stack(indices, dim=1)  # (N,) or (N, depth)
@@ -524,7 +545,7 @@ class MultiScaleQuantizer(nn.Module):
                 indices.append(scale_indices.reshape(B, side, side))
                 codebook_losses.append(F.mse_loss(f_hat, z.detach()))
                 commit_losses.append(F.mse_loss(f_hat.detach(), z))
-            codebook_loss, commit_loss = torch.stack(codebook_losses).mean(), torch.stack(commit_losses).mean()
+            codebook_loss, commit_loss = _mean(codebook_losses), _mean(commit_losses)
             loss = codebook_loss + self.beta * commit_loss
             z_q = z + (f_hat - z).detach()  # straight-through
         # usage and perplexity over all scales' tokens; info['indices'] is the list per scale (VAR's order)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from quantizers import options_from_config, bridge_group_size_for, code_usage, flat_codes
+from quantizers import options_from_config, bridge_group_size_for, code_usage, flat_codes, quantizer_stats
 from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, lecam_loss,
                        adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate,
                        ShardedBatchSampler, setup_device, autocast_context, atomic_save, save_image_grid,
@@ -462,9 +462,8 @@ while True:
         dt = (time.time() - t0) / log_interval
         t0 = time.time()
         record = {'iter': iter_num, 'split': 'train', **{k: v.item() for k, v in stats.items()},
-                  **{k: info[k].item() for k in ('usage', 'usage_tokens', 'window_usage', 'perplexity')},
-                  **{f'q_{k}': v.item() for k, v in info.items()
-                     if k.endswith(('_loss', '_entropy', '_slots'))},
+                  **{k: v.item() for k, v in quantizer_stats(raw_model.quantizer, info['indices']).items()},
+                  **{f'q_{k}': v.item() for k, v in info.items() if k.endswith(('_loss', '_entropy'))},
                   'lr': step_lr, 'img_per_s': batch_size / dt, 'ms_per_iter': 1000 * dt,
                   'skipped_images': skipped_images}
         append_log(log_path, record)

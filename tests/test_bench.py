@@ -85,7 +85,7 @@ def test_tokenizer_bench_last_line(config, capsys, monkeypatch):
     line = run_bench_in_process(['--what=tokenizer', f'--tokenizer_config=config/{config}.py',
                                  '--tokenizer_batch=2', '--warmup_steps=1', '--steps=1'], capsys, monkeypatch)
     match = re.fullmatch(rf'tokenizer config=config/{config}.py batch=2 32px device=cpu: (\d+\.\d\d) img/s, '
-                         r'(\d+\.\d) ms/iter, peak n/a', line)
+                         r'(\d+\.\d) ms/iter, peak n/a, first step (\d+\.\d) s', line)
     assert match and float(match.group(1)) > 0, line
 
 
@@ -104,8 +104,8 @@ def test_ar_and_sample_bench_last_lines(capsys, monkeypatch):
     # with a made-up peak (the CPU has none), MFU is train_ar's FLOPs per token x tok/s / peak
     monkeypatch.setattr(train_ar, 'peak_bf16_flops', lambda device: 1e9)
     line = run_bench_in_process(args, capsys, monkeypatch)
-    match = re.fullmatch(r'ar preset=B batch=2 device=cpu: (\d+) tok/s, [0-9.]+ ms/iter, MFU ([0-9.]+)%',
-                         line)
+    match = re.fullmatch(r'ar preset=B batch=2 device=cpu: (\d+) tok/s, [0-9.]+ ms/iter, MFU ([0-9.]+)%, '
+                         r'first step [0-9.]+ s', line)
     assert match, line
     with torch.device('meta'):
         model = train_ar.GPT(**train_ar.gpt_model_args(64, 1000, 16, 16, 'B', n_layer=2, n_embd=48))

@@ -354,31 +354,34 @@ def test_recent_codes_semantics():
     assert counter.usage().item() == pytest.approx(0.7)  # window now 2..8: 0 and 1 fell out
     counter.record(torch.arange(10))
     assert counter.usage().item() == pytest.approx(0.8)  # a batch longer than the window: its last 8
-    assert counter.window_tokens().item() == 8
-    # the running histogram equals a recount of the window after many wrap-arounds
+    assert counter.window_tokens().item() == 8 and counter.window_tokens(5).item() == 5
+    # usage(n) = distinct codes among the last n recorded, after many wrap-arounds, for every n <= size
+    stream = [2, 3, 4, 5, 6, 7, 8, 9]
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
-        counter.record(torch.randint(0, 10, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g))
-        assert torch.equal(counter.counts[:10], torch.bincount(counter.recent, minlength=10)[:10])
+        batch = torch.randint(0, 10, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g)
+        counter.record(batch)
+        stream += batch.tolist()
+        for n in (1, 3, 8):
+            assert counter.usage(n).item() == pytest.approx(len(set(stream[-n:])) / 10)
     q = Q.make_quantizer('vq', 1000, 4)
-    assert q.window.recent.numel() == 65536  # max(65536, K + 1), as the FVQ code
-    assert q.recent_codes.recent.numel() == 10000  # usage: the last 10 K tokens
-    assert Q.make_quantizer('vq', 70000, 2).window.recent.numel() == 70001
-    assert not any(k.startswith(('window.', 'recent_codes.')) for k in q.state_dict())
+    assert q.window_tokens == 65536  # max(65536, K + 1), as the FVQ code
+    assert q.usage_tokens == 10000  # usage: the last 10 K tokens
+    assert q.recent_codes.recent.numel() == 65536  # one buffer holds both
+    assert Q.make_quantizer('vq', 70000, 2).window_tokens == 70001
+    assert not any(k.startswith('recent_codes.') for k in q.state_dict())
 
 
 def test_usage_can_reach_100_percent_where_the_window_cannot():
     """A perfectly uniform code stream over K = 65,536 codes: the release's window (max(65536, K + 1) tokens)
     shows ~63%, the 10 K-token count shows ~100%."""
     K = 65536
-    counter_window, counter_10k = Q.RecentCodes(K, K + 1), Q.RecentCodes(K, 10 * K)
+    counter = Q.RecentCodes(K, 10 * K)
     g = torch.Generator().manual_seed(0)
     for _ in range(12):
-        codes = torch.randint(0, K, (K,), generator=g)
-        counter_window.record(codes)
-        counter_10k.record(codes)
-    assert 0.62 < counter_window.usage().item() < 0.64
-    assert counter_10k.usage().item() > 0.999
+        counter.record(torch.randint(0, K, (K,), generator=g))
+    assert 0.62 < counter.usage(K + 1).item() < 0.64
+    assert counter.usage(10 * K).item() > 0.999
 
 
 def test_info_usage_and_perplexity():
@@ -388,14 +391,45 @@ def test_info_usage_and_perplexity():
     # 4 codes, equally often
     tokens = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]).repeat(4, 1)
     _, _, info = q(grid(tokens, 4, 4))
-    assert torch.is_tensor(info['usage']) and info['usage'].item() == pytest.approx(0.5)
-    assert info['usage_tokens'].item() == 16 and info['window_usage'].item() == pytest.approx(0.5)
-    assert info['perplexity'].item() == pytest.approx(4.0, rel=1e-5)
+    stats = Q.quantizer_stats(q, info['indices'])
+    assert torch.is_tensor(stats['usage']) and stats['usage'].item() == pytest.approx(0.5)
+    assert stats['usage_tokens'].item() == 16 and stats['window_usage'].item() == pytest.approx(0.5)
+    assert stats['perplexity'].item() == pytest.approx(4.0, rel=1e-5) and 'bridge_live_slots' not in stats
     assert info['indices'].dtype == torch.long and info['indices'].shape == (1, 4, 4)
     window = q.recent_codes.recent.clone()
     q.eval()  # eval forwards (held-out evaluation, code extraction) read the counts but do not write them
     _, _, info = q(grid(torch.tensor([[7.0, 0.0]]).repeat(16, 1), 4, 4))
-    assert torch.equal(q.recent_codes.recent, window) and info['usage'].item() == pytest.approx(0.5)
+    stats = Q.quantizer_stats(q, info['indices'])
+    assert torch.equal(q.recent_codes.recent, window) and stats['usage'].item() == pytest.approx(0.5)
+    assert stats['perplexity'].item() == pytest.approx(1.0)  # the perplexity is the given batch's
+    fvq = Q.make_quantizer('fvq', 64, 4)
+    _, _, info = fvq(torch.randn(1, 4, 4, 4))
+    assert torch.equal(Q.quantizer_stats(fvq, info['indices'])['bridge_live_slots'], fvq.projector.live_slots())
+
+
+@pytest.mark.parametrize('kind', ['vq', 'ibq', 'fvq', 'msvq'])
+def test_compiled_quantizer_does_not_recompile_from_step_to_step(kind):
+    """The usage records change at every training step; nothing torch.compile treats as a constant may (a
+    Python int that moved made a compiled tokenizer recompile at every step until dynamo gave up)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    q = Q.make_quantizer(kind, 64, 8, usage_tokens=40, usage_window=40, **({'msvq_scales': (1, 2, 4)} if kind == 'msvq' else {}))
+    compiled = torch.compile(q, backend=counting_backend)
+    for _ in range(4):  # the ring position moves (and wraps) every step
+        z_q, loss, _ = compiled(torch.randn(1, 8, 4, 4, requires_grad=True))
+        (z_q.sum() + loss).backward()
+    compiles = len(graphs)
+    for _ in range(3):
+        compiled(torch.randn(1, 8, 4, 4, requires_grad=True))
+    assert compiles > 0 and len(graphs) == compiles
+    per_step = 1 + 4 + 16 if kind == 'msvq' else 16  # msvq: the codes of its three scales
+    assert q.recent_codes.tokens_seen.item() == 7 * per_step
+    assert q.recent_codes.position.item() == 7 * per_step % q.recent_codes.size
 
 
 def test_unknown_options_are_errors():
@@ -470,7 +504,8 @@ def test_rq_depth_one_is_plain_vq_and_shapes():
     assert torch.equal(info_r['indices'], info_v['indices']) and info_r['indices'].shape == (2, 3, 5)
     deep = Q.make_quantizer('rq', 64, 8)  # RQ-VAE's depth 4 by default
     z_q, loss, info = deep(z)
-    assert info['indices'].shape == (2, 3, 5, 4) and int(info['usage_tokens']) == 2 * 3 * 5 * 4  # all depths
+    assert info['indices'].shape == (2, 3, 5, 4)
+    assert Q.quantizer_stats(deep, info['indices'])['usage_tokens'].item() == 2 * 3 * 5 * 4  # all depths
     torch.testing.assert_close(deep.lookup(info['indices']), z_q)  # the codes of a position add up to z_q
     with pytest.raises(TypeError, match="'rq_depth'"):
         Q.make_quantizer('vq', 64, 8, rq_depth=2)
@@ -541,7 +576,8 @@ def test_msvq_shapes_token_count_lookup_and_chunking():
         outputs.append(q(z))
     (z_q, loss, info), (z_q2, loss2, info2) = outputs
     assert [i.shape for i in info['indices']] == [(2, s, s) for s in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
-    assert Q.flat_codes(info['indices']).shape == (2, 680) and int(info['usage_tokens']) == 2 * 680
+    assert Q.flat_codes(info['indices']).shape == (2, 680)
+    assert Q.quantizer_stats(q, info['indices'])['usage_tokens'].item() == 2 * 680
     assert torch.equal(z_q, z_q2) and torch.equal(loss, loss2)
     assert all(torch.equal(a, b) for a, b in zip(info['indices'], info2['indices']))
     torch.testing.assert_close(q.lookup(info['indices']), z_q)  # the scales' codes add up to z_q

@@ -299,3 +299,36 @@ def test_vcq_on_1d_latent_tokens_never_uses_a_code_beyond_k_t(quantizer):
     codes = model.encode(torch.rand(64, 3, 16, 16) * 2 - 1)  # (64, 24)
     assert (codes < sizes[None, :]).all()
     assert (codes[:, -1] >= 2).any()  # the late positions do use their larger codebooks
+
+
+@pytest.mark.parametrize('tokenizer_type, quantizer', [('vqgan', 'vq'), ('vqgan', 'ibq'), ('titok', 'fvq')])
+def test_compiled_tokenizer_compiles_once_without_graph_breaks(tokenizer_type, quantizer):
+    """torch.compile of the tokenizer: the training steps after the first reuse its graphs (no recompile as
+    the quantizer's usage records move), and only IBQ's chunked autograd function (compiled on its own)
+    breaks the graph. Dynamo alone (a counting backend), so this runs in seconds on the CPU."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    if tokenizer_type == 'vqgan':
+        model = Tokenizer(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, quantizer=quantizer,
+                          codebook_size=64, code_dim=4)
+    else:
+        model = Tokenizer(tokenizer_type='titok', titok_preset='tiny', image_size=16, patch_size=4,
+                          num_latent_tokens=8, quantizer=quantizer, codebook_size=64, code_dim=4)
+    compiled = torch.compile(model, backend=counting_backend)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    for step in range(5):
+        recon, loss, _ = compiled(images)
+        (recon.square().mean() + loss).backward()
+        if step == 1:
+            compiles = len(graphs)
+    assert len(graphs) == compiles
+    explanation = torch._dynamo.explain(model)(images)
+    if quantizer == 'ibq':  # one break, at ibq_chunked (each enclosing frame reports it)
+        assert all('ibq_chunked' in r.reason for r in explanation.break_reasons), explanation.break_reasons
+    assert compiles == explanation.graph_count == (1 if quantizer != 'ibq' else compiles)
+    assert (explanation.graph_break_count == 0) == (quantizer != 'ibq')
