@@ -675,13 +675,18 @@ def fused(fn, device):
     return _fused_functions[fn]
 
 
-def _tempered_softmax(logits, temperature, too_big):
-    # probabilities and log-probabilities of softmax(logits / temperature); masked codes get p = 0, log p := 0
-    log_probs = torch.log_softmax(logits / temperature, dim=1)
-    probs = log_probs.exp()
+def _softmax_row_sums(x, too_big, *weights):
+    """Softmax of each row of x (n, K) as e / s, e = exp(x - rowmax) (0 at masked codes), with every row sum
+    the IBQ terms need taken in one pass once the max is known: s, sum e (x - max) (the entropy's) and
+    sum e w for each w. Written so (a max pass, a sums pass, then the caller's element-wise pass) rather than
+    through log_softmax, whose normaliser and each later dot product cost the compiled kernel another read of
+    the (n, K) block. Returns e, x - max (0 at masked codes), s (n, 1), sum e (x - max) (n, 1), [sum e w]."""
+    shifted = x - x.amax(1, keepdim=True)
+    e = torch.exp(shifted)
     if too_big is not None:
-        log_probs = log_probs.masked_fill(too_big, 0.0)
-    return probs, log_probs
+        shifted = shifted.masked_fill(too_big, 0.0)  # -inf there; e = 0 already
+    sums = [(e * w).sum(1, keepdim=True) for w in weights]
+    return e, shifted, e.sum(1, keepdim=True), (e * shifted).sum(1, keepdim=True), sums
 
 
 def _ibq_chunk_stats(logits, sizes, temperature, with_entropy):
@@ -693,8 +698,8 @@ def _ibq_chunk_stats(logits, sizes, temperature, with_entropy):
     indices = logits.argmax(1)
     if not with_entropy:
         return indices, None, None
-    probs, log_probs = _tempered_softmax(logits, temperature, too_big)
-    return indices, probs.sum(0), -torch.linalg.vecdot(probs, log_probs).sum()
+    e, _, s, e_shifted, _ = _softmax_row_sums(logits / temperature, too_big)
+    return indices, (e / s).sum(0), (torch.log(s) - e_shifted / s).sum()  # H(e / s) = log s - sum e x' / s
 
 
 def _ibq_chunk_grads(logits, grad_probs, sizes, d_avg, temperature, sample_scale, avg_scale, with_entropy):
@@ -705,13 +710,14 @@ def _ibq_chunk_grads(logits, grad_probs, sizes, d_avg, temperature, sample_scale
     too_big = _too_big_codes(logits, sizes)
     if too_big is not None:
         logits = logits.masked_fill(too_big, float('-inf'))
-    probs = torch.softmax(logits, dim=1)  # 0 at masked codes
-    grad_logits = probs * (grad_probs - torch.linalg.vecdot(probs, grad_probs)[:, None])
+    e, _, s, _, (e_dp,) = _softmax_row_sums(logits, too_big, grad_probs)
+    grad_logits = e / s * (grad_probs - e_dp / s)  # 0 at masked codes
     if with_entropy:
-        probs_t, log_probs_t = _tempered_softmax(logits, temperature, too_big)
-        entropy = -torch.linalg.vecdot(probs_t, log_probs_t)[:, None]  # (n, 1)
-        grad_logits = grad_logits + sample_scale * probs_t * (log_probs_t + entropy)
-        grad_logits = grad_logits + avg_scale * probs_t * (d_avg - (probs_t @ d_avg)[:, None])
+        e_t, shifted_t, s_t, e_shifted_t, (e_a,) = _softmax_row_sums(logits / temperature, too_big, d_avg)
+        probs_t, log_s_t = e_t / s_t, torch.log(s_t)
+        entropy = log_s_t - e_shifted_t / s_t  # (n, 1); log q = shifted_t - log s_t
+        grad_logits = grad_logits + sample_scale * probs_t * (shifted_t - log_s_t + entropy)
+        grad_logits = grad_logits + avg_scale * probs_t * (d_avg - e_a / s_t)
     return grad_logits
 
 
