@@ -340,25 +340,24 @@ def test_annealing_lr_schedule_is_logged(codes_setup, tmp_path):
     assert [r['lr'] for r in records] == pytest.approx([base_lr * m for m in multipliers], rel=1e-9)
 
 
-@pytest.mark.slow
-def test_codes_of_a_retrained_tokenizer_are_not_reused(tmp_path):
+def test_codes_of_a_retrained_tokenizer_are_not_reused(tmp_path, monkeypatch):
     """A tokenizer retrained in place (same path, same iteration, another seed) has other weights: the codes
     extracted from the old one are refused, naming the fingerprint."""
     tiny = ['--image_size=32', '--ch=16', '--ch_mult=(1,2)', '--num_res_blocks=1', '--z_channels=16',
             '--codebook_size=64', '--code_dim=8', '--perceptual_weight=0.0', '--disc_weight=0.0',
             '--num_workers=0', '--device=cpu', '--batch_size=2', '--base_batch_size=2', '--max_iters=2',
             '--eval_images=2', f'--out_dir={tmp_path / "tok"}']
-    run_script('train_tokenizer.py', *tiny)
+    run_in_process(monkeypatch, 'train_tokenizer.py', *tiny)
     ar = ['train_ar.py', f'--tokenizer_ckpt={tmp_path / "tok" / "ckpt.pt"}',
           f'--codes_dir={tmp_path / "codes"}', '--num_images=4', '--ten_crop=False', '--num_workers=0',
           '--device=cpu', '--max_iters=0', f'--out_dir={tmp_path / "ar"}']
-    run_script(*ar)
-    run_script(*ar)  # same tokenizer: the codes are reused
+    run_in_process(monkeypatch, *ar)
+    run_in_process(monkeypatch, *ar)  # same tokenizer: the codes are reused
     # retrained in place, same iteration
-    run_script('train_tokenizer.py', *tiny, '--seed=7', '--overwrite=True')
-    result = run_script(*ar, check=False)
-    assert result.returncode != 0 and 'tokenizer_fingerprint' in result.stderr
-    assert 'different settings' in result.stderr
+    run_in_process(monkeypatch, 'train_tokenizer.py', *tiny, '--seed=7', '--overwrite=True')
+    with pytest.raises(ValueError, match='different settings') as error:
+        run_in_process(monkeypatch, *ar)
+    assert 'tokenizer_fingerprint' in str(error.value)
 
 
 @pytest.mark.slow
