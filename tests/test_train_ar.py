@@ -360,19 +360,20 @@ def test_codes_of_a_retrained_tokenizer_are_not_reused(tmp_path, monkeypatch):
     assert 'tokenizer_fingerprint' in str(error.value)
 
 
-@pytest.mark.slow
-def test_a_checkpoint_of_the_other_kind_is_named(codes_setup, tmp_path):
+@pytest.mark.slow  # codes_setup runs train_ar.py in a subprocess
+def test_a_checkpoint_of_the_other_kind_is_named(codes_setup, tmp_path, monkeypatch):
     root, tok, codes_dir = codes_setup
-    run_script('train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', '--ten_crop=False',
-               '--num_images=20', f'--out_dir={tmp_path}', *TINY_RUN, '--max_iters=1')
+    run_in_process(monkeypatch, 'train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}',
+                   '--ten_crop=False', '--num_images=20', f'--out_dir={tmp_path}', *TINY_RUN, '--max_iters=1')
     gpt = str(tmp_path / 'ckpt.pt')
-    result = run_script('train_ar.py', f'--tokenizer_ckpt={gpt}', f'--out_dir={tmp_path / "x"}', *TINY_RUN,
-                        check=False)
-    assert result.returncode != 0 and f"'{gpt}' is a gpt checkpoint (written by train_ar.py), but a " \
-        "tokenizer checkpoint (written by train_tokenizer.py) is expected here" in result.stderr
+    with pytest.raises(ValueError) as error:
+        run_in_process(monkeypatch, 'train_ar.py', f'--tokenizer_ckpt={gpt}', f'--out_dir={tmp_path / "x"}',
+                       *TINY_RUN)
+    assert str(error.value) == (f"'{gpt}' is a gpt checkpoint (written by train_ar.py), but a tokenizer "
+                                "checkpoint (written by train_tokenizer.py) is expected here")
     assert not os.path.exists(tmp_path / 'x')  # nothing was created for a run that could not start
-    result = run_script('sample.py', f'--ckpt={tok}', '--device=cpu', check=False)
-    assert result.returncode != 0 and 'is a tokenizer checkpoint' in result.stderr
+    with pytest.raises(ValueError, match='is a tokenizer checkpoint'):
+        run_in_process(monkeypatch, 'sample.py', f'--ckpt={tok}', '--device=cpu')
 
 
 @pytest.mark.slow
