@@ -418,7 +418,8 @@ def test_compiled_quantizer_does_not_recompile_from_step_to_step(kind):
         return gm.forward
 
     torch._dynamo.reset()
-    q = Q.make_quantizer(kind, 64, 8, usage_tokens=40, usage_window=40, **({'msvq_scales': (1, 2, 4)} if kind == 'msvq' else {}))
+    scales = {'msvq_scales': (1, 2, 4)} if kind == 'msvq' else {}
+    q = Q.make_quantizer(kind, 64, 8, usage_tokens=40, usage_window=40, **scales)  # a 40-token ring
     compiled = torch.compile(q, backend=counting_backend)
     for _ in range(4):  # the ring position moves (and wraps) every step
         z_q, loss, _ = compiled(torch.randn(1, 8, 4, 4, requires_grad=True))
