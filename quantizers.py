@@ -132,11 +132,15 @@ def code_levels(indices):
     return {}
 
 
+def _code_counts(codes, bins):
+    # (bins,) histogram of the codes, any shape (index_add_ rather than bincount: no host sync on GPU)
+    codes = codes.reshape(-1)
+    return torch.zeros(bins, device=codes.device).index_add_(0, codes, torch.ones(codes.numel(), device=codes.device))
+
+
 def _perplexity(indices, K):
-    # the batch's code histogram (index_add_ rather than bincount: no host sync on GPU) -> its perplexity
-    counts = torch.zeros(K, device=indices.device).index_add_(
-        0, indices.reshape(-1), torch.ones(indices.numel(), device=indices.device))
-    return code_usage(counts)[1]
+    # the batch's code histogram -> its perplexity
+    return code_usage(_code_counts(indices, K))[1]
 
 
 class RecentCodes(nn.Module):
@@ -166,11 +170,9 @@ class RecentCodes(nn.Module):
         self.position.copy_((self.position + n) % self.size)
 
     def counts(self, last):
-        # (K,) histogram of the last `last` recorded codes (index_add_, not bincount: no host sync on GPU)
+        # (K,) histogram of the last `last` recorded codes
         slots = (self.position - last + torch.arange(last, device=self.recent.device)) % self.size
-        codes = self.recent[slots]
-        return torch.zeros(self.K + 1, device=codes.device).index_add_(
-            0, codes, torch.ones(last, device=codes.device))[:-1]
+        return _code_counts(self.recent[slots], self.K + 1)[:-1]
 
     def usage(self, last=None):
         return code_usage(self.counts(last or self.size))[0]  # 0-d tensor
