@@ -188,10 +188,19 @@ if optimizer not in ('adam', 'adamw'):
     raise ValueError(f"optimizer must be 'adam' or 'adamw', got '{optimizer}'")
 Optimizer = torch.optim.AdamW if optimizer == 'adamw' else torch.optim.Adam
 fused = device_type == 'cuda'  # one kernel for the whole update instead of one per tensor
-gen_optimizer = Optimizer(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
-                          fused=fused)
-disc_optimizer = Optimizer(disc.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
-                           fused=fused) if use_disc else None
+
+
+def param_groups(module):
+    # weight decay on weight matrices and conv kernels only: not on biases, norms, the codebook, or the 1D
+    # tokenizer's latent / mask tokens and position embeddings (TiTok's create_optimizer excludes the same)
+    named = list(module.named_parameters())
+    decay = [p for n, p in named if p.dim() >= 2 and n.endswith('.weight')]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and n.endswith('.weight'))]
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+gen_optimizer = Optimizer(param_groups(model), lr=lr, betas=(beta1, beta2), fused=fused)
+disc_optimizer = Optimizer(param_groups(disc), lr=lr, betas=(beta1, beta2), fused=fused) if use_disc else None
 if master:
     if tokenizer_type == 'titok':
         shape = f"1D, {num_latent_tokens} tokens per image ({titok_preset} ViTs, patch {patch_size})"

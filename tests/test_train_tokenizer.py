@@ -96,6 +96,14 @@ def test_kill_and_resume_equals_uninterrupted(gan, tmp_path):
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
     assert torch.equal(a['lecam_ema'], b['lecam_ema']) and a['lecam_ema'].abs().sum() > 0
     assert not any(k.startswith(('_orig_mod.', 'module.')) for k in a['model'])
+    # weight decay on matrices and kernels only: biases, norms and the codebook are in the no-decay group
+    for key, net in (('optimizer', 'model'), ('disc_optimizer', 'disc')):
+        decay, no_decay = a[key]['param_groups']
+        matrices = [n for n, t in a[net].items() if t.dim() >= 2 and n.endswith('.weight')]
+        assert len(decay['params']) == len(matrices) and len(no_decay['params']) > 0
+        assert decay['weight_decay'] == (0.01 if '--weight_decay=0.01' in gan else 0.0)
+        assert no_decay['weight_decay'] == 0.0
+    assert 'quantizer.embedding' in a['model']  # the codebook: not a '.weight', so never decayed
     assert not os.path.exists(tmp_path / 'full' / 'ckpt.pt.tmp')
     assert os.path.exists(tmp_path / 'full' / 'recon_0000006.png')
     assert re.search(r'usage [\d.]+%', full.stdout) and re.search(r'eval iter 6: psnr [\d.]+ dB', full.stdout)
