@@ -18,7 +18,7 @@ optimizer = 'adamw'
 batch_size = 256  # global
 max_iters = 260 * 1281167 // 256  # 260 ImageNet epochs = 1.3M steps
 base_batch_size = 256
-weight_decay = 1e-4  # assumed
+weight_decay = 1e-4  # assumed; on weight matrices and kernels only (train_tokenizer.param_groups)
 lr_schedule = 'annealing'  # warmup from 0.005x, constant, linear decay to 0.01x
 warmup_frac = 13000 / max_iters  # the 13k-step warmup
 # peak lr until step 65k (assumed reading of "a 65k-step peak"): 52k of the post-warmup steps
