@@ -192,11 +192,11 @@ fused = device_type == 'cuda'  # one kernel for the whole update instead of one 
 
 def param_groups(module):
     # weight decay on weight matrices and conv kernels only: not on biases, norms, the codebook, or the 1D
-    # tokenizer's latent / mask tokens and position embeddings (TiTok's create_optimizer excludes the same)
+    # tokenizer's latent / mask tokens and position embeddings (TiTok's create_optimizer excludes these too)
     named = list(module.named_parameters())
-    decay = [p for n, p in named if p.dim() >= 2 and n.endswith('.weight')]
-    no_decay = [p for n, p in named if not (p.dim() >= 2 and n.endswith('.weight'))]
-    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    decays = [p.dim() >= 2 and n.endswith('.weight') for n, p in named]
+    return [{'params': [p for (_, p), d in zip(named, decays) if d], 'weight_decay': weight_decay},
+            {'params': [p for (_, p), d in zip(named, decays) if not d], 'weight_decay': 0.0}]
 
 
 gen_optimizer = Optimizer(param_groups(model), lr=lr, betas=(beta1, beta2), fused=fused)
