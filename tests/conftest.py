@@ -34,6 +34,19 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def graph_counter():
+    """A dynamo backend that records every graph it is given and runs it as it is (no codegen: seconds on
+    the CPU), and that list; dynamo's caches are reset first so earlier tests' graphs do not count."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    return backend, graphs
+
+
 def make_image_folder(root, per_class, size, classes=('a', 'b'), seed=0):
     """A tiny ImageFolder of random RGB PNGs: root/<class>/<i>.png."""
     import numpy as np

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import graph_counter
 import quantizers as Q
 
 
@@ -411,13 +412,7 @@ def test_info_usage_and_perplexity():
 def test_compiled_quantizer_does_not_recompile_from_step_to_step(kind):
     """The usage records change at every training step; nothing torch.compile treats as a constant may (a
     Python int that moved made a compiled tokenizer recompile at every step until dynamo gave up)."""
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
+    counting_backend, graphs = graph_counter()
     scales = {'msvq_scales': (1, 2, 4)} if kind == 'msvq' else {}
     q = Q.make_quantizer(kind, 64, 8, usage_tokens=40, usage_window=40, **scales)  # a 40-token ring
     compiled = torch.compile(q, backend=counting_backend)

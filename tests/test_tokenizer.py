@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import graph_counter
 from tokenizer import (Tokenizer, PatchDiscriminator, load_tokenizer, disc_loss_fn, gen_loss_fn, lecam_loss,
                        adaptive_gan_weight, make_lpips, make_dataset, collate, ShardedBatchSampler, psnr,
                        to_uint8, atomic_save, save_image_grid)
@@ -306,13 +307,7 @@ def test_compiled_tokenizer_compiles_once_without_graph_breaks(tokenizer_type, q
     """torch.compile of the tokenizer: the training steps after the first reuse its graphs (no recompile as
     the quantizer's usage records move), and only IBQ's chunked autograd function (compiled on its own)
     breaks the graph. Dynamo alone (a counting backend), so this runs in seconds on the CPU."""
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
+    counting_backend, graphs = graph_counter()
     if tokenizer_type == 'vqgan':
         model = Tokenizer(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, quantizer=quantizer,
                           codebook_size=64, code_dim=4)
