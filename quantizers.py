@@ -72,13 +72,16 @@ def _too_big_codes(scores, sizes):
 
 
 # chunk_size = 0 (auto): rows of the (rows, K) blocks of the chunked loops from an element budget per block
-# (VQ's distances: 2^27 = 512 MB in float32; IBQ keeps ~4 such blocks alive: 2^24), but at least 1024 rows,
-# below which re-reading the (K, D) codebook once per chunk costs more than the block itself
-VQ_CHUNK_ELEMENTS, IBQ_CHUNK_ELEMENTS, MIN_CHUNK_ROWS = 2 ** 27, 2 ** 24, 1024
+# (VQ's distances: 2^27 = 512 MB in float32; IBQ keeps ~4 such blocks alive: 2^24), but at least a floor of
+# rows below which re-reading the (K, D) codebook once per chunk costs about as much as the block itself.
+# K = 262,144, N = 8,192 on an H100 (README): VQ 512 rows (a 512 MB block; 1.1 GB peak), IBQ 1,024 rows
+# (56.7 ms, 3.9 GB; 512 rows: 60.7 ms, 2.4 GB; 2,048 rows: 52.6 ms, 6.9 GB)
+VQ_CHUNK_ELEMENTS, IBQ_CHUNK_ELEMENTS = 2 ** 27, 2 ** 24
+VQ_MIN_ROWS, IBQ_MIN_ROWS = 512, 1024
 
 
-def chunk_rows(chunk_size, K, element_budget):
-    return chunk_size or max(MIN_CHUNK_ROWS, element_budget // K)
+def chunk_rows(chunk_size, K, element_budget, min_rows):
+    return chunk_size or max(min_rows, element_budget // K)
 
 
 def _chunk_sizes(token_codebook_sizes, start, n):
@@ -92,18 +95,18 @@ def nearest_codes(z_flat, codebook, chunk_size, token_codebook_sizes=None):
     Works on chunk_size tokens at a time (0: chunk_rows' choice for K) so at most (chunk_size, K) distances
     exist at once. token_codebook_sizes (N,) long (VCQ): token n may only pick codes < token_codebook_sizes[n]."""
     N, K = z_flat.shape[0], codebook.shape[0]
-    chunk_size = chunk_rows(chunk_size, K, VQ_CHUNK_ELEMENTS)
+    chunk_size = chunk_rows(chunk_size, K, VQ_CHUNK_ELEMENTS, VQ_MIN_ROWS)
     code_sq = (codebook * codebook).sum(1)  # (K,); |z|^2 is the same for every code, so it is left out
-    indices = torch.empty(N, dtype=torch.long, device=z_flat.device)
+    indices = []
     for start in range(0, N, chunk_size):
         z_chunk = z_flat[start:start + chunk_size]  # (n, D)
         dist = torch.addmm(code_sq, z_chunk, codebook.t(), alpha=-2.0)  # (n, K) = |c|^2 - 2 z.c
         too_big = _too_big_codes(dist, _chunk_sizes(token_codebook_sizes, start, chunk_size))
         if too_big is not None:
             dist.masked_fill_(too_big, float('inf'))
-        indices[start:start + chunk_size] = dist.argmin(1)
+        indices.append(dist.argmin(1))
         del dist  # before the next chunk's is allocated: one (chunk, K) block at a time, not two
-    return indices
+    return indices[0] if len(indices) == 1 else torch.cat(indices)  # (N,)
 
 
 def code_usage(counts):
@@ -144,11 +147,11 @@ def _perplexity(indices, K):
 
 
 class RecentCodes(nn.Module):
-    """The codes of the most recent `size` training tokens, a ring buffer written in place (a few ops per step,
-    no host sync). usage(n) = fraction of the K codes seen at least once among the last n <= size of them,
-    counted only when read (once per log interval). Only training forwards record; eval forwards (held-out
-    evaluation, code extraction) leave it alone. Not saved in checkpoints (persistent=False): usage is a
-    running statistic, and it is per rank under DDP."""
+    """The codes of the most recent `size` training tokens, oldest first, shifted in place (a concatenation and
+    a copy per step, no host sync). usage(n) = fraction of the K codes seen at least once among the last
+    n <= size of them, counted only when read (once per log interval). Only training forwards record; eval
+    forwards (held-out evaluation, code extraction) leave it alone. Not saved in checkpoints
+    (persistent=False): usage is a running statistic, and it is per rank under DDP."""
 
     def __init__(self, K, size):
         super().__init__()
@@ -156,23 +159,19 @@ class RecentCodes(nn.Module):
         # slot value K marks an empty slot; it is counted in an extra last bin that is never read
         self.register_buffer('recent', torch.full((size,), K, dtype=torch.long), persistent=False)
         self.register_buffer('tokens_seen', torch.zeros((), dtype=torch.long), persistent=False)
-        # next slot to write, a tensor: a Python int attribute would be a constant to torch.compile, and a
-        # compiled tokenizer would recompile at every step
-        self.register_buffer('position', torch.zeros((), dtype=torch.long), persistent=False)
 
     @torch.no_grad()
     def record(self, indices):
-        # a batch longer than the buffer: only its last `size` are kept
+        # the shift passes over the buffer twice (tens of MB at K = 262,144: microseconds on a GPU) and saves
+        # the 5 kernel launches per step of a ring buffer's slot arithmetic; a batch longer than the buffer:
+        # only its last `size` are kept
         indices = indices.reshape(-1)[-self.size:]
-        n = indices.numel()
-        self.recent[(self.position + torch.arange(n, device=indices.device)) % self.size] = indices
-        self.tokens_seen += n
-        self.position.copy_((self.position + n) % self.size)
+        self.recent.copy_(torch.cat((self.recent[indices.numel():], indices)))
+        self.tokens_seen += indices.numel()
 
     def counts(self, last):
         # (K,) histogram of the last `last` recorded codes
-        slots = (self.position - last + torch.arange(last, device=self.recent.device)) % self.size
-        return _code_counts(self.recent[slots], self.K + 1)[:-1]
+        return _code_counts(self.recent[self.size - last:], self.K + 1)[:-1]
 
     def usage(self, last=None):
         return code_usage(self.counts(last or self.size))[0]  # 0-d tensor
@@ -385,6 +384,15 @@ def make_projector(projector, K, D, bridge_group_size=0, bridge_dim=256, bridge_
 # -----------------------------------------------------------------------------
 # plain VQ (LlamaGen) and FVQ (VQ against a mapped codebook)
 
+def pick(codebook, indices):
+    """codebook (K, D), indices (N,) -> codebook rows (N, D). index_select, whose backward is a zero fill and one
+    index_add: F.embedding's CUDA backward first sorts the indices (at N = 8,192 on an H100: 8 sort kernels,
+    0.1 ms of GPU and ~0.5 ms of CPU time per step under torch.profiler), and indexing's backward adds in a
+    thread-dependent order on a multi-core CPU, where index_add adds in index order (on CUDA it adds with
+    atomics, as other GPU backwards do: not bit-repeatable there)."""
+    return codebook.index_select(0, indices)
+
+
 def _mean(terms):
     # mean of a list of 0-d loss terms (a single term as it is: no extra ops in the common one-code case)
     return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
@@ -429,23 +437,33 @@ class VectorQuantizer(nn.Module):
         codes = self.codebook()[indices]
         return (codes if self.rq_depth == 1 else codes.sum(-2)).permute(0, 3, 1, 2)
 
+    def picked_codes(self, codebook, indices):
+        # (N,) -> the codes (N, D), with their gradient to the raw codebook / projector; cosine VQ normalises
+        # the N picked raw codes again (the same values as codebook's rows), so its backward stays (N, D)
+        if self.normalize_forward:
+            return F.normalize(pick(self.embedding, indices), dim=-1)
+        return pick(codebook, indices)
+
     def forward(self, z):
         _check_input(z, self.dim)
         B, D, H, W = z.shape
-        codebook = self.codebook()  # (K, D), once per forward (the bridge is not cheap)
+        # (K, D), once per forward (the bridge is not cheap). Cosine VQ's gradient reaches the codebook only
+        # through the picked codes (picked_codes), so its normalisation of all K codes needs no autograd
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.normalize_forward):
+            codebook = self.codebook()
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_flat = _tokens_first(z.float())  # (N, D)
             if self.normalize_forward:
                 z_flat = F.normalize(z_flat, dim=-1)
             sizes = _token_codebook_sizes(self.codebook_sizes, B, H, W)
             # rq_depth codes per position, each the nearest to what the previous ones left (RQ-VAE; depth 1 is
-            # plain VQ). The partial sums carry the gradient to the codebook / projector; F.embedding, not
-            # codebook[indices]: indexing's backward adds in a thread-dependent order on a multi-core CPU
+            # plain VQ). The partial sums carry the gradient to the codebook / projector
             residual, indices, partial_sums = z_flat.detach(), [], []
             for depth in range(self.rq_depth):
                 depth_indices = nearest_codes(residual, codebook.detach(), self.chunk_size, sizes)  # (N,)
-                code = F.embedding(depth_indices, codebook)  # (N, D)
-                residual = residual - code.detach()
+                code = self.picked_codes(codebook, depth_indices)  # (N, D)
+                if depth + 1 < self.rq_depth:
+                    residual = residual - code.detach()
                 z_q = code if depth == 0 else z_q + code
                 indices.append(depth_indices)
                 partial_sums.append(z_q)
@@ -540,7 +558,7 @@ class MultiScaleQuantizer(nn.Module):
                 if self.l2_norm:
                     rest = F.normalize(rest, dim=-1)
                 scale_indices = nearest_codes(rest, search_codes, self.chunk_size)  # (B*s*s,)
-                codes = _channels_first(F.embedding(scale_indices, codebook), B, side, side)  # (B, D, s, s)
+                codes = _channels_first(pick(codebook, scale_indices), B, side, side)  # (B, D, s, s)
                 h = self._upsampled(codes, si, H, W)  # (B, D, H, W)
                 f_hat = f_hat + h
                 residual = residual - h.detach()
@@ -609,7 +627,7 @@ class _IBQChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy):
         N, K = z.shape[0], codebook.shape[0]
-        chunk_size = chunk_rows(chunk_size, K, IBQ_CHUNK_ELEMENTS)
+        chunk_size = chunk_rows(chunk_size, K, IBQ_CHUNK_ELEMENTS, IBQ_MIN_ROWS)
         indices = torch.empty(N, dtype=torch.long, device=z.device)
         prob_sum = torch.zeros(K, dtype=z.dtype, device=z.device)
         sample_entropy_sum = torch.zeros((), dtype=z.dtype, device=z.device)
@@ -775,7 +793,7 @@ class IndexBackpropQuantizer(nn.Module):
             z_q, sample_entropy, avg_entropy, indices = ibq_chunked(
                 z_flat, codebook, _token_codebook_sizes(self.codebook_sizes, B, H, W),
                 self.entropy_temperature, self.chunk_size, with_entropy)
-            z_q_hard = F.embedding(indices, codebook)  # (N, D) z_q' of eq. 11; a repeatable backward (above)
+            z_q_hard = pick(codebook, indices)  # (N, D) z_q' of eq. 11
             soft_loss = F.mse_loss(z_q, z_flat)
             codebook_loss = F.mse_loss(z_q_hard, z_flat.detach())
             commit_loss = F.mse_loss(z_flat, z_q_hard.detach())

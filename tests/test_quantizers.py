@@ -40,10 +40,12 @@ def test_vq_chunked_equals_unchunked():
 def test_vq_module_equals_reference_formula_with_auto_chunks(l2_norm, monkeypatch):
     """VectorQuantizer with the automatic chunk size = vq_reference's whole (N, K) matrix in codes, loss and
     both gradients."""
-    assert Q.chunk_rows(0, 16384, Q.VQ_CHUNK_ELEMENTS) == 8192
-    assert Q.chunk_rows(0, 262144, Q.VQ_CHUNK_ELEMENTS) == 1024
-    assert Q.chunk_rows(0, 16384, Q.IBQ_CHUNK_ELEMENTS) == 1024 and Q.chunk_rows(500, 16384, 1) == 500
-    monkeypatch.setattr(Q, 'MIN_CHUNK_ROWS', 64)  # a small budget: 10 chunks of 64 tokens at K = 256
+    assert Q.chunk_rows(0, 16384, Q.VQ_CHUNK_ELEMENTS, Q.VQ_MIN_ROWS) == 8192
+    assert Q.chunk_rows(0, 262144, Q.VQ_CHUNK_ELEMENTS, Q.VQ_MIN_ROWS) == 512  # a 512 MB distance block
+    assert Q.chunk_rows(0, 262144, Q.IBQ_CHUNK_ELEMENTS, Q.IBQ_MIN_ROWS) == 1024
+    assert Q.chunk_rows(0, 16384, Q.IBQ_CHUNK_ELEMENTS, Q.IBQ_MIN_ROWS) == 1024
+    assert Q.chunk_rows(500, 16384, 1, 1024) == 500  # a given chunk size is kept
+    monkeypatch.setattr(Q, 'VQ_MIN_ROWS', 64)  # a small budget: 10 chunks of 64 tokens at K = 256
     monkeypatch.setattr(Q, 'VQ_CHUNK_ELEMENTS', 64 * 256)
     torch.manual_seed(0)
     q = Q.make_quantizer('vq', 256, 16, l2_norm=l2_norm)
@@ -268,6 +270,30 @@ def test_no_tokens_by_codes_matrix_beyond_chunk(kind):
     assert max(math.prod(shape) for shape in recorder.shapes) <= chunk_size * K
 
 
+def test_cosine_vq_backward_touches_only_the_picked_codes():
+    """LlamaGen's cosine VQ: the gradient reaches the codebook only through the N picked codes, so the backward
+    makes (K, D) tensors only for the codebook's gradient (normalising all K codes under autograd made 12 ops of
+    that size: the peak memory at K = 262,144), and it equals the gradient through the whole normalised
+    codebook."""
+    torch.manual_seed(0)
+    K, D = 4096, 8
+    q = Q.make_quantizer('vq', K, D)  # l2_norm=True
+    z = torch.randn(1, D, 4, 8, requires_grad=True)
+    z_q, loss, info = q(z)
+    recorder = RecordShapes()
+    with recorder:
+        ((z_q * torch.randn_like(z_q)).sum() + loss).backward()
+    assert sum(shape == (K, D) for shape in recorder.shapes) <= 3  # the gradient's zeros, index_add, detach
+    codebook_grad, q.embedding.grad = q.embedding.grad, None
+    z_flat = F.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, D), dim=-1)
+    torch.manual_seed(0)
+    upstream = torch.randn_like(z_q).permute(0, 2, 3, 1).reshape(-1, D)
+    z_q_ref, loss_ref, indices_ref = Q.vq_reference(z_flat, q.codebook(), 0.25)  # (K, D) normalised in autograd
+    ((z_q_ref * upstream).sum() + loss_ref).backward()
+    assert torch.equal(info['indices'].reshape(-1), indices_ref)
+    torch.testing.assert_close(codebook_grad, q.embedding.grad)
+
+
 # -----------------------------------------------------------------------------
 # FVQ / VQBridge
 
@@ -356,7 +382,7 @@ def test_recent_codes_semantics():
     counter.record(torch.arange(10))
     assert counter.usage().item() == pytest.approx(0.8)  # a batch longer than the window: its last 8
     assert counter.window_tokens().item() == 8 and counter.window_tokens(5).item() == 5
-    # usage(n) = distinct codes among the last n recorded, after many wrap-arounds, for every n <= size
+    # usage(n) = distinct codes among the last n recorded, after many shifts, for every n <= size
     stream = [2, 3, 4, 5, 6, 7, 8, 9]
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
@@ -414,18 +440,19 @@ def test_compiled_quantizer_does_not_recompile_from_step_to_step(kind):
     Python int that moved made a compiled tokenizer recompile at every step until dynamo gave up)."""
     counting_backend, graphs = graph_counter()
     scales = {'msvq_scales': (1, 2, 4)} if kind == 'msvq' else {}
-    q = Q.make_quantizer(kind, 64, 8, usage_tokens=40, usage_window=40, **scales)  # a 40-token ring
+    q = Q.make_quantizer(kind, 64, 8, usage_tokens=40, usage_window=40, **scales)  # a 40-token record
     compiled = torch.compile(q, backend=counting_backend)
-    for _ in range(4):  # the ring position moves (and wraps) every step
+    for _ in range(4):  # the records shift (and the oldest drop out) every step
         z_q, loss, _ = compiled(torch.randn(1, 8, 4, 4, requires_grad=True))
         (z_q.sum() + loss).backward()
     compiles = len(graphs)
     for _ in range(3):
-        compiled(torch.randn(1, 8, 4, 4, requires_grad=True))
+        _, _, info = compiled(torch.randn(1, 8, 4, 4, requires_grad=True))
     assert compiles > 0 and len(graphs) == compiles
     per_step = 1 + 4 + 16 if kind == 'msvq' else 16  # msvq: the codes of its three scales
     assert q.recent_codes.tokens_seen.item() == 7 * per_step
-    assert q.recent_codes.position.item() == 7 * per_step % q.recent_codes.size
+    last = Q.flat_codes(info['indices']).reshape(-1)
+    assert torch.equal(q.recent_codes.recent[-per_step:], last)  # the newest records are the last step's codes
 
 
 def test_unknown_options_are_errors():
