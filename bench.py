@@ -21,6 +21,12 @@ Micro-benchmarks. Pick one with --what:
       last line (one line):
       tokenizer config=config/vq_16k.py batch=32 256px device=cuda: <img/s> img/s, <ms> ms/iter, peak <MB> MB,
       first step <s> s (the first call's time: with --compile=True, mostly compilation)
+  tokenizer_memory: what the tokenizer step's activation memory holds: the bytes one generator forward (tokenizer,
+                LPIPS, GAN loss; the --dtype autocast) saves for its backward, by part and, for the VQGAN, by the
+                resolution of each block's input
+      python bench.py --what=tokenizer_memory --tokenizer_config=config/vq_16k.py --tokenizer_batch=2
+      last line: tokenizer_memory config=config/vq_16k.py batch=2 256px device=cpu: saved for backward <MB> MB
+      (<MB> MB per image), largest <part> <percent>%
   ar:           GPT training step (fwd+bwd+AdamW) on random codes: tok/s, ms/iter and MFU (train_ar.py's
                 GPT.flops_per_token and peak_bf16_flops, as its training log)
       python bench.py --what=ar --ar_model=B --ar_batch=64 --device=cuda --dtype=bfloat16
@@ -28,6 +34,8 @@ Micro-benchmarks. Pick one with --what:
   sample:       KV-cached sampling of codes with CFG (sample.generate; no tokenizer decode): images/s
       python bench.py --what=sample --ar_model=B --ar_batch=64 --cfg_scale=2.0 --device=cuda --dtype=bfloat16 \
           --compile=True
+--profile=True (any --what that times steps) prints torch.profiler's table of the ops with the most time over a
+further `steps` steps after the timed ones (CUDA time on a GPU, CPU time on the CPU); the last line is unchanged.
 Config values are globals below, overridden by config files / --key=value (configurator.py).
 """
 import os
@@ -40,7 +48,7 @@ from quantizers import make_quantizer, options_from_config, quantizer_options, i
 from tokenizer import setup_device, autocast_context
 
 # -----------------------------------------------------------------------------
-what = 'quantizer'  # 'quantizer', 'bridge_flops', 'inception', 'tokenizer', 'ar' or 'sample'
+what = 'quantizer'  # 'quantizer', 'bridge_flops', 'inception', 'tokenizer', 'tokenizer_memory', 'ar' or 'sample'
 # inception: the FID Inception-v3 of evaluate.py (random weights: same cost as the real ones)
 inception_batch = 50  # 256x256 uint8 images per forward
 # tokenizer: one full training step of the model that a train_tokenizer.py config describes
@@ -70,6 +78,7 @@ ar_tokens = 256  # tokens per image, a square grid (256 = 16x16)
 cfg_scale = 2.0  # sample: 1.0 = no guidance
 warmup_steps = 2
 steps = 5
+profile = False  # also print torch.profiler's top ops over `steps` more steps
 # system
 device = 'cpu'
 dtype = 'float32'  # autocast dtype around the quantizer on GPU: 'float32' (no autocast) or 'bfloat16'
@@ -83,9 +92,9 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
-if what not in ('quantizer', 'bridge_flops', 'inception', 'tokenizer', 'ar', 'sample'):
-    raise ValueError(f"unknown --what='{what}'; expected 'quantizer', 'bridge_flops', 'inception', "
-                     f"'tokenizer', 'ar' or 'sample'")
+WHATS = ('quantizer', 'bridge_flops', 'inception', 'tokenizer', 'tokenizer_memory', 'ar', 'sample')
+if what not in WHATS:
+    raise ValueError(f"unknown --what='{what}'; expected one of {', '.join(repr(w) for w in WHATS)}")
 device = setup_device(device)[0]  # resolves 'auto'; TF32 on CUDA as in the training scripts
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 autocast = autocast_context(device, dtype)
@@ -111,7 +120,23 @@ def time_steps(step):
         step()
     if device_type == 'cuda':
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+    seconds = (time.perf_counter() - t0) / steps
+    if profile:  # a pass of its own: the timing above carries no profiler overhead
+        print_profile(step)
+    return seconds
+
+
+def print_profile(step):
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device_type == 'cuda':
+            torch.cuda.synchronize()
+    sort_by = 'self_cuda_time_total' if device_type == 'cuda' else 'self_cpu_time_total'
+    print(f"torch.profiler, {steps} steps:")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=70))
 
 
 def naive_quantizer(quantizer, z):
@@ -135,6 +160,45 @@ def naive_quantizer(quantizer, z):
 
 def peak_memory():
     return f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB" if device_type == 'cuda' else 'n/a'
+
+
+def print_saved_activations(forward_loss, parts, header):
+    """Bytes of the tensors forward_loss() saves for its backward (each storage once; the parameters of the
+    tokenizer and the parts left out), by the part (name -> module of parts) that saved them and, inside the
+    VQGAN, by the resolution of each block's input: what the step's activation memory holds."""
+    from tokenizer import ResnetBlock, AttnBlock, Downsample, Upsample
+    where, saved, seen = ['other'], {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen |= {p.untyped_storage().data_ptr() for part in parts.values() for p in part.parameters()}
+
+    def enter(name):  # a forward pre-hook; name: a string, or a function of the module's inputs
+        return lambda module, args: where.append(name(args) if callable(name) else name)
+
+    def leave(module, args, output):  # returns None: a forward hook's return value would replace the output
+        where.pop()
+
+    for name, part in parts.items():
+        part.register_forward_pre_hook(enter(name))
+        part.register_forward_hook(leave)
+        for block in part.modules():
+            if isinstance(block, (ResnetBlock, AttnBlock, Downsample, Upsample)):
+                block.register_forward_pre_hook(enter(lambda args, name=name: f"{name} {args[0].shape[-1]}px"))
+                block.register_forward_hook(leave)
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            saved[where[-1]] = saved.get(where[-1], 0) + storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward_loss()
+    total = sum(saved.values())
+    for name, nbytes in sorted(saved.items(), key=lambda item: -item[1]):
+        print(f"  {name:18s} {nbytes / 2 ** 20:10.1f} MB {100 * nbytes / total:5.1f}%")
+    largest = max(saved, key=saved.get)
+    print(f"{header}: saved for backward {total / 2 ** 20:.1f} MB ({total / 2 ** 20 / tokenizer_batch:.1f} MB "
+          f"per image), largest {largest} {100 * saved[largest] / total:.1f}%")
 
 
 # -----------------------------------------------------------------------------
@@ -217,7 +281,7 @@ elif what == 'inception':
         dt = time_steps(lambda: inception_forward(model, images, device))
     print(f"inception batch={inception_batch} device={device}: {inception_batch / dt:.2f} features/s")
 
-elif what == 'tokenizer':
+elif what in ('tokenizer', 'tokenizer_memory'):
     from tokenizer import Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, tokens_per_image
     cfg = {}
     exec(open(tokenizer_config).read(), cfg)  # the config's keys; train_tokenizer.py's defaults for the rest
@@ -243,13 +307,16 @@ elif what == 'tokenizer':
     size = cfg.get('image_size', 256)
     images = torch.rand(tokenizer_batch, 3, size, size, device=device) * 2 - 1
 
+    def generator_loss():
+        with autocast:
+            recon, quant_loss, _ = forward(images)
+            return recon, ((recon.float() - images).pow(2).mean() + lpips_model(recon, images).mean() + quant_loss
+                           + 0.5 * gen_loss_fn('hinge', disc_forward(recon)))
+
     def step():
         for p in disc.parameters():
             p.requires_grad_(False)
-        with autocast:
-            recon, quant_loss, _ = forward(images)
-            loss = ((recon.float() - images).pow(2).mean() + lpips_model(recon, images).mean() + quant_loss
-                    + 0.5 * gen_loss_fn('hinge', disc_forward(recon)))
+        recon, loss = generator_loss()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -261,10 +328,16 @@ elif what == 'tokenizer':
         disc_optimizer.step()
         disc_optimizer.zero_grad(set_to_none=True)
 
-    dt = time_steps(step)
-    print(f"tokenizer config={tokenizer_config} batch={tokenizer_batch} {size}px device={device}: "
-          f"{tokenizer_batch / dt:.2f} img/s, {1000 * dt:.1f} ms/iter, peak {peak_memory()}, "
-          f"first step {first_step_s:.1f} s")
+    if what == 'tokenizer_memory':
+        print_saved_activations(generator_loss, {'encoder': model.encoder, 'quantizer': model.quantizer,
+                                                 'decoder': model.decoder, 'lpips': lpips_model, 'disc': disc},
+                                f"tokenizer_memory config={tokenizer_config} batch={tokenizer_batch} {size}px "
+                                f"device={device}")
+    else:
+        dt = time_steps(step)
+        print(f"tokenizer config={tokenizer_config} batch={tokenizer_batch} {size}px device={device}: "
+              f"{tokenizer_batch / dt:.2f} img/s, {1000 * dt:.1f} ms/iter, peak {peak_memory()}, "
+              f"first step {first_step_s:.1f} s")
 
 elif what == 'ar':
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,

@@ -89,6 +89,35 @@ def test_tokenizer_bench_last_line(config, capsys, monkeypatch):
     assert match and float(match.group(1)) > 0, line
 
 
+def test_tokenizer_memory_adds_up_by_part_and_resolution(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--what=tokenizer_memory', '--tokenizer_config=config/smoke.py',
+                                      '--tokenizer_batch=2', '--dtype=bfloat16'])
+    runpy.run_path(os.path.join(ROOT, 'bench.py'), run_name='__main__')
+    lines = capsys.readouterr().out.strip().splitlines()
+    match = re.fullmatch(r'tokenizer_memory config=config/smoke.py batch=2 32px device=cpu: saved for backward '
+                         r'([0-9.]+) MB \(([0-9.]+) MB per image\), largest (.+) ([0-9.]+)%', lines[-1])
+    assert match, lines[-1]
+    total, per_image = float(match.group(1)), float(match.group(2))
+    rows = [re.fullmatch(r'  (.+?) +([0-9.]+) MB +([0-9.]+)%', line) for line in lines if line.startswith('  ')]
+    parts = {row.group(1): float(row.group(2)) for row in rows}
+    assert per_image == pytest.approx(total / 2, abs=0.1) and sum(parts.values()) == pytest.approx(total, abs=0.1)
+    # every part of the step saved something, and the VQGAN's blocks are counted by their input's resolution
+    assert {'quantizer', 'lpips', 'disc', 'encoder 32px', 'decoder 32px', 'decoder 8px'} <= set(parts)
+    assert min(parts.values()) > 0 and match.group(3) == max(parts, key=parts.get)
+
+
+def test_profile_prints_the_top_ops_before_the_last_line(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--what=quantizer', '--kind=vq', '--codebook_size=256',
+                                      '--dim=16', '--tokens=512', '--warmup_steps=1', '--steps=2', '--profile=True'])
+    runpy.run_path(os.path.join(ROOT, 'bench.py'), run_name='__main__')
+    out = capsys.readouterr().out
+    assert 'torch.profiler, 2 steps:' in out and 'aten::addmm' in out and 'Self CPU' in out
+    assert re.fullmatch(r'quantizer kind=vq K=256 D=16 N=512 device=cpu: fwd\+bwd (\d+\.\d) ms, peak n/a',
+                        out.strip().splitlines()[-1])
+
+
 def test_inception_bench_last_line(capsys, monkeypatch):
     line = run_bench_in_process(['--what=inception', '--inception_batch=2', '--warmup_steps=0', '--steps=1'],
                                 capsys, monkeypatch)
