@@ -272,7 +272,7 @@ def test_no_tokens_by_codes_matrix_beyond_chunk(kind):
 
 def test_cosine_vq_backward_touches_only_the_picked_codes():
     """LlamaGen's cosine VQ: the gradient reaches the codebook only through the N picked codes, so the backward
-    makes (K, D) tensors only for the codebook's gradient (normalising all K codes under autograd made 12 ops of
+    makes (K, D) tensors only for the codebook's gradient (normalising all K codes under autograd made 11 of
     that size: the peak memory at K = 262,144), and it equals the gradient through the whole normalised
     codebook."""
     torch.manual_seed(0)
@@ -280,16 +280,15 @@ def test_cosine_vq_backward_touches_only_the_picked_codes():
     q = Q.make_quantizer('vq', K, D)  # l2_norm=True
     z = torch.randn(1, D, 4, 8, requires_grad=True)
     z_q, loss, info = q(z)
+    upstream = torch.randn_like(z_q)
     recorder = RecordShapes()
     with recorder:
-        ((z_q * torch.randn_like(z_q)).sum() + loss).backward()
+        ((z_q * upstream).sum() + loss).backward()
     assert sum(shape == (K, D) for shape in recorder.shapes) <= 3  # the gradient's zeros, index_add, detach
     codebook_grad, q.embedding.grad = q.embedding.grad, None
     z_flat = F.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, D), dim=-1)
-    torch.manual_seed(0)
-    upstream = torch.randn_like(z_q).permute(0, 2, 3, 1).reshape(-1, D)
     z_q_ref, loss_ref, indices_ref = Q.vq_reference(z_flat, q.codebook(), 0.25)  # (K, D) normalised in autograd
-    ((z_q_ref * upstream).sum() + loss_ref).backward()
+    ((z_q_ref * upstream.permute(0, 2, 3, 1).reshape(-1, D)).sum() + loss_ref).backward()
     assert torch.equal(info['indices'].reshape(-1), indices_ref)
     torch.testing.assert_close(codebook_grad, q.embedding.grad)
 
