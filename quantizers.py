@@ -9,7 +9,8 @@ Every quantizer maps z (B, D, H, W) -> (z_q (B, D, H, W), loss scalar, info dict
 recent training tokens to report codebook usage; info holds tensors (no host sync inside the training step:
 read them once per log interval). The (tokens x K) distance / logit matrices only ever exist for `chunk_size`
 tokens at a time, so K = 262,144 with 8,192 tokens never materialises the whole (8192 x 262144) matrix.
-The quantization arithmetic runs in float32 with autocast off: bf16 distances cannot separate 262k codes.
+The quantization arithmetic runs in float32 with autocast off: bf16 distances cannot separate 262k codes
+(IBQ's backward alone multiplies its dL/dlogits in the autocast dtype, as the release trains).
 """
 import math
 
@@ -46,6 +47,22 @@ def codebook_size_schedule(kind, k_min, k_max, seq_len, gamma=2.5):
 # -----------------------------------------------------------------------------
 # pieces shared by all quantizers
 
+FUSE_DEVICES = ('cuda',)  # where fused() compiles; () runs everything eagerly (the tests add 'cpu')
+_fused_functions = {}
+
+
+def fused(fn, device):
+    """fn compiled by torch.compile (static shapes) on the devices of FUSE_DEVICES, fn itself elsewhere and
+    inside an enclosing torch.compile (which traces it into its own graph). For the launch-bound and the
+    memory-bound pieces: the bridge (~300 small ops over 1,024 tokens, CPU-bound on a GPU when run op by op)
+    and IBQ's element-wise chunk work (one pass over the (n, K) block per op when eager)."""
+    if device.type not in FUSE_DEVICES or torch.compiler.is_compiling():
+        return fn
+    if fn not in _fused_functions:
+        _fused_functions[fn] = torch.compile(fn, dynamic=False)
+    return _fused_functions[fn]
+
+
 def _check_input(z, dim):
     if z.dim() != 4 or z.shape[1] != dim:
         raise ValueError(f"quantizer expects z of shape (B, {dim}, H, W), got {tuple(z.shape)}")
@@ -75,7 +92,8 @@ def _too_big_codes(scores, sizes):
 # (VQ's distances: 2^27 = 512 MB in float32; IBQ keeps ~4 such blocks alive: 2^24), but at least a floor of
 # rows below which re-reading the (K, D) codebook once per chunk costs about as much as the block itself.
 # K = 262,144, N = 8,192 on an H100 (README): VQ 512 rows (a 512 MB block; 1.1 GB peak), IBQ 1,024 rows
-# (56.7 ms, 3.9 GB; 512 rows: 60.7 ms, 2.4 GB; 2,048 rows: 52.6 ms, 6.9 GB)
+# (bf16 backward 43.7 ms, 3.5 GB; 2,048 rows: 41.6 ms, 6.0 GB; before the saved row statistics, float32 512 rows:
+# 60.7 ms, 2.4 GB, 1,024 rows: 56.7 ms)
 VQ_CHUNK_ELEMENTS, IBQ_CHUNK_ELEMENTS = 2 ** 27, 2 ** 24
 VQ_MIN_ROWS, IBQ_MIN_ROWS = 512, 1024
 
@@ -352,7 +370,10 @@ class VQBridge(nn.Module):
         return (self.expand.weight.reshape(self.group_size, -1).abs().amax(1) > 0).sum()
 
     def forward(self, codes):
-        # codes (K, D) -> mapped codes (K, D)
+        # codes (K, D) -> mapped codes (K, D); compiled on a GPU (fused)
+        return fused(VQBridge.map_codes, codes.device)(self, codes)
+
+    def map_codes(self, codes):
         x = codes.reshape(self.K // self.group_size, self.group_size * self.D)  # (T, g*D), T = K/g
         x = self.compress_norm(self.compress(x)) + self.pos_embed  # (T, dim)
         c = F.silu(self.condition)
@@ -618,42 +639,46 @@ def fvq_to_vq_checkpoint(checkpoint):
 
 class _IBQChunked(torch.autograd.Function):
     """z_q = (onehot - sg(p) + p) C with p = softmax(z C^T) over the allowed codes, plus the MAGVIT-v2 entropy
-    terms of softmax(z C^T / temperature). The forward keeps only the (N,) indices and the (K,) batch-averaged
-    distribution; the backward recomputes each chunk's logits, so at most a few (chunk_size, K) matrices
-    exist. Per chunk the matmuls are cuBLAS calls and the element-wise / row-reduction work between them is
-    one function (_ibq_chunk_stats, _ibq_chunk_grads), fused into a few kernels on CUDA (fused()).
-    Returns z_q (N, D), sample entropy, batch (average) entropy, indices (N,)."""
+    terms of q = softmax(z C^T / temperature). The forward keeps the (N,) indices, four (N,) row statistics
+    (each row's max logit, the log-normalisers of p and q, and H(q)) and the (K,) batch-averaged q; the
+    backward recomputes each chunk's logits, so at most a few (chunk_size, K) matrices exist, and with the
+    saved statistics it needs no max or normaliser pass over them. Per chunk the matmuls are cuBLAS calls and
+    the element-wise / row-reduction work between them is one function (_ibq_chunk_stats, _ibq_chunk_grads),
+    compiled into a few kernels on a GPU (fused). backward_dtype: the dtype of the backward's two products
+    with dL/dlogits (bfloat16 under a bf16 autocast, see IndexBackpropQuantizer); the logits and their
+    argmax are float32 always. Returns z_q (N, D), sample entropy, batch (average) entropy, indices (N,)."""
 
     @staticmethod
-    def forward(ctx, z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy):
+    def forward(ctx, z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy, backward_dtype):
         N, K = z.shape[0], codebook.shape[0]
         chunk_size = chunk_rows(chunk_size, K, IBQ_CHUNK_ELEMENTS, IBQ_MIN_ROWS)
         indices = torch.empty(N, dtype=torch.long, device=z.device)
+        row_stats = torch.zeros(4, N, dtype=z.dtype, device=z.device)  # max, log s_p, log s_q, H(q) per row
         prob_sum = torch.zeros(K, dtype=z.dtype, device=z.device)
-        sample_entropy_sum = torch.zeros((), dtype=z.dtype, device=z.device)
         stats = fused(_ibq_chunk_stats, z.device)
         for start in range(0, N, chunk_size):
             z_chunk = z[start:start + chunk_size]  # (n, D)
-            chunk_indices, chunk_prob_sum, chunk_entropy_sum = stats(
+            chunk_indices, chunk_stats, chunk_prob_sum = stats(
                 z_chunk @ codebook.t(), _chunk_sizes(token_codebook_sizes, start, chunk_size), temperature,
                 with_entropy)
             indices[start:start + chunk_size] = chunk_indices
+            row_stats[:, start:start + chunk_size] = chunk_stats
             if with_entropy:
                 prob_sum += chunk_prob_sum
-                sample_entropy_sum += chunk_entropy_sum
         avg_probs = prob_sum / N  # (K,)
-        sample_entropy = sample_entropy_sum / N
+        sample_entropy = row_stats[3].mean()
         avg_entropy = -(avg_probs * torch.log(avg_probs + _ENTROPY_EPS)).sum()
-        ctx.save_for_backward(z, codebook, token_codebook_sizes, indices, avg_probs)
+        ctx.save_for_backward(z, codebook, token_codebook_sizes, indices, row_stats, avg_probs)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+        ctx.backward_dtype = backward_dtype
         ctx.mark_non_differentiable(indices)
         # forward value of (onehot - sg p + p) C is onehot C = the selected codes
         return codebook[indices], sample_entropy, avg_entropy, indices
 
     @staticmethod
     def backward(ctx, grad_z_q, grad_sample_entropy, grad_avg_entropy, grad_indices):
-        z, codebook, token_codebook_sizes, indices, avg_probs = ctx.saved_tensors
-        N, chunk_size = z.shape[0], ctx.chunk_size
+        z, codebook, token_codebook_sizes, indices, row_stats, avg_probs = ctx.saved_tensors
+        N, chunk_size, dtype = z.shape[0], ctx.chunk_size, ctx.backward_dtype
         grad_z = torch.empty_like(z)
         grad_codebook = torch.zeros_like(codebook)
         grad_codebook.index_add_(0, indices, grad_z_q)  # the hard one-hot part of Ind^T g
@@ -661,84 +686,86 @@ class _IBQChunked(torch.autograd.Function):
         d_avg = -(torch.log(avg_probs + _ENTROPY_EPS) + avg_probs / (avg_probs + _ENTROPY_EPS))
         # the entropy gradients' weights as 0-d tensors: one compiled graph whatever their values
         entropy_scales = (-grad_sample_entropy / (N * ctx.temperature), grad_avg_entropy / (N * ctx.temperature))
+        codebook_low, z_low = codebook.to(dtype), z.to(dtype)  # the products' operands (no copy in float32)
         grads = fused(_ibq_chunk_grads, z.device)
         with torch.autocast(device_type=z.device.type, enabled=False):
             for start in range(0, N, chunk_size):
-                z_chunk, g_chunk = z[start:start + chunk_size], grad_z_q[start:start + chunk_size]
+                rows = slice(start, start + chunk_size)
                 # (n, K) logits and dL/dp through z_q = Ind C, then dL/dlogits
-                grad_logits = grads(z_chunk @ codebook.t(), g_chunk @ codebook.t(),
-                                    _chunk_sizes(token_codebook_sizes, start, chunk_size), d_avg,
-                                    ctx.temperature, *entropy_scales, ctx.with_entropy)
-                grad_z[start:start + chunk_size] = grad_logits @ codebook
-                grad_codebook.addmm_(grad_logits.t(), z_chunk)
+                grad_logits = grads(z[rows] @ codebook.t(), grad_z_q[rows] @ codebook.t(),
+                                    _chunk_sizes(token_codebook_sizes, start, chunk_size), row_stats[:, rows],
+                                    d_avg, ctx.temperature, *entropy_scales, ctx.with_entropy, dtype)
+                grad_z[rows] = grad_logits @ codebook_low
+                if dtype == torch.float32:
+                    grad_codebook.addmm_(grad_logits.t(), z[rows])
+                else:
+                    grad_codebook += grad_logits.t() @ z_low[rows]  # (K, D) in dtype, added in float32
                 del grad_logits  # before the next chunk's blocks are allocated
-        return grad_z, grad_codebook, None, None, None, None
+        return grad_z, grad_codebook, None, None, None, None, None
 
 
 @torch.compiler.disable  # a compiled tokenizer calls it as it is: its chunk functions are compiled on their own
-def ibq_chunked(z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy):
-    return _IBQChunked.apply(z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy)
+def ibq_chunked(z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy,
+                backward_dtype=torch.float32):
+    return _IBQChunked.apply(z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy,
+                             backward_dtype)
 
 
 _ENTROPY_EPS = 1e-5  # as in MAGVIT-v2 / SEED-Voken compute_entropy_loss
-FUSE_ON_CUDA = True  # False: IBQ's chunk functions run eagerly on CUDA too (~15 passes over each block)
-_fused_functions = {}
-
-
-def fused(fn, device):
-    """fn compiled by torch.compile on CUDA (its element-wise ops and row reductions fused into a few kernels
-    over the (n, K) block instead of one pass each), fn itself elsewhere: the CPU runs it eagerly."""
-    if device.type != 'cuda' or not FUSE_ON_CUDA:
-        return fn
-    if fn not in _fused_functions:
-        _fused_functions[fn] = torch.compile(fn, dynamic=False)
-    return _fused_functions[fn]
-
-
-def _softmax_row_sums(x, too_big, *weights):
-    """Softmax of each row of x (n, K) as e / s, e = exp(x - rowmax) (0 at masked codes), with every row sum
-    the IBQ terms need taken in one pass once the max is known: s, sum e (x - max) (the entropy's) and
-    sum e w for each w. Written so (a max pass, a sums pass, then the caller's element-wise pass) rather than
-    through log_softmax, whose normaliser and each later dot product cost the compiled kernel another read of
-    the (n, K) block. Returns e, x - max (0 at masked codes), s (n, 1), sum e (x - max) (n, 1), [sum e w]."""
-    shifted = x - x.amax(1, keepdim=True)
-    e = torch.exp(shifted)
-    if too_big is not None:
-        shifted = shifted.masked_fill(too_big, 0.0)  # -inf there; e = 0 already
-    sums = [(e * w).sum(1, keepdim=True) for w in weights]
-    return e, shifted, e.sum(1, keepdim=True), (e * shifted).sum(1, keepdim=True), sums
 
 
 def _ibq_chunk_stats(logits, sizes, temperature, with_entropy):
-    """One chunk's forward: logits (n, K) -> argmax (n,), sum over the chunk of p (K,) and of H(p) (),
-    p = softmax(logits / temperature) over the allowed codes (None, None without the entropy terms)."""
+    """One chunk's forward: logits (n, K) -> argmax (n,), the row statistics (4, n) the backward reuses (max
+    logit m, log s_p, log s_q, H(q) with p = softmax(logits), q = softmax(logits / temperature) over the
+    allowed codes; log s_q and H(q) are 0 without the entropy terms) and the sum over the chunk of q (K,)
+    (None without them). Three passes over the block: max and argmax, the row sums, the column sums of q."""
     too_big = _too_big_codes(logits, sizes)
     if too_big is not None:
         logits = logits.masked_fill(too_big, float('-inf'))
-    indices = logits.argmax(1)
+    row_max = logits.amax(1, keepdim=True)  # (n, 1)
+    shifted = logits - row_max  # <= 0, -inf at masked codes
+    log_s = torch.log(torch.exp(shifted).sum(1))  # (n,)
     if not with_entropy:
-        return indices, None, None
-    e, _, s, e_shifted, _ = _softmax_row_sums(logits / temperature, too_big)
-    return indices, (e / s).sum(0), (torch.log(s) - e_shifted / s).sum()  # H(e / s) = log s - sum e x' / s
-
-
-def _ibq_chunk_grads(logits, grad_probs, sizes, d_avg, temperature, sample_scale, avg_scale, with_entropy):
-    """One chunk's backward from its logits (n, K) and dL/dp (n, K), p = softmax(logits) -> dL/dlogits (n, K):
-    the softmax backward p (dp - <p, dp>) plus, with the entropy terms (x = logits / T, q = softmax(x)),
-    dH(q)/dx = -q (log q + H) weighted by sample_scale and d(sum_k a_k q_k)/dx = q (a - <q, a>), a = d_avg,
-    weighted by avg_scale."""
-    too_big = _too_big_codes(logits, sizes)
+        zeros = torch.zeros_like(log_s)
+        return logits.argmax(1), torch.stack([row_max[:, 0], log_s, zeros, zeros]), None
+    e_t = torch.exp(shifted / temperature)  # 0 at masked codes
+    s_t = e_t.sum(1, keepdim=True)
     if too_big is not None:
-        logits = logits.masked_fill(too_big, float('-inf'))
-    e, _, s, _, (e_dp,) = _softmax_row_sums(logits, too_big, grad_probs)
-    grad_logits = e / s * (grad_probs - e_dp / s)  # 0 at masked codes
+        shifted = shifted.masked_fill(too_big, 0.0)  # e_t is 0 there: no -inf * 0
+    entropy = torch.log(s_t) - (e_t * shifted).sum(1, keepdim=True) / (temperature * s_t)  # H(e_t / s_t)
+    stats = torch.cat([row_max, log_s[:, None], torch.log(s_t), entropy], 1).t()  # (4, n)
+    return logits.argmax(1), stats, (e_t / s_t).sum(0)
+
+
+def _ibq_chunk_grads(logits, grad_probs, sizes, row_stats, d_avg, temperature, sample_scale, avg_scale,
+                     with_entropy, dtype):
+    """One chunk's backward from its logits (n, K), dL/dp (n, K) and the forward's row statistics (4, n)
+    -> dL/dlogits (n, K) in dtype: the softmax backward p (dp - <p, dp>) plus, with the entropy terms
+    (q = softmax(logits / T)), dH(q)/dx = -q (log q + H) weighted by sample_scale and
+    d(sum_k a_k q_k)/dx = q (a - <q, a>), a = d_avg, weighted by avg_scale (x = logits / T). Two passes: the
+    row sums <p, dp> and <q, a>, then the element-wise result."""
+    row_max, log_s, log_s_t, entropy = row_stats[:, :, None]  # (n, 1) each
+    too_big = _too_big_codes(logits, sizes)
+    shifted = logits - row_max
+    if too_big is not None:
+        shifted = shifted.masked_fill(too_big, float('-inf'))  # p = q = 0 there
+    probs = torch.exp(shifted - log_s)
+    grad_logits = probs * (grad_probs - (probs * grad_probs).sum(1, keepdim=True))  # 0 at masked codes
     if with_entropy:
-        e_t, shifted_t, s_t, e_shifted_t, (e_a,) = _softmax_row_sums(logits / temperature, too_big, d_avg)
-        probs_t, log_s_t = e_t / s_t, torch.log(s_t)
-        entropy = log_s_t - e_shifted_t / s_t  # (n, 1); log q = shifted_t - log s_t
-        grad_logits = grad_logits + sample_scale * probs_t * (shifted_t - log_s_t + entropy)
-        grad_logits = grad_logits + avg_scale * probs_t * (d_avg - e_a / s_t)
-    return grad_logits
+        log_q = shifted / temperature - log_s_t
+        probs_t = torch.exp(log_q)
+        if too_big is not None:
+            log_q = log_q.masked_fill(too_big, 0.0)  # q is 0 there: no -inf * 0
+        grad_logits = grad_logits + sample_scale * probs_t * (log_q + entropy)
+        grad_logits = grad_logits + avg_scale * probs_t * (d_avg - (probs_t * d_avg).sum(1, keepdim=True))
+    return grad_logits.to(dtype)
+
+
+# Under a bf16 (fp16) autocast IBQ's backward multiplies dL/dlogits with the codes and the tokens in that dtype
+# (the release trains with precision 16-mixed, where the logits einsum and its backward run in fp16); the
+# logits, their argmax and the softmax stay float32. K = 262,144, 8,192 tokens on an H100: 43.7 ms instead of
+# 51.3 (README). False: float32 products under autocast too.
+IBQ_BACKWARD_AUTOCAST = True
 
 
 class IndexBackpropQuantizer(nn.Module):
@@ -784,7 +811,10 @@ class IndexBackpropQuantizer(nn.Module):
     def forward(self, z):
         _check_input(z, self.dim)
         B, D, H, W = z.shape
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        device_type = z.device.type
+        backward_dtype = (torch.get_autocast_dtype(device_type) if IBQ_BACKWARD_AUTOCAST
+                          and torch.is_autocast_enabled(device_type) else torch.float32)
+        with torch.autocast(device_type=device_type, enabled=False):
             codebook = self.codebook().float()  # (K, D)
             z_flat = _tokens_first(z.float())  # (N, D)
             if self.l2_norm:
@@ -792,7 +822,7 @@ class IndexBackpropQuantizer(nn.Module):
             with_entropy = self.entropy_weight != 0
             z_q, sample_entropy, avg_entropy, indices = ibq_chunked(
                 z_flat, codebook, _token_codebook_sizes(self.codebook_sizes, B, H, W),
-                self.entropy_temperature, self.chunk_size, with_entropy)
+                self.entropy_temperature, self.chunk_size, with_entropy, backward_dtype)
             z_q_hard = pick(codebook, indices)  # (N, D) z_q' of eq. 11
             soft_loss = F.mse_loss(z_q, z_flat)
             codebook_loss = F.mse_loss(z_q_hard, z_flat.detach())

@@ -239,6 +239,69 @@ def test_ibq_loss_equals_the_release_line_and_eq_12(beta_term):
     assert not torch.allclose(grad_z, z.grad, atol=1e-4)
 
 
+def ibq_step(q, z, upstream):
+    # one forward + backward -> z_q, loss, indices, dL/dz, dL/dcodebook
+    z.grad, q.embedding.grad = None, None
+    z_q, loss, info = q(z)
+    ((z_q.float() * upstream).sum() + loss).backward()
+    return z_q.detach(), loss.detach(), info['indices'], z.grad.clone(), q.embedding.grad.clone()
+
+
+def test_ibq_backward_under_bf16_autocast_multiplies_in_bf16():
+    """Under a bf16 autocast IBQ's backward products take bf16 (the release's 16-mixed); the forward (logits,
+    argmax, z_q, loss) stays float32 exactly, and the gradients stay within bf16 rounding of float32's.
+    IBQ_BACKWARD_AUTOCAST = False keeps the float32 products."""
+    torch.manual_seed(0)
+    q = Q.make_quantizer('ibq', 97, 16, chunk_size=64, entropy_weight=0.3, entropy_temperature=0.5)
+    z = torch.randn(1, 16, 10, 30, requires_grad=True)
+    upstream = torch.randn(1, 16, 10, 30)
+    full = ibq_step(q, z, upstream)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = ibq_step(q, z, upstream)
+    for a, b in zip(full[:3], low[:3]):
+        assert torch.equal(a, b)
+    for a, b in zip(full[3:], low[3:]):
+        assert not torch.equal(a, b)
+        assert (a - b).norm() < 1e-2 * a.norm()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        Q.IBQ_BACKWARD_AUTOCAST = False
+        try:
+            kept = ibq_step(q, z, upstream)
+        finally:
+            Q.IBQ_BACKWARD_AUTOCAST = True
+    assert all(torch.equal(a, b) for a, b in zip(full, kept))
+
+
+@pytest.mark.parametrize('kind', ['fvq', 'ibq'])
+def test_fused_pieces_compile_to_what_they_compute_eagerly(kind, monkeypatch):
+    """On a GPU the bridge and IBQ's chunk functions run compiled (fused); here they are compiled on the CPU
+    (dynamo + AOTAutograd, the aot_eager backend: the same graphs and backward, no kernel build) and must
+    give the eager values and gradients, VCQ masks included."""
+    torch.manual_seed(0)
+    options = dict(bridge_zero_init=False) if kind == 'fvq' else dict(chunk_size=64, entropy_weight=0.3)
+    q = Q.make_quantizer(kind, 64, 8, vcq_schedule='cosine', vcq_k_min=2, vcq_seq_len=100, **options)
+    z = torch.randn(3, 8, 10, 10, requires_grad=True)
+    upstream = torch.randn(3, 8, 10, 10)
+
+    def step():
+        z.grad = None
+        q.zero_grad(set_to_none=True)
+        z_q, loss, info = q(z)
+        ((z_q * upstream).sum() + loss).backward()
+        return [z_q, loss, info['indices'], z.grad] + [p.grad for p in q.parameters()]
+
+    eager = step()
+    monkeypatch.setattr(Q, 'FUSE_DEVICES', ('cpu',))
+    monkeypatch.setattr(Q, '_fused_functions', {})
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compile_(fn, backend='aot_eager', **kw))
+    compiled = step()
+    expected = {'fvq': [Q.VQBridge.map_codes], 'ibq': [Q._ibq_chunk_stats, Q._ibq_chunk_grads]}[kind]
+    assert list(Q._fused_functions) == expected
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+
+
 class RecordShapes(TorchDispatchMode):
     """Records the shape of every tensor any aten op produces (forward and backward)."""
 
