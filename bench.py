@@ -282,7 +282,8 @@ elif what == 'inception':
     print(f"inception batch={inception_batch} device={device}: {inception_batch / dt:.2f} features/s")
 
 elif what in ('tokenizer', 'tokenizer_memory'):
-    from tokenizer import Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, tokens_per_image
+    from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, tokens_per_image,
+                           compile_blocks)
     cfg = {}
     exec(open(tokenizer_config).read(), cfg)  # the config's keys; train_tokenizer.py's defaults for the rest
     model_keys = ('ch', 'ch_mult', 'num_res_blocks', 'z_channels', 'quantizer', 'codebook_size', 'code_dim')
@@ -303,7 +304,8 @@ elif what in ('tokenizer', 'tokenizer_memory'):
     fused = device_type == 'cuda'
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     disc_optimizer = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
-    forward, disc_forward = (torch.compile(model), torch.compile(disc)) if compile else (model, disc)
+    # train_tokenizer.py's compilation: the tokenizer block by block, the discriminator whole
+    forward, disc_forward = (compile_blocks(model), torch.compile(disc)) if compile else (model, disc)
     size = cfg.get('image_size', 256)
     images = torch.rand(tokenizer_batch, 3, size, size, device=device) * 2 - 1
 

@@ -301,6 +301,22 @@ class Tokenizer(nn.Module):
         return self.decoder.to_pixels.weight if self.tokenizer_type == 'titok' else self.decoder.conv_out.weight
 
 
+def compile_blocks(model, **compile_options):
+    """Regional compilation (train_tokenizer.py --compile=True): each residual, attention and ViT block of model
+    compiled on its own, in place (the state_dict keeps its names); the quantizer, the resampling convolutions
+    and the glue between blocks run eagerly. Blocks of one class and shapes share a compiled graph, so Inductor
+    builds small graphs, each once, instead of one whole-model graph (and its backward); the resampling blocks
+    (a pad or an interpolation, then a convolution) have nothing to fuse. Evaluation under no_grad compiles
+    the blocks' inference graphs on first use. Returns model."""
+    blocks = [m for m in model.modules() if isinstance(m, (ResnetBlock, AttnBlock, ViTBlock))]
+    # every block's compiled call shares nn.Module's call code, so one cache holds all their graphs (each shape,
+    # with and without grad): room for them all
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
+    for block in blocks:
+        block.compile(dynamic=False, **compile_options)
+    return model
+
+
 def tokens_per_image(tokenizer_type, image_size, ch_mult, num_latent_tokens):
     """Codes per image of a tokenizer config: the VQGAN's grid (image_size / 2^(levels - 1))^2, or the 1D
     tokenizer's L (train_tokenizer.py's automatic VCQ schedule length)."""

@@ -22,7 +22,7 @@ from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, 
                        adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate,
                        ShardedBatchSampler, setup_device, autocast_context, atomic_save, save_image_grid,
                        truncate_log, append_log, load_checkpoint, check_out_dir, check_resume_config,
-                       gather_rng_states, restore_rng_states, psnr, to_uint8, tokens_per_image)
+                       gather_rng_states, restore_rng_states, psnr, to_uint8, tokens_per_image, compile_blocks)
 
 # -----------------------------------------------------------------------------
 # default config: LlamaGen VQ-16 on ImageNet 256 (config/vq_16k.py); override with config files / --key=value
@@ -122,7 +122,7 @@ grad_clip = 1.0  # 0 = off
 # system
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'bfloat16'  # autocast dtype on GPU ('bfloat16' or 'float32'); the CPU always runs float32
-compile = False
+compile = False  # True: the tokenizer block by block (tokenizer.compile_blocks), the discriminator whole
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
@@ -245,9 +245,11 @@ elif init_from != 'scratch':
 elif master and os.path.exists(log_path):
     os.remove(log_path)  # a fresh run (check_out_dir allowed it) starts a fresh log
 
-raw_model, raw_disc = model, disc  # un-compiled, un-wrapped: what checkpoints hold
+raw_model, raw_disc = model, disc  # un-wrapped: what checkpoints hold
 if compile:
-    model = torch.compile(model)
+    # regional compilation, in place (the state_dict keeps its names): config/vq_16k.py on an H100 compiles in
+    # 89.9 s instead of the whole-model graph's 99.6 s, and runs at 140.0 img/s instead of 126.6 (README)
+    compile_blocks(model)
     disc = torch.compile(disc) if use_disc else None
 gen_disc = disc  # the generator's GAN loss goes through D without DDP (its D-gradients are not wanted)
 if ddp:

@@ -1,3 +1,4 @@
+import copy
 import math
 import os
 import warnings
@@ -10,7 +11,8 @@ from PIL import Image
 from conftest import graph_counter
 from tokenizer import (Tokenizer, PatchDiscriminator, load_tokenizer, disc_loss_fn, gen_loss_fn, lecam_loss,
                        adaptive_gan_weight, make_lpips, make_dataset, collate, ShardedBatchSampler, psnr,
-                       to_uint8, atomic_save, save_image_grid)
+                       to_uint8, atomic_save, save_image_grid, compile_blocks, ResnetBlock, AttnBlock,
+                       ViTBlock)
 
 TINY = dict(ch=32, num_res_blocks=1, z_channels=32, codebook_size=64, code_dim=8)
 
@@ -300,6 +302,42 @@ def test_vcq_on_1d_latent_tokens_never_uses_a_code_beyond_k_t(quantizer):
     codes = model.encode(torch.rand(64, 3, 16, 16) * 2 - 1)  # (64, 24)
     assert (codes < sizes[None, :]).all()
     assert (codes[:, -1] >= 2).any()  # the late positions do use their larger codebooks
+
+
+@pytest.mark.parametrize('tokenizer_type, quantizer', [('vqgan', 'vq'), ('vqgan', 'ibq'), ('titok', 'fvq')])
+def test_compile_blocks_compiles_each_block_shape_once_and_changes_nothing(tokenizer_type, quantizer):
+    """train_tokenizer.py --compile=True: each block compiled in place, one graph per distinct block (class,
+    input shape and strides, weight shapes) with no break inside any block, none recompiled over the training steps; the
+    state_dict keeps its names and the outputs and gradients are the eager ones. Dynamo alone (a counting
+    backend)."""
+    counting_backend, graphs = graph_counter()
+    torch.manual_seed(0)
+    if tokenizer_type == 'vqgan':
+        model = Tokenizer(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, quantizer=quantizer,
+                          codebook_size=64, code_dim=4)
+    else:
+        model = Tokenizer(tokenizer_type='titok', titok_preset='tiny', image_size=16, patch_size=4,
+                          num_latent_tokens=8, quantizer=quantizer, codebook_size=64, code_dim=4)
+    eager = copy.deepcopy(model)
+    kinds, blocks = set(), [m for m in eager.modules() if isinstance(m, (ResnetBlock, AttnBlock, ViTBlock))]
+    for block in blocks:
+        block.register_forward_pre_hook(lambda m, args: kinds.add(
+            (type(m), args[0].shape, args[0].stride(), tuple(p.shape for p in m.parameters()))))
+    names = list(model.state_dict())
+    assert compile_blocks(model, backend=counting_backend) is model
+    assert list(model.state_dict()) == names
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    for step in range(3):
+        outputs = []
+        for m in (eager, model):
+            recon, loss, _ = m(images)
+            total = recon.square().mean() + loss
+            outputs.append([recon, loss, *torch.autograd.grad(total, list(m.parameters()), allow_unused=True)])
+        for a, b in zip(*outputs):
+            assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        if step == 0:
+            assert len(graphs) == len(kinds) < len(blocks)  # blocks of one kind share their graph
+    assert len(graphs) == len(kinds)
 
 
 @pytest.mark.parametrize('tokenizer_type, quantizer', [('vqgan', 'vq'), ('vqgan', 'ibq'), ('titok', 'fvq')])
