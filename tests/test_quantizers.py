@@ -247,7 +247,7 @@ def ibq_step(q, z, upstream):
     return z_q.detach(), loss.detach(), info['indices'], z.grad.clone(), q.embedding.grad.clone()
 
 
-def test_ibq_backward_under_bf16_autocast_multiplies_in_bf16():
+def test_ibq_backward_under_bf16_autocast_multiplies_in_bf16(monkeypatch):
     """Under a bf16 autocast IBQ's backward products take bf16 (the release's 16-mixed); the forward (logits,
     argmax, z_q, loss) stays float32 exactly, and the gradients stay within bf16 rounding of float32's.
     IBQ_BACKWARD_AUTOCAST = False keeps the float32 products."""
@@ -263,12 +263,9 @@ def test_ibq_backward_under_bf16_autocast_multiplies_in_bf16():
     for a, b in zip(full[3:], low[3:]):
         assert not torch.equal(a, b)
         assert (a - b).norm() < 1e-2 * a.norm()
+    monkeypatch.setattr(Q, 'IBQ_BACKWARD_AUTOCAST', False)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        Q.IBQ_BACKWARD_AUTOCAST = False
-        try:
-            kept = ibq_step(q, z, upstream)
-        finally:
-            Q.IBQ_BACKWARD_AUTOCAST = True
+        kept = ibq_step(q, z, upstream)
     assert all(torch.equal(a, b) for a, b in zip(full, kept))
 
 

@@ -307,9 +307,9 @@ def test_vcq_on_1d_latent_tokens_never_uses_a_code_beyond_k_t(quantizer):
 @pytest.mark.parametrize('tokenizer_type, quantizer', [('vqgan', 'vq'), ('vqgan', 'ibq'), ('titok', 'fvq')])
 def test_compile_blocks_compiles_each_block_shape_once_and_changes_nothing(tokenizer_type, quantizer):
     """train_tokenizer.py --compile=True: each block compiled in place, one graph per distinct block (class,
-    input shape and strides, weight shapes) with no break inside any block, none recompiled over the training steps; the
-    state_dict keeps its names and the outputs and gradients are the eager ones. Dynamo alone (a counting
-    backend)."""
+    input shape and strides, weight shapes), so no break inside any block and no recompile over the training
+    steps; the state_dict keeps its names and the outputs and gradients are the eager ones. Dynamo alone (a
+    counting backend)."""
     counting_backend, graphs = graph_counter()
     torch.manual_seed(0)
     if tokenizer_type == 'vqgan':
