@@ -468,11 +468,11 @@ class VectorQuantizer(nn.Module):
     def forward(self, z):
         _check_input(z, self.dim)
         B, D, H, W = z.shape
-        # (K, D), once per forward (the bridge is not cheap). Cosine VQ's gradient reaches the codebook only
-        # through the picked codes (picked_codes), so its normalisation of all K codes needs no autograd
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.normalize_forward):
-            codebook = self.codebook()
         with torch.autocast(device_type=z.device.type, enabled=False):
+            # (K, D), once per forward (the bridge is not cheap). Cosine VQ's gradient reaches the codebook only
+            # through the picked codes (picked_codes), so its normalisation of all K codes needs no autograd
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.normalize_forward):
+                codebook = self.codebook()
             z_flat = _tokens_first(z.float())  # (N, D)
             if self.normalize_forward:
                 z_flat = F.normalize(z_flat, dim=-1)
@@ -568,9 +568,9 @@ class MultiScaleQuantizer(nn.Module):
         if H != W or H != self.scales[-1]:
             raise ValueError(f"msvq's last scale must be the latent grid's side: scales {self.scales}, "
                              f"latent {H}x{W}")
-        codebook = self.codebook()
-        search_codes = F.normalize(codebook.detach(), dim=-1) if self.l2_norm else codebook.detach()
         with torch.autocast(device_type=z.device.type, enabled=False):
+            codebook = self.codebook()
+            search_codes = F.normalize(codebook.detach(), dim=-1) if self.l2_norm else codebook.detach()
             z = z.float()
             residual, f_hat, indices, codebook_losses, commit_losses = z.detach(), 0, [], [], []
             for si, side in enumerate(self.scales):
@@ -705,8 +705,7 @@ class _IBQChunked(torch.autograd.Function):
 
 
 @torch.compiler.disable  # a compiled tokenizer calls it as it is: its chunk functions are compiled on their own
-def ibq_chunked(z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy,
-                backward_dtype=torch.float32):
+def ibq_chunked(z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy, backward_dtype):
     return _IBQChunked.apply(z, codebook, token_codebook_sizes, temperature, chunk_size, with_entropy,
                              backward_dtype)
 

@@ -271,9 +271,9 @@ class Tokenizer(nn.Module):
         return self.decode_latent(z_q), quant_loss, info
 
     def quantize(self, z):
-        # float32 even under bf16 autocast: bf16 distances cannot separate the nearest of 262,144 codes
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            return self.quantizer(z.float())
+        # float32 even under bf16 autocast (bf16 distances cannot separate the nearest of 262,144 codes): each
+        # quantizer turns autocast off around its own arithmetic, so IBQ's backward still sees the caller's
+        return self.quantizer(z.float())
 
     def decode_latent(self, z_q):
         return self.decoder(self.post_quant_conv(z_q))

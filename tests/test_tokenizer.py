@@ -304,6 +304,38 @@ def test_vcq_on_1d_latent_tokens_never_uses_a_code_beyond_k_t(quantizer):
     assert (codes[:, -1] >= 2).any()  # the late positions do use their larger codebooks
 
 
+@pytest.mark.parametrize('quantizer', ['vq', 'fvq', 'msvq', 'ibq'])
+def test_quantization_is_float32_under_the_callers_bf16_autocast(quantizer, monkeypatch):
+    """Training runs the tokenizer under a bf16 autocast: every quantizer still searches, maps its codebook and
+    computes its loss in float32 (the same codes, z_q and loss as without autocast), and IBQ's backward sees
+    the caller's autocast (its products in bf16; IBQ_BACKWARD_AUTOCAST = False keeps them float32)."""
+    import quantizers as Q
+    torch.manual_seed(0)
+    options = {'msvq_scales': (1, 2, 4)} if quantizer == 'msvq' else {}
+    model = Tokenizer(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, quantizer=quantizer,
+                      codebook_size=64, code_dim=4, quantizer_args=options)
+    z = torch.randn(2, 4, 4, 4, requires_grad=True)
+
+    def quantize(autocast):
+        z.grad = None
+        model.zero_grad(set_to_none=True)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            z_q, loss, info = model.quantize(z)
+            (z_q.square().sum() + loss).backward()
+        return z_q, loss, Q.flat_codes(info['indices']), model.quantizer.embedding.grad.clone()
+
+    plain, mixed = quantize(False), quantize(True)
+    assert mixed[0].dtype == mixed[1].dtype == torch.float32
+    for a, b in zip(plain[:3], mixed[:3]):
+        assert torch.equal(a, b)
+    if quantizer == 'ibq':
+        assert not torch.equal(plain[3], mixed[3])  # the bf16 backward products
+        monkeypatch.setattr(Q, 'IBQ_BACKWARD_AUTOCAST', False)
+        assert torch.equal(plain[3], quantize(True)[3])
+    else:
+        assert torch.equal(plain[3], mixed[3])
+
+
 @pytest.mark.parametrize('tokenizer_type, quantizer', [('vqgan', 'vq'), ('vqgan', 'ibq'), ('titok', 'fvq')])
 def test_compile_blocks_compiles_each_block_shape_once_and_changes_nothing(tokenizer_type, quantizer):
     """train_tokenizer.py --compile=True: each block compiled in place, one graph per distinct block (class,
