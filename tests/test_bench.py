@@ -10,12 +10,17 @@ import pytest
 from conftest import ROOT
 
 
-def run_bench_in_process(args, capsys, monkeypatch):
-    # the script run as __main__ in this process (saves a torch import per case); its last stdout line
+def bench_output_in_process(args, capsys, monkeypatch):
+    # the script run as __main__ in this process (saves a torch import per case); its stdout lines
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, 'argv', ['bench.py', *args])
     runpy.run_path(os.path.join(ROOT, 'bench.py'), run_name='__main__')
-    return capsys.readouterr().out.strip().splitlines()[-1]
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def run_bench_in_process(args, capsys, monkeypatch):
+    # its last stdout line
+    return bench_output_in_process(args, capsys, monkeypatch)[-1]
 
 
 def test_quantizer_bench_command_line():
@@ -90,11 +95,8 @@ def test_tokenizer_bench_last_line(config, capsys, monkeypatch):
 
 
 def test_tokenizer_memory_adds_up_by_part_and_resolution(capsys, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, 'argv', ['bench.py', '--what=tokenizer_memory', '--tokenizer_config=config/smoke.py',
-                                      '--tokenizer_batch=2', '--dtype=bfloat16'])
-    runpy.run_path(os.path.join(ROOT, 'bench.py'), run_name='__main__')
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = bench_output_in_process(['--what=tokenizer_memory', '--tokenizer_config=config/smoke.py',
+                                     '--tokenizer_batch=2', '--dtype=bfloat16'], capsys, monkeypatch)
     match = re.fullmatch(r'tokenizer_memory config=config/smoke.py batch=2 32px device=cpu: saved for backward '
                          r'([0-9.]+) MB \(([0-9.]+) MB per image\), largest (.+) ([0-9.]+)%', lines[-1])
     assert match, lines[-1]
@@ -108,14 +110,13 @@ def test_tokenizer_memory_adds_up_by_part_and_resolution(capsys, monkeypatch):
 
 
 def test_profile_prints_the_top_ops_before_the_last_line(capsys, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, 'argv', ['bench.py', '--what=quantizer', '--kind=vq', '--codebook_size=256',
-                                      '--dim=16', '--tokens=512', '--warmup_steps=1', '--steps=2', '--profile=True'])
-    runpy.run_path(os.path.join(ROOT, 'bench.py'), run_name='__main__')
-    out = capsys.readouterr().out
+    lines = bench_output_in_process(['--what=quantizer', '--kind=vq', '--codebook_size=256', '--dim=16',
+                                     '--tokens=512', '--warmup_steps=1', '--steps=2', '--profile=True'],
+                                    capsys, monkeypatch)
+    out = '\n'.join(lines)
     assert 'torch.profiler, 2 steps:' in out and 'aten::addmm' in out and 'Self CPU' in out
     assert re.fullmatch(r'quantizer kind=vq K=256 D=16 N=512 device=cpu: fwd\+bwd (\d+\.\d) ms, peak n/a',
-                        out.strip().splitlines()[-1])
+                        lines[-1])
 
 
 def test_inception_bench_last_line(capsys, monkeypatch):
