@@ -350,7 +350,7 @@ elif what == 'ar':
 
     def step():
         with autocast:
-            _, loss = forward(labels, codes[:, :-1], targets=codes)
+            loss = forward(labels, codes[:, :-1], targets=codes)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -360,7 +360,7 @@ elif what == 'ar':
     peak = peak_bf16_flops(device)
     mfu = f"{100 * model.flops_per_token() * ar_tokens * ar_batch / dt / peak:.2f}%" if peak else 'n/a'
     print(f"ar preset={ar_model} batch={ar_batch} device={device}: {ar_batch * ar_tokens / dt:.0f} tok/s, "
-          f"{1000 * dt:.1f} ms/iter, MFU {mfu}, first step {first_step_s:.1f} s")
+          f"{1000 * dt:.1f} ms/iter, MFU {mfu}, peak {peak_memory()}, first step {first_step_s:.1f} s")
 
 elif what == 'sample':
     from sample import generate, compile_decode_step

@@ -76,13 +76,53 @@ def test_shapes_for_every_preset(name, adaln):
     assert model.n_head == heads and len(model.layers) == 2
     codes = torch.randint(0, 50, (3, 12))
     labels = torch.tensor([0, 6, 7])  # 7 = the null class
-    logits, loss = model(labels, codes[:, :-1], targets=codes)
+    logits, loss = model(labels, codes[:, :-1]), model(labels, codes[:, :-1], targets=codes)
     assert logits.shape == (3, 12, 50) and loss.ndim == 0
     assert torch.isclose(loss, torch.tensor(np.log(50.0), dtype=loss.dtype), atol=1e-4)  # zero head: uniform
     loss.backward()
     assert model.tok_embeddings.weight.grad is not None
     # no biases (but adaLN's)
     assert all(not n.endswith('bias') or 'adaln' in n for n, _ in model.named_parameters())
+
+
+def test_training_loss_is_cross_entropy_and_keeps_only_bf16_logits_for_the_backward():
+    """The training forward's loss (train_ar.CrossEntropy) and its gradients equal F.cross_entropy of the
+    logits; compiled under a bf16 autocast, with the partitioner torch.compile uses, its forward hands the
+    backward no float32 (B, T, K) tensor (F.cross_entropy of float32 logits saves a float32 log-softmax)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    model = tiny_gpt(K=512)
+    model.train()
+    codes, labels = torch.randint(0, 512, (3, 16)), torch.tensor([1, 2, 10])
+
+    def loss_and_grads(loss_fn):
+        torch.manual_seed(1)  # the same dropout masks for both
+        loss = loss_fn()
+        return [loss] + list(torch.autograd.grad(loss, list(model.parameters())))
+
+    ours = loss_and_grads(lambda: model(labels, codes[:, :-1], targets=codes))
+    reference = loss_and_grads(lambda: torch.nn.functional.cross_entropy(
+        model(labels, codes[:, :-1]).reshape(-1, 512), codes.reshape(-1)))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32, summed in another order
+
+    forward_outputs = []
+
+    def record_outputs(gm, example_inputs):  # forward graph outputs: the loss and what the backward keeps
+        output = gm.graph.find_nodes(op='output')[0]
+        forward_outputs.extend(n.meta['val'] for n in output.args[0] if isinstance(n, torch.fx.Node))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=record_outputs, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                           partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = torch.compile(model, backend=backend)(labels, codes[:, :-1], targets=codes)
+    loss.backward()
+    torch._dynamo.reset()
+    logit_sized = [(t.dtype, tuple(t.shape)) for t in forward_outputs if t.numel() == 3 * 16 * 512]
+    assert logit_sized and all(dtype == torch.bfloat16 for dtype, _ in logit_sized), logit_sized
 
 
 def test_causal_mask():
@@ -174,7 +214,7 @@ def test_flops_per_token_counts_what_is_computed():
     codes = torch.randint(0, K, (B, T))
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
-        _, loss = model(torch.tensor([1, 2, 10]), codes[:, :-1], targets=codes)
+        loss = model(torch.tensor([1, 2, 10]), codes[:, :-1], targets=codes)
         loss.backward()
     full_attention = 12 * L * C * T  # per token: every one of the T keys
     causal_attention = 12 * L * C * (T + 1) / 2
