@@ -30,7 +30,8 @@ Micro-benchmarks. Pick one with --what:
   ar:           GPT training step (fwd+bwd+AdamW) on random codes: tok/s, ms/iter and MFU (train_ar.py's
                 GPT.flops_per_token and peak_bf16_flops, as its training log)
       python bench.py --what=ar --ar_model=B --ar_batch=64 --device=cuda --dtype=bfloat16
-      last line: ar preset=B batch=64 device=cuda: <tok/s> tok/s, <ms> ms/iter, MFU <x>%, first step <s> s
+      last line: ar preset=B batch=64 device=cuda: <tok/s> tok/s, <ms> ms/iter, MFU <x>%, peak <MB> MB,
+      first step <s> s
   sample:       KV-cached sampling of codes with CFG (sample.generate; no tokenizer decode): images/s
       python bench.py --what=sample --ar_model=B --ar_batch=64 --cfg_scale=2.0 --device=cuda --dtype=bfloat16 \
           --compile=True
