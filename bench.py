@@ -36,14 +36,19 @@ Micro-benchmarks. Pick one with --what:
       python bench.py --what=sample --ar_model=B --ar_batch=64 --cfg_scale=2.0 --device=cuda --dtype=bfloat16 \
           --compile=True
 --profile=True (any --what that times steps) prints torch.profiler's table of the ops with the most time over a
-further `steps` steps after the timed ones (CUDA time on a GPU, CPU time on the CPU); the last line is unchanged.
+further `steps` steps after the timed ones (CUDA time on a GPU, CPU time on the CPU), then a line with the time per
+step by kind (matmul, attention, compiled kernels, optimizer, copies, other: GPU kernels on CUDA, the ops' self time
+on the CPU) beside the unprofiled ms/iter (on a GPU the gap is time with no kernel running); the last line is
+unchanged.
 Config values are globals below, overridden by config files / --key=value (configurator.py).
 """
 import os
+import re
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 
 from quantizers import make_quantizer, options_from_config, quantizer_options, ibq_reference, vq_reference
 from tokenizer import setup_device, autocast_context
@@ -123,11 +128,49 @@ def time_steps(step):
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / steps
     if profile:  # a pass of its own: the timing above carries no profiler overhead
-        print_profile(step)
+        print_profile(step, seconds)
     return seconds
 
 
-def print_profile(step):
+# --profile's per-step sum by kind: (kind, pattern over CUDA kernel or CPU op names); the first match wins
+PROFILE_KINDS = (
+    ('attention', r'^(?!triton_).*(sdpa|flash|fmha|attention)'),
+    ('matmul', r'^triton_tem_|gemm|nvjet|xmma|cutlass|cublas|^aten::(mm|addmm|bmm|baddbmm)_?$'),
+    ('compiled kernels', r'^triton_|CompiledFxGraph|cpp_fused'),  # Inductor's fused element-wise/reduction code
+    ('optimizer', r'^Optimizer\.step|multi_tensor_apply|adam'),
+    ('copies', r'[Mm]emcpy|[Mm]emset|^aten::(copy_|_to_copy)$'),
+)
+
+
+def kind_of(name):
+    """The PROFILE_KINDS kind of a CUDA kernel or CPU op name, or 'other'."""
+    return next((kind for kind, pattern in PROFILE_KINDS if re.search(pattern, name)), 'other')
+
+
+def time_by_name(events, cuda):
+    """torch.profiler events -> {name: microseconds}: on CUDA the kernels, copies and memsets themselves (not the
+    ranges that annotate them, nor the profiler's own overhead records such as 'Command Buffer Full'); on the
+    CPU each op's self time, with everything inside an optimizer step counted as that step's."""
+    times = {}
+    for e in events:
+        if cuda:
+            if (e.device_type != DeviceType.CUDA or getattr(e, 'is_user_annotation', False)
+                    or getattr(e, 'activity_type', None) in ('gpu_user_annotation', 'overhead')
+                    or e.name == 'Command Buffer Full'):
+                continue
+            name, microseconds = e.name, e.time_range.elapsed_us()
+        else:
+            parent = e
+            while parent is not None and not parent.name.startswith('Optimizer.step'):
+                parent = parent.cpu_parent
+            name, microseconds = (e.name if parent is None else parent.name), e.self_cpu_time_total
+        times[name] = times.get(name, 0.0) + microseconds
+    return times
+
+
+def print_profile(step, seconds):
+    """torch.profiler's top ops over `steps` steps, then one line: the time per step by kind (GPU kernels on
+    CUDA, the ops' self time on the CPU) against the unprofiled `seconds` per step."""
     from torch.profiler import ProfilerActivity
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
     with torch.profiler.profile(activities=activities) as prof:
@@ -138,6 +181,18 @@ def print_profile(step):
     sort_by = 'self_cuda_time_total' if device_type == 'cuda' else 'self_cpu_time_total'
     print(f"torch.profiler, {steps} steps:")
     print(prof.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=70))
+    times = time_by_name(prof.events(), device_type == 'cuda')
+    totals = dict.fromkeys([kind for kind, _ in PROFILE_KINDS] + ['other'], 0.0)
+    for name, microseconds in times.items():
+        totals[kind_of(name)] += microseconds
+    busy = sum(totals.values())
+    largest_other = sorted((t, name) for name, t in times.items() if kind_of(name) == 'other')[-3:][::-1]
+    ms = lambda microseconds: f"{microseconds / 1e3 / steps:.2f} ms"  # per step
+    print(f"per step, {'GPU kernels' if device_type == 'cuda' else 'CPU ops (self time)'}: {ms(busy)} of the "
+          f"unprofiled {1e3 * seconds:.2f} ms/iter; "
+          + ', '.join(f"{kind} {ms(t)} ({100 * t / busy:.0f}%)" for kind, t in totals.items() if t > 0)
+          + ("; largest other: " + ', '.join(f"{name[:60]} {ms(t)}" for t, name in largest_other)
+             if largest_other else ''))
 
 
 def naive_quantizer(quantizer, z):

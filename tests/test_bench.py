@@ -115,8 +115,42 @@ def test_profile_prints_the_top_ops_before_the_last_line(capsys, monkeypatch):
                                     capsys, monkeypatch)
     out = '\n'.join(lines)
     assert 'torch.profiler, 2 steps:' in out and 'aten::addmm' in out and 'Self CPU' in out
+    # then the time per step by kind, which adds up to the profiled total
+    summary = re.fullmatch(r'per step, CPU ops \(self time\): (\d+\.\d+) ms of the unprofiled \d+\.\d+ ms/iter; '
+                           r'(.*); largest other: .*', lines[-2])
+    kinds = {kind: float(t) for kind, t in re.findall(r'([a-z ]+) (\d+\.\d+) ms \(\d+%\)', summary.group(2))}
+    assert sum(kinds.values()) == pytest.approx(float(summary.group(1)), abs=0.05) and kinds['matmul'] > 0
     assert re.fullmatch(r'quantizer kind=vq K=256 D=16 N=512 device=cpu: fwd\+bwd (\d+\.\d) ms, peak n/a',
                         lines[-1])
+
+
+def test_profile_kinds_count_each_gpu_kernel_once(monkeypatch):
+    # kernel names from a GPT-B step profiled on an H100; on CUDA only the kernels count, not the ranges that
+    # annotate them (their device time would count the same kernels again) nor the profiler's overhead records
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--what=bridge_flops', '--codebook_size=64', '--dim=8',
+                                      '--bridge_group_size=16', '--bridge_dim=8', '--bridge_heads=2'])
+    bench = runpy.run_path(os.path.join(ROOT, 'bench.py'), run_name='__main__')
+    kinds = {'nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT': 'matmul',
+             'cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26': 'attention',
+             'fmha_cutlassB_f16_aligned_64x64_k64_sm80': 'attention',
+             'triton_per_fused__to_copy__unsafe_view_add_mean_mul_native_dropout_0': 'compiled kernels',
+             'triton_poi_fused__scaled_dot_product_flash_attention_1': 'compiled kernels',
+             'triton_tem_fused_mm_2': 'matmul',
+             'void at::native::(anonymous namespace)::multi_tensor_apply_kernel<a': 'optimizer',
+             'Memcpy HtoD (Pageable -> Device)': 'copies', 'aten::addmm_': 'matmul',
+             'void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >': 'other'}
+    assert {name: bench['kind_of'](name) for name in kinds} == kinds
+    kernel = FunctionEvent(0, 'nvjet_sm90_tst_96x128_64x6_2x1_v_bz_NTN', 0, 10, 98, device_type=DeviceType.CUDA,
+                           activity_type='kernel')
+    annotation = FunctionEvent(1, 'Optimizer.step#AdamW.step', 0, 5, 200, device_type=DeviceType.CUDA,
+                               is_user_annotation=True, activity_type='gpu_user_annotation')
+    overhead = FunctionEvent(2, 'Command Buffer Full', 0, 0, 14, device_type=DeviceType.CUDA,
+                             activity_type='overhead')
+    cpu_op = FunctionEvent(3, 'aten::mm', 0, 0, 40)
+    assert bench['time_by_name']([kernel, annotation, overhead, cpu_op], cuda=True) == {kernel.name: 88}
 
 
 def test_inception_bench_last_line(capsys, monkeypatch):
