@@ -657,8 +657,10 @@ def setup_device(device):
 def gather_rng_states(device_type, ddp, world_size):
     """Every rank's RNG states (torch, cuda, numpy, python), gathered for the checkpoint: a resume continues
     each rank's streams exactly."""
-    states = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
-              'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    # torch's states as numpy arrays: torch.load(map_location='cuda') would move tensors to the GPU, and
+    # set_rng_state takes only a CPU tensor
+    states = {'torch': torch.get_rng_state().numpy(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+              'cuda': torch.cuda.get_rng_state().numpy() if device_type == 'cuda' else None}
     if not ddp:
         return [states]
     import torch.distributed as dist
@@ -673,11 +675,12 @@ def restore_rng_states(states, device_type, fresh_seed):
     if states is None:
         torch.manual_seed(fresh_seed)
         return
-    torch.set_rng_state(states['torch'])
+    # as_tensor(...).cpu(): numpy arrays, or the tensors of older checkpoints wherever they were loaded
+    torch.set_rng_state(torch.as_tensor(states['torch']).cpu())
     np.random.set_state(states['numpy'])
     random.setstate(states['python'])
     if device_type == 'cuda' and states['cuda'] is not None:
-        torch.cuda.set_rng_state(states['cuda'])
+        torch.cuda.set_rng_state(torch.as_tensor(states['cuda']).cpu())
 
 
 def autocast_context(device, dtype):

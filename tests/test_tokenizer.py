@@ -1,6 +1,7 @@
 import copy
 import math
 import os
+import random
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import graph_counter
 from tokenizer import (Tokenizer, PatchDiscriminator, load_tokenizer, disc_loss_fn, gen_loss_fn, lecam_loss,
                        adaptive_gan_weight, make_lpips, make_dataset, collate, ShardedBatchSampler, psnr,
                        to_uint8, atomic_save, save_image_grid, compile_blocks, ResnetBlock, AttnBlock,
-                       ViTBlock)
+                       ViTBlock, gather_rng_states, restore_rng_states)
 
 TINY = dict(ch=32, num_res_blocks=1, z_channels=32, codebook_size=64, code_dim=8)
 
@@ -78,6 +79,23 @@ def test_load_tokenizer_maps_the_checkpoint_and_takes_the_ema(tmp_path, monkeypa
     assert calls == [dict(map_location='cpu', mmap=True, weights_only=False)]
     for key, value in ema.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_rng_states_restore_wherever_the_checkpoint_was_mapped(tmp_path):
+    # a resume on a GPU loads the checkpoint with map_location='cuda'; 'meta' stands in for it on the CPU:
+    # torch's saved states must reach set_rng_state as CPU tensors all the same
+    path = str(tmp_path / 'ckpt.pt')
+    atomic_save({'rng_states': gather_rng_states('cpu', ddp=False, world_size=1)}, path)
+    expected = torch.rand(4), np.random.rand(), random.random()
+    states = torch.load(path, map_location='meta', weights_only=False)['rng_states'][0]
+    torch.manual_seed(1)
+    restore_rng_states(states, 'cpu', fresh_seed=2)
+    assert torch.equal(torch.rand(4), expected[0]) and (np.random.rand(), random.random()) == expected[1:]
+    # the tensors older checkpoints hold are restored too
+    state = torch.get_rng_state()
+    expected = torch.rand(4)
+    restore_rng_states(dict(states, torch=state), 'cpu', fresh_seed=2)
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_checkpoint_errors_name_the_file(tmp_path, monkeypatch):
