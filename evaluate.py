@@ -764,7 +764,9 @@ def run_recon(config):
             fake = to_uint8(tokenizer.decode(indices)) / 255.0
             codes = flat_codes(indices)  # (B, T)
             counts += torch.bincount(codes.flatten(), minlength=K)
-            for level, level_codes in code_levels(indices).items():  # multi-code quantizers: per depth / scale
+            # multi-code quantizers: per depth / scale (the 1D tokenizer's (B, L, depth) read as a 1 x L grid)
+            grid_indices = indices[:, None] if tokenizer.tokenizer_type == 'titok' else indices
+            for level, level_codes in code_levels(grid_indices).items():
                 level_counts.setdefault(level, torch.zeros(K, dtype=torch.long, device=dev))
                 level_counts[level] += torch.bincount(level_codes.flatten(), minlength=K)
             if inception is not None:

@@ -287,14 +287,15 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, images):
         z = self.quant_conv(self.encoder(images))
-        indices = self.quantize(z)[2]['indices']  # (B, h, w)
-        return indices[:, 0] if self.tokenizer_type == 'titok' else indices  # 1D: (B, L)
+        indices = self.quantize(z)[2]['indices']  # (B, h, w); rq: (B, h, w, depth)
+        return indices[:, 0] if self.tokenizer_type == 'titok' else indices  # 1D: (B, L); rq: (B, L, depth)
 
     @torch.no_grad()
     def decode(self, indices):
-        # (B, h, w), or (B, L) for the 1D tokenizer -> (B, 3, H, W)
+        # (B, h, w), or (B, L) / (B, 1, L) for the 1D tokenizer (rq: a trailing depth axis) -> (B, 3, H, W)
         if self.tokenizer_type == 'titok':
-            indices = indices.reshape(len(indices), 1, -1)
+            depth = getattr(self.quantizer, 'rq_depth', 1)
+            indices = indices.reshape(len(indices), 1, self.num_latent_tokens, *([depth] if depth > 1 else []))
         return self.decode_latent(self.quantizer.lookup(indices))
 
     def last_layer(self):

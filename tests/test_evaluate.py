@@ -851,13 +851,20 @@ def test_recon_mode_without_weights_on_the_held_out_split(tmp_path, monkeypatch)
         split_held_out(dataset.samples, 10)
 
 
-@pytest.mark.parametrize('kind, options', [('rq', {'rq_depth': 3}), ('msvq', {'msvq_scales': (1, 2, 4, 16)})])
+TINY_1D = dict(tokenizer_type='titok', titok_preset='tiny', image_size=32, patch_size=8, num_latent_tokens=12,
+               codebook_size=64, code_dim=8)
+
+
+@pytest.mark.parametrize('kind, options', [('rq', {'rq_depth': 3}), ('msvq', {'msvq_scales': (1, 2, 4, 16)}),
+                                           ('rq 1d', {'rq_depth': 3})])
 def test_recon_mode_on_multi_code_tokenizers_reports_usage_per_level(kind, options, tmp_path, monkeypatch,
                                                                      random_inception_file):
-    """FVQ Table 4's tokenizers: rFID, PSNR, usage over all codes and per rq depth / msvq scale."""
+    """FVQ Table 4's tokenizers: rFID, PSNR, usage over all codes and per rq depth / msvq scale; rq also on the
+    1D tokenizer (12 latent tokens)."""
     from tokenizer import Tokenizer, load_tokenizer, make_dataset
     from quantizers import flat_codes
-    model_args = {**TINY_TOKENIZER, 'quantizer': kind, 'quantizer_args': options}
+    model_args = ({**TINY_1D, 'quantizer': 'rq', 'quantizer_args': options} if kind == 'rq 1d'
+                  else {**TINY_TOKENIZER, 'quantizer': kind, 'quantizer_args': options})
     torch.manual_seed(0)
     path = str(tmp_path / 'ckpt.pt')
     torch.save({'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args,
@@ -866,15 +873,15 @@ def test_recon_mode_on_multi_code_tokenizers_reports_usage_per_level(kind, optio
                                  '--lpips=False', '--num_workers=0', '--device=cpu', f'--out_dir={tmp_path}',
                                  f'--inception_weights={random_inception_file}'])
     result = read_json(tmp_path / 'eval_recon.json')
-    levels = [f'depth{d}' for d in (1, 2, 3)] if kind == 'rq' else [f'scale{s}x{s}' for s in (1, 2, 4, 16)]
-    per_image = 16 * 16 * 3 if kind == 'rq' else 1 + 4 + 16 + 256
+    levels = [f'depth{d}' for d in (1, 2, 3)] if kind != 'msvq' else [f'scale{s}x{s}' for s in (1, 2, 4, 16)]
+    per_image = {'rq': 16 * 16 * 3, 'msvq': 1 + 4 + 16 + 256, 'rq 1d': 12 * 3}[kind]
     assert result['usage_tokens'] == 3 * per_image and math.isfinite(result['rfid']) and result['psnr'] > 0
     codes = np.load(tmp_path / 'codes.npy')
     images = torch.stack([make_dataset('', 32, train=False)[i][0] for i in range(3)])
     with torch.no_grad():
         indices = load_tokenizer(path).encode(images)
     assert np.array_equal(codes, flat_codes(indices).numpy()) and codes.shape == (3, per_image)
-    level_codes = ([indices[..., d] for d in range(3)] if kind == 'rq' else indices)
+    level_codes = ([indices[..., d] for d in range(3)] if kind != 'msvq' else indices)
     for level, c in zip(levels, level_codes):
         assert result[f'codebook_usage_{level}'] == len(np.unique(c.numpy())) / 64
     assert result['codebook_usage'] == len(np.unique(codes)) / 64

@@ -301,6 +301,12 @@ def test_titok_presets_shapes_and_parameter_counts():
     assert codes.shape == (3, 12) and model.token_grid(32) == (1, 12)
     assert torch.equal(codes, info['indices'][:, 0])
     assert model.decode(codes).shape == (3, 3, 32, 32)
+    assert torch.equal(model.decode(codes[:, None]), model.decode(codes))  # a 1 x L grid, as sample.py has it
+    # residual codes on the 1D tokenizer: (B, L, depth), and decode(encode(x)) is the forward's reconstruction
+    model = Tokenizer(tokenizer_type='titok', titok_preset='tiny', image_size=32, patch_size=8, num_latent_tokens=12,
+                      quantizer='rq', codebook_size=64, code_dim=8, quantizer_args={'rq_depth': 3}).eval()
+    codes = model.encode(images)
+    assert codes.shape == (3, 12, 3) and torch.allclose(model.decode(codes), model(images)[0], atol=1e-5)
     with pytest.raises(ValueError, match='not divisible by patch_size'):
         Tokenizer(tokenizer_type='titok', titok_preset='tiny', image_size=30, patch_size=8)
     with pytest.raises(ValueError, match="unknown tokenizer_type 'vit'"):
