@@ -281,8 +281,15 @@ def bridge_group_size_for(K):
     """The release's presets: p x p = 16 codes per bridge token at K = 16,384 (QBridge-L/4), 64 at 65,536 and
     262,144 (QBridge-L/8). Both 16k and 65k give 1,024 tokens; below 16k (no preset) we keep those 1,024
     tokens, so a smaller codebook gets smaller groups (K = 4,096 -> 4, K <= 1,024 -> 1 code per token), as FVQ
-    section 4.2 scales the patch with the codebook."""
-    return 64 if K > 65536 else max(1, K // 1024)
+    section 4.2 scales the patch with the codebook. A K that this choice does not divide is an error that
+    names a group size that does."""
+    group_size = 64 if K > 65536 else max(1, K // 1024)
+    if K % group_size != 0:
+        divisor = max(g for g in range(1, group_size + 1) if K % g == 0)
+        raise ValueError(f"VQBridge: codebook size K={K} is not divisible by the automatic group size "
+                         f"g={group_size} (bridge_group_size=0 picks 64 above K = 65,536, else K // 1024); set "
+                         f"bridge_group_size to a divisor of K, e.g. {divisor}")
+    return group_size
 
 
 def modulate(x, shift, scale):

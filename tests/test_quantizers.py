@@ -368,6 +368,10 @@ def test_vqbridge_shapes_and_groups():
         assert Q.make_quantizer('fvq', 100, 8, projector=projector).codebook().shape == (100, 8)
     with pytest.raises(ValueError, match=r'K=100.*g=16'):
         Q.make_quantizer('fvq', 100, 8, bridge_group_size=16)
+    # a K that the automatic group size does not divide: the error says so and names one that does
+    with pytest.raises(ValueError, match=r'K=10000 .* automatic group size g=9 .* e\.g\. 8$'):
+        Q.make_quantizer('fvq', 10000, 8)
+    assert Q.make_quantizer('fvq', 10000, 8, bridge_group_size=8, bridge_dim=16).codebook().shape == (10000, 8)
     with pytest.raises(ValueError, match='projector'):
         Q.make_quantizer('fvq', 100, 8, projector='mlp3')
 
