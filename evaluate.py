@@ -55,7 +55,7 @@ inception_weights = ''  # pt_inception-2015-12-05-6726825d.pth; '' = download on
 # gen mode: ADM-format .npz files (arr_0: uint8 N x H x W x 3)
 samples = ''
 ref = ''  # ADM reference batch (its stored mu/sigma are used), or a statistics file this script wrote
-ref_cache = True  # keep the reference's arr_0 features/statistics in <ref>.fid_stats.npz next to it
+ref_cache = True  # keep the reference's arr_0 features/statistics (and its stored ones) in <ref>.fid_stats.npz
 is_split_size = 5000  # Inception Score over consecutive chunks of this many samples (ADM: 5,000)
 pr_k = 3  # precision/recall neighbourhood size (Kynkaanniemi et al. 2019; ADM's evaluator uses 3)
 pr_batch_size = 10000  # rows/columns per block of pairwise distances
@@ -253,8 +253,11 @@ def arr0_statistics(config, model, dev, fingerprint):
     if config['ref_cache']:
         try:
             image_shape = np.array(npz_image_header(ref_path)[1:])
+            # the reference's stored statistics go along, so that the cache used as --ref gives the same FID
+            stored = {f'stored_{k}': v for k, v in (stored_statistics(ref_path) or {}).items()}
             atomic_write(cache_path, lambda f: np.savez(f, weights_fingerprint=fingerprint, source=source,
-                                                        image_shape=image_shape, **result))
+                                                        image_shape=image_shape, has_stored_statistics=bool(stored),
+                                                        **stored, **result))
             print(f"cached the reference features in {cache_path}")
         except OSError as e:
             warnings.warn(f"could not write the reference cache {cache_path}: {e}")
@@ -277,16 +280,20 @@ def reference_statistics(config, model, dev):
             if str(data['weights_fingerprint']) != fingerprint:
                 raise ValueError(f"'{ref_path}' holds features of a different Inception network than "
                                  f"'{config['inception_weights'] or FID_WEIGHTS_FILE}'")
-            if 'mu_s' not in files:
-                raise ValueError(f"'{ref_path}' is a statistics file of an older evaluate.py without sFID "
-                                 f"statistics; pass the reference batch it was made from")
-            return {**{k: data[k] for k in ('features', 'mu', 'sigma', 'mu_s', 'sigma_s')},
-                    'statistics': 'stored (statistics file of this network)'}
-    if 'arr_0' not in files:
-        raise ValueError(f"'{ref_path}' has no arr_0 images (has {', '.join(files)}); expected an ADM reference "
-                         f"batch")
-    result = arr0_statistics(config, model, dev, fingerprint)
-    stored = stored_statistics(ref_path)
+            if 'mu_s' not in files or 'has_stored_statistics' not in files:
+                raise ValueError(f"'{ref_path}' is a statistics file of an older evaluate.py (without sFID "
+                                 f"statistics or the reference's stored ones); pass the reference batch it was "
+                                 f"made from")
+            # its arr_0 statistics, and the stored ones of the reference batch it was made from
+            result = {k: data[k] for k in ('features', 'mu', 'sigma', 'mu_s', 'sigma_s')}
+            stored = ({k[len('stored_'):]: data[k] for k in files if k.startswith('stored_')}
+                      if data['has_stored_statistics'] else None)
+        elif 'arr_0' not in files:
+            raise ValueError(f"'{ref_path}' has no arr_0 images (has {', '.join(files)}); expected an ADM "
+                             f"reference batch")
+    if 'arr_0' in files:
+        result = arr0_statistics(config, model, dev, fingerprint)
+        stored = stored_statistics(ref_path)
     if stored is None:
         result['statistics'] = f"computed from the {len(result['features'])} arr_0 images"
     else:

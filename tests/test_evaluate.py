@@ -517,17 +517,47 @@ def test_a_statistics_file_is_a_reference_for_its_network_only(tmp_path):
     features = np.random.default_rng(0).normal(size=(3, 2048))
     mu, sigma = feature_statistics(features)
     path = tmp_path / 'ref.fid_stats.npz'
-    np.savez(path, mu=mu, sigma=sigma, mu_s=mu[:2023], sigma_s=sigma[:2023, :2023], features=features,
-             source='test', image_shape=np.array([32, 32]), weights_fingerprint=evaluate.weights_fingerprint(model))
+    written = dict(mu=mu, sigma=sigma, mu_s=mu[:2023], sigma_s=sigma[:2023, :2023], features=features,
+                   source='test', image_shape=np.array([32, 32]),
+                   weights_fingerprint=evaluate.weights_fingerprint(model))
+    np.savez(path, has_stored_statistics=False, **written)
     config = default_config(ref=str(path))
     ref = evaluate.reference_statistics(config, model, 'cpu')
     assert np.array_equal(ref['features'], features) and np.allclose(ref['mu'], features.mean(0))
     assert ref['sigma'].shape == (2048, 2048) and ref['sigma_s'].shape == (2023, 2023)
+    assert ref['statistics'] == 'computed from the 3 arr_0 images'
     assert evaluate.reference_image_size(str(path)) == (32, 32)
+    # made from an ADM batch with stored mu/sigma: those, as the batch itself would give
+    np.savez(path, has_stored_statistics=True, stored_mu=mu + 1, stored_sigma=2 * sigma, **written)
+    ref = evaluate.reference_statistics(config, model, 'cpu')
+    assert np.array_equal(ref['mu'], mu + 1) and np.array_equal(ref['sigma'], 2 * sigma)
+    assert np.array_equal(ref['features'], features) and np.array_equal(ref['mu_s'], mu[:2023])
+    assert ref['statistics'] == 'stored mu/sigma; sFID statistics computed from arr_0'
+    np.savez(path, **written)  # an older evaluate.py's file cannot tell: refused
+    with pytest.raises(ValueError, match='older evaluate.py'):
+        evaluate.reference_statistics(config, model, 'cpu')
+    np.savez(path, has_stored_statistics=False, **written)
     with torch.no_grad():
         model.fc.bias.add_(1.0)
     with pytest.raises(ValueError, match='different Inception network'):
         evaluate.reference_statistics(config, model, 'cpu')
+
+
+def test_the_reference_cache_keeps_the_batch_stored_statistics(tmp_path):
+    """An ADM reference batch stores mu/sigma over the whole training set; its cache, used as --ref, gives
+    those and not the statistics of its arr_0 sample."""
+    torch.manual_seed(0)
+    model = FIDInceptionV3().eval()
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.normal(size=2048), np.eye(2048) * 2
+    ref = str(tmp_path / 'ref.npz')
+    np.savez(ref, arr_0=rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), mu=mu, sigma=sigma)
+    from_batch = evaluate.reference_statistics(default_config(ref=ref, batch_size=3), model, 'cpu')
+    from_cache = evaluate.reference_statistics(default_config(ref=str(tmp_path / 'ref.fid_stats.npz')), model,
+                                               'cpu')
+    for key in ('mu', 'sigma', 'mu_s', 'sigma_s', 'features', 'statistics'):
+        assert np.array_equal(from_cache[key], from_batch[key]), key
+    assert np.array_equal(from_cache['mu'], mu) and from_cache['features'].shape == (3, 2048)
 
 
 def test_gen_mode_clear_errors(tmp_path):
