@@ -574,12 +574,16 @@ def entropy_cliff(H, N, threshold=0.1, codebook_sizes=None):
         't_cliff': int(np.flatnonzero(left_after <= threshold)[0]) + 1,
     }
     if codebook_sizes is not None:
-        capacity = np.cumsum(np.log2(np.asarray(codebook_sizes, dtype=np.float64)))  # C(t), eq. (2)
-        reached = np.flatnonzero(capacity >= math.log2(N))
         result['codebook_sizes'] = np.asarray(codebook_sizes).tolist()
-        # VCQ eq. (1)-(2): t* = the smallest t whose capacity sum_{s<=t} log2 K_s reaches log2 N; with a
+        # VCQ eq. (1)-(2): t* = the smallest t whose capacity sum_{s<=t} log2 K_s reaches log2 N, i.e.
+        # prod_{s<=t} K_s >= N, compared in integers (float log sums miss the equality case, N = K^t); with a
         # constant K = 16384 and N = 1.28M ImageNet images, t* = 2 (the paper's figure)
-        result['t_star'] = int(reached[0]) + 1 if len(reached) else None
+        product, result['t_star'] = 1, None
+        for t, K in enumerate(result['codebook_sizes'], start=1):
+            product *= int(K)
+            if product >= N:
+                result['t_star'] = t
+                break
     return result
 
 
@@ -634,6 +638,8 @@ def probe_features(codes, codebook, first_k):
 
 def linear_probe(train_x, train_y, val_x, val_y, num_classes, steps=200, weight_decay=1e-4, device='cpu'):
     """Multinomial logistic regression, full-batch L-BFGS on standardised features -> val (top-1, top-5)."""
+    if len(train_x) < 2:  # the features' standard deviation needs two
+        raise ValueError(f"the linear probe needs at least 2 training sequences, got {len(train_x)}")
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, val_x = ((train_x - mean) / std).to(device), ((val_x - mean) / std).to(device)
     train_y, val_y = train_y.to(device), val_y.to(device)

@@ -426,6 +426,10 @@ def test_t_star_of_a_vcq_schedule_follows_equations_1_and_2():
         assert result['t_star'] > 2  # small early codebooks push t* past the constant-K value
     constant = entropy_cliff(np.zeros(256), N, codebook_sizes=np.full(256, 16384))
     assert constant['t_star'] == 2  # 14 bits per token, log2 N = 20.3 bits: the paper's t* = 2
+    # the equality case N = prod K_s reaches the budget, where float sums of log2 K_s can fall a few ulps short
+    assert entropy_cliff(np.zeros(3), 17 ** 3, codebook_sizes=[17, 17, 17])['t_star'] == 3
+    assert entropy_cliff(np.zeros(8), 3 ** 5, codebook_sizes=[3] * 8)['t_star'] == 5
+    assert entropy_cliff(np.zeros(8), 3 ** 5 + 1, codebook_sizes=[3] * 8)['t_star'] == 6
 
 
 def test_linear_probe_separates_a_separable_case_and_not_random_labels():
@@ -445,6 +449,8 @@ def test_linear_probe_separates_a_separable_case_and_not_random_labels():
     assert top1 < 0.45
     with pytest.raises(ValueError, match='codebook has 16 codes'):
         probe_features(np.full((2, 3), 16), codebook, first_k=2)
+    with pytest.raises(ValueError, match='at least 2 training sequences, got 1'):  # its features' std is NaN
+        linear_probe(x[:1], labels[:1], x[300:], labels[300:], C)
 
 # -----------------------------------------------------------------------------
 # ADM .npz image batches
