@@ -138,6 +138,8 @@ if batch_size % (world_size * gradient_accumulation_steps) != 0:
     raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x "
                      f"gradient_accumulation_steps {gradient_accumulation_steps}")
 micro_batch = batch_size // (world_size * gradient_accumulation_steps)
+if eval_images < 1:
+    raise ValueError(f"eval_images = {eval_images}: the held-out evaluation needs at least 1 image")
 downsample = 2 ** (len(ch_mult) - 1)
 if tokenizer_type == 'vqgan' and image_size % downsample != 0:
     raise ValueError(f"image_size {image_size} is not divisible by the downsampling factor {downsample} "
@@ -234,7 +236,11 @@ if init_from == 'resume':
         disc.load_state_dict(checkpoint['disc'])
         disc_optimizer.load_state_dict(checkpoint['disc_optimizer'])
     iter_num, skipped_images = checkpoint['iter_num'], checkpoint['skipped_images']
-    lecam_ema = torch.as_tensor(checkpoint['lecam_ema'], dtype=torch.float32, device=device)
+    lecam_ema = torch.as_tensor(checkpoint['lecam_ema'], dtype=torch.float32).cpu()
+    # (ranks, 2): this rank's row, or on another number of ranks their mean; older checkpoints: rank 0's (2,)
+    if lecam_ema.dim() == 2:
+        lecam_ema = lecam_ema[rank] if len(lecam_ema) == world_size else lecam_ema.mean(0)
+    lecam_ema = lecam_ema.to(device)
     rng_states = checkpoint['rng_states'][rank] if len(checkpoint['rng_states']) == world_size else None
     if master:
         truncate_log(log_path, iter_num)  # what the killed run logged after this checkpoint is logged again
@@ -318,6 +324,10 @@ def evaluate():
 
 def save_checkpoint():
     all_states = gather_rng_states(device_type, ddp, world_size)
+    # every rank's LeCAM EMA (each follows its own D logits, as each process of the release does): (ranks, 2)
+    all_lecam_ema = [torch.zeros_like(lecam_ema) for _ in range(world_size)] if ddp else [lecam_ema]
+    if ddp:
+        dist.all_gather(all_lecam_ema, lecam_ema)
     if master:
         atomic_save({'kind': 'tokenizer', 'model': raw_model.state_dict(),
                      'ema': ema_model.state_dict() if ema_model else None,
@@ -325,7 +335,8 @@ def save_checkpoint():
                      'optimizer': gen_optimizer.state_dict(),
                      'disc_optimizer': disc_optimizer.state_dict() if use_disc else None,
                      'model_args': model_args, 'config': config, 'iter_num': iter_num,
-                     'data_step': iter_num * gradient_accumulation_steps, 'lecam_ema': lecam_ema.cpu(),
+                     'data_step': iter_num * gradient_accumulation_steps,
+                     'lecam_ema': torch.stack(all_lecam_ema).cpu(),
                      'skipped_images': skipped_images, 'rng_states': all_states}, ckpt_path)
         print(f"saved checkpoint to {ckpt_path} at iter {iter_num}", flush=True)
 
@@ -340,16 +351,18 @@ def discriminator_step(pairs):
     global lecam_ema
     set_requires_grad(raw_disc, True)
     total = torch.zeros((), device=device)
+    ema_before, means_sum = lecam_ema, torch.zeros(2, device=device)
     for micro_step, (images, recon) in enumerate(pairs):
         last = micro_step == len(pairs) - 1
         with (disc.no_sync() if ddp and not last else nullcontext()), autocast:
             real, fake = (diff_augment(images), diff_augment(recon)) if disc_augment else (images, recon)
             logits_real, logits_fake = disc(real).float(), disc(fake.detach()).float()
             d_loss = disc_loss_fn(disc_loss, logits_real, logits_fake)
-            # the EMA takes this batch's logits first, then regularises (SEED-Voken's order)
+            # the EMA takes this batch's logits first, then regularises (SEED-Voken's order); one update per D
+            # step, from the mean over its micro-batches (exact at the last one), whatever the accumulation
             if lecam_weight > 0:
-                batch_means = torch.stack([logits_real.mean(), logits_fake.mean()]).detach()
-                lecam_ema = lecam_decay * lecam_ema + (1 - lecam_decay) * batch_means
+                means_sum = means_sum + torch.stack([logits_real.mean(), logits_fake.mean()]).detach()
+                lecam_ema = lecam_decay * ema_before + (1 - lecam_decay) * means_sum / (micro_step + 1)
                 d_loss = d_loss + lecam_weight * lecam_loss(logits_real, logits_fake,
                                                             lecam_ema[0], lecam_ema[1])
             d_loss = (disc_loss_weight or disc_weight) * d_loss
@@ -368,12 +381,13 @@ def get_lr(it):
     """The learning rate of iteration it. 'annealing' is FVQ's learning annealing (Table 6): warmup(0.1) from
     0.005x to 1x, baselr(0.3) of the remaining steps at 1x, then linear decay to 0.01x at max_iters. 'cosine'
     decays from 1x to 0.01x after the same warmup; 'step' multiplies by lr_step_factor at each milestone
-    (fractions of max_iters: IBQ's multi-step decay); 'constant' is the baselines' flat rate."""
+    (fractions of max_iters: IBQ's multi-step decay); 'constant' is the baselines' flat rate. Every schedule
+    starts with the warmup (warmup_frac; 0 = none)."""
     warmup_iters = warmup_frac * max_iters
-    if lr_schedule == 'constant':
-        return lr
     if it < warmup_iters:
         return lr * (0.005 + 0.995 * it / warmup_iters)
+    if lr_schedule == 'constant':
+        return lr
     if lr_schedule == 'step':
         return lr * lr_step_factor ** sum(it >= m * max_iters for m in lr_milestones)
     if lr_schedule == 'annealing':

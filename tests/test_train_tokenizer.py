@@ -120,6 +120,48 @@ def test_kill_and_resume_equals_uninterrupted(gan, tmp_path):
             'q_codebook_loss'} <= set(log_full[1])
 
 
+def test_lecam_ema_moves_once_per_discriminator_step(tmp_path, monkeypatch):
+    """With 2 micro-steps per iteration the EMA of D's mean logits takes one update per D step, from the mean
+    over its micro-batches (SEED-Voken updates it once per step), not one per micro-batch."""
+    import tokenizer
+    seen = []  # per micro-step: D's mean logit on real and reconstructed images, the EMA it regularises with
+    lecam_loss = tokenizer.lecam_loss
+
+    def spy(logits_real, logits_fake, ema_real, ema_fake):
+        seen.append([logits_real.mean().item(), logits_fake.mean().item(), ema_real.item(), ema_fake.item()])
+        return lecam_loss(logits_real, logits_fake, ema_real, ema_fake)
+
+    monkeypatch.setattr(tokenizer, 'lecam_loss', spy)
+    runs_in_process(monkeypatch, tmp_path, '--max_iters=3', '--batch_size=4', '--gradient_accumulation_steps=2',
+                    '--disc_start=0', '--lecam_weight=0.1', '--lecam_decay=0.9', '--eval_interval=100')
+    seen = torch.tensor(seen, dtype=torch.float64)
+    assert seen.shape == (6, 4)
+    ema = torch.zeros(2, dtype=torch.float64)
+    for first, last in seen.view(3, 2, 4):  # per iteration: its two micro-steps
+        ema = 0.9 * ema + 0.1 * (first[:2] + last[:2]) / 2
+        assert torch.allclose(last[2:], ema, atol=1e-6)
+    assert torch.allclose(params(tmp_path)['lecam_ema'].double(), ema[None], atol=1e-6)  # (ranks, 2)
+
+
+def test_ddp_resume_with_lecam_equals_uninterrupted(tmp_path):
+    """Each rank's LeCAM EMA follows its own D logits; the checkpoint keeps every rank's, so a resumed 2-rank
+    run with LeCAM continues exactly (constant lr: a 2-iteration run is the first half of a 4-iteration one)."""
+    args = ['--eval_interval=2', '--batch_size=8', '--disc_start=0', '--lecam_weight=0.1', '--lecam_decay=0.9']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    run([*torchrun, *train_cmd(tmp_path / 'full', *args, '--max_iters=4')[1:]], env=env)
+    run([*torchrun, *train_cmd(tmp_path / 'resumed', *args, '--max_iters=2')[1:]], env=env)
+    halfway = params(tmp_path / 'resumed')['lecam_ema']
+    assert halfway.shape == (2, 2) and not torch.equal(halfway[0], halfway[1])  # the ranks' EMAs differ
+    run([*torchrun, *train_cmd(tmp_path / 'resumed', *args, '--max_iters=4', '--init_from=resume',
+                               '--resume_allow=max_iters')[1:]], env=env)
+    a, b = params(tmp_path / 'full'), params(tmp_path / 'resumed')
+    assert a['iter_num'] == b['iter_num'] == 4 and torch.equal(a['lecam_ema'], b['lecam_ema'])
+    for key in ('model', 'disc'):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+
+
 @pytest.mark.parametrize('schedule,extra,expected', [
     # FVQ Table 6 over 10 steps: warmup(0.2) from 0.005x, baselr(0.25) of the 8 remaining steps, linear decay
     # to 0.01x
@@ -129,7 +171,8 @@ def test_kill_and_resume_equals_uninterrupted(gan, tmp_path):
     ('cosine', ['--warmup_frac=0.2'],
      [0.005, 0.5025] + [0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (it - 2) / 8)) for it in range(2, 10)]),
     ('step', ['--lr_milestones=(0.5,0.8)'], [1] * 5 + [0.1] * 3 + [0.01] * 2),  # IBQ's multi-step decay
-])  # 'constant' (the default): test_weight_ema_update_and_loading
+    ('constant', ['--warmup_frac=0.2'], [0.005, 0.5025] + [1] * 8),  # warmup_frac=0 (the default): flat
+])
 def test_get_lr_schedules(schedule, extra, expected, tmp_path, monkeypatch):
     """The lr each iteration trained with (log.jsonl's iter k holds the lr of step k - 1), as a multiple of
     the batch-scaled learning rate."""
@@ -269,10 +312,11 @@ def test_unreadable_data_and_config_errors_are_clear_and_leave_no_out_dir(tmp_pa
     out = tmp_path / 'out'
     errors = {}
     for bad in ([f'--data_dir={root}', '--eval_images=10'], ['--vcq_k_min=3'], ['--quantizer=lfq'],
-                ['--data_dir=/nonexistent']):
+                ['--data_dir=/nonexistent'], ['--eval_images=0']):
         errors[bad[-1]] = fails_in_process(monkeypatch, out, '--max_iters=1', *bad)
         assert not os.path.exists(out), bad
     assert 'eval_images = 10 must be between 1 and' in errors['--eval_images=10']
+    assert 'eval_images = 0: the held-out evaluation needs at least 1 image' in errors['--eval_images=0']
 
 
 def test_torchrun_repeats_the_error_as_rank_0s_last_line(tmp_path):
