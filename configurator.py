@@ -1,9 +1,11 @@
 """
 nanoGPT's "poor man's configurator". A script defines its config as module-level globals, then runs
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-Each positional argument is a config file (plain Python, executed) and each --key=value overrides one
-global, parsed with ast.literal_eval (a plain string if that fails). A key the script does not define,
-or a value whose type differs from the default's, is an error naming the key and the expected type.
+Each positional argument is a config file (plain Python, executed with the current config values in scope, so
+`max_iters = max_iters // 2` works; its _private names and imports are not keys) and each --key=value overrides
+one global, parsed with ast.literal_eval (a plain string if that fails, or if the key is a string's). A key the
+script does not define, or a value whose type differs from the default's, is an error naming the key and the
+expected type.
 """
 
 
@@ -13,7 +15,10 @@ def _apply_config(g, argv):
     config_types = (bool, int, float, str, tuple, list, dict)
 
     def is_config_key(key):
-        # config keys are the script's lower-case globals of plain types; CONSTANTS and _private names are not
+        # the script's config_keys list when it has one (its own config_keys / default_config are not keys),
+        # else its lower-case globals of plain types; CONSTANTS and _private names are not keys
+        if 'config_keys' in g:
+            return key in g['config_keys']
         return key in g and key.islower() and not key.startswith('_') and isinstance(g[key], config_types)
 
     def check(key, value, source):
@@ -37,11 +42,11 @@ def _apply_config(g, argv):
             except OSError as e:
                 raise FileNotFoundError(f"config file '{arg}' cannot be read: {e}") from None
             print(f"Overriding config with {arg}:\n{source}")
-            namespace = {}
+            namespace = {k: g[k] for k in g if is_config_key(k)}  # the values so far, to build on
             # the script's `compile` flag shadows the builtin
             exec(builtins.compile(source, arg, 'exec'), namespace)
             for key, value in namespace.items():
-                if key.startswith('__') or type(value).__name__ in ('module', 'function', 'type'):
+                if key.startswith('_') or type(value).__name__ in ('module', 'function', 'type'):
                     continue
                 g[key] = check(key, value, arg)
         else:
@@ -50,8 +55,10 @@ def _apply_config(g, argv):
             key, val = arg[2:].split('=', 1)
             try:
                 value = literal_eval(val)
-            except (SyntaxError, ValueError):
+            except Exception:  # SyntaxError, ValueError, TypeError ({[1]: 2}), ...
                 value = val  # a plain string
+            if is_config_key(key) and type(g[key]) == str and not isinstance(value, str):
+                value = val  # a string key takes the text as written: --out_dir=2024, --tag=None
             g[key] = check(key, value, 'command line')
             print(f"Overriding: {key} = {g[key]!r}")
 

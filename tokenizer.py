@@ -311,8 +311,9 @@ def compile_blocks(model, **compile_options):
     the blocks' inference graphs on first use. Returns model."""
     blocks = [m for m in model.modules() if isinstance(m, (ResnetBlock, AttnBlock, ViTBlock))]
     # every block's compiled call shares nn.Module's call code, so one cache holds all their graphs (each shape,
-    # with and without grad): room for them all
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
+    # with and without grad), with room for them all (older torch names the limit cache_size_limit)
+    limit = 'recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit'
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4 * len(blocks)))
     for block in blocks:
         block.compile(dynamic=False, **compile_options)
     return model
@@ -706,11 +707,13 @@ def atomic_write(path, write, mode='wb'):
         if os.path.exists(tmp):
             os.remove(tmp)
         full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or 'file write failed' in str(e)
+        if not (full or isinstance(e, OSError)):
+            raise  # not a failed write (an unpicklable object, a wrong mode): the error as it is
         raise OSError(f"could not write {path}: {'the disk is full' if full else e}; "
                       f"the partial file was removed"
                       + (f" and the previous {os.path.basename(path)} is intact"
                          if os.path.exists(path) else '')
-                      + " (free some space, or point out_dir elsewhere, and resume)") from e
+                      + (" (free some space, or point out_dir elsewhere, and resume)" if full else '')) from e
     os.replace(tmp, path)
 
 
@@ -806,8 +809,14 @@ def truncate_log(path, iter_num):
     predecessor logged after its last checkpoint, so the file has each iteration once."""
     if not os.path.isfile(path):
         return
+    def logged_iter(line):
+        try:
+            return json.loads(line)['iter']
+        except (ValueError, KeyError, TypeError):  # a line the kill cut short
+            return None
+
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['iter'] <= iter_num]
+        kept = [line for line in f if (it := logged_iter(line)) is not None and it <= iter_num]
     atomic_write(path, lambda f: f.writelines(kept), mode='w')
 
 

@@ -29,6 +29,19 @@ def test_overrides_parse_and_keep_types(monkeypatch):
 def test_unknown_key_is_an_error(monkeypatch):
     with pytest.raises(ValueError, match="unknown config key 'lerning_rate'"):
         run_configurator(monkeypatch, ['--lerning_rate=1e-3'], learning_rate=1e-4)
+    # a script's config_keys list is the key set: its own bookkeeping (config_keys, default_config) is not
+    script = dict(learning_rate=1e-4, default_config={'learning_rate': 1e-4}, config_keys=['learning_rate'])
+    for key in ('config_keys', 'default_config'):
+        with pytest.raises(ValueError, match=f"unknown config key '{key}'.*valid keys: learning_rate$"):
+            run_configurator(monkeypatch, [f'--{key}=[]'], **script)
+
+
+def test_a_string_key_takes_the_text_as_written(monkeypatch):
+    ns = run_configurator(monkeypatch, ['--out_dir=2024', '--tag=None', "--name='quoted'", '--note={[1]: 2}'],
+                          out_dir='out', tag='', name='', note='')
+    assert (ns['out_dir'], ns['tag'], ns['name'], ns['note']) == ('2024', 'None', 'quoted', '{[1]: 2}')
+    with pytest.raises(ValueError, match="'iters'.*expects int, got str"):  # not a literal at all
+        run_configurator(monkeypatch, ['--iters={[1]: 2}'], iters=1)
 
 
 def test_constants_and_private_names_are_not_config_keys(monkeypatch):
@@ -56,6 +69,11 @@ def test_config_file_applies_and_is_checked(monkeypatch, tmp_path):
         run_configurator(monkeypatch, [str(bad)], batch_size=128)
     with pytest.raises(FileNotFoundError, match="missing.py"):
         run_configurator(monkeypatch, [str(tmp_path / 'missing.py')], batch_size=128)
+    # a config file builds on the values so far (as nanoGPT's); its _private helpers are not keys
+    derived = tmp_path / 'derived.py'
+    derived.write_text("_scale = 4\nbatch_size = batch_size // _scale\nlr = lr * _scale\n")
+    ns = run_configurator(monkeypatch, [str(good), str(derived)], batch_size=128, lr=1.0)
+    assert ns['batch_size'] == 1 and abs(ns['lr'] - 4 * 6.283185307) < 1e-6 and '_scale' not in ns
 
 
 def script_defaults(script):

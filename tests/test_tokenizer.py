@@ -1,4 +1,5 @@
 import copy
+import json
 import math
 import os
 import random
@@ -126,6 +127,23 @@ def test_checkpoint_errors_name_the_file(tmp_path, monkeypatch):
     assert not os.path.exists(path + '.tmp')
     monkeypatch.undo()
     assert T.load_checkpoint(path, 'tokenizer')['kind'] == 'tokenizer'
+    # an error that is not a failed write is raised as it is, without the full-disk advice
+    with pytest.raises(Exception) as error:
+        atomic_save({'model': {}, 'fn': lambda: 0}, path)
+    assert 'pickle' in str(error.value).lower() and not isinstance(error.value, OSError)
+    assert not os.path.exists(path + '.tmp') and T.load_checkpoint(path, 'tokenizer')['kind'] == 'tokenizer'
+
+
+def test_truncate_log_drops_a_line_the_kill_cut_short(tmp_path):
+    from tokenizer import append_log, truncate_log
+    path = str(tmp_path / 'log.jsonl')
+    for i in (1, 2, 3):
+        append_log(path, {'iter': i, 'loss': 0.5})
+    with open(path, 'a') as f:
+        f.write('{"iter": 4, "lo')  # a killed append_log
+    truncate_log(path, 2)
+    with open(path) as f:
+        assert [json.loads(line)['iter'] for line in f] == [1, 2]
 
 
 def test_state_fingerprint_tells_weights_apart():
