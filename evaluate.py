@@ -605,8 +605,10 @@ def one_view_per_image(codes, labels, codes_path):
     if meta is None:
         return codes, labels
     views = meta['views_per_image']
-    if len(codes) != meta['num_images'] * views:
-        raise ValueError(f"'{codes_path}' has {len(codes)} rows, but its meta.json says {meta['num_images']} "
+    # the images read (older meta.json files hold only the num_images setting, 0 for a whole ImageFolder)
+    num_images = meta.get('dataset_images', len(codes) // views)
+    if len(codes) != num_images * views:
+        raise ValueError(f"'{codes_path}' has {len(codes)} rows, but its meta.json says {num_images} "
                          f"images x {views} views")
     if labels is None:
         labels_path = os.path.join(os.path.dirname(os.path.abspath(codes_path)), 'labels.npy')
@@ -620,7 +622,7 @@ def one_view_per_image(codes, labels, codes_path):
     rows = np.arange(center_view, len(codes), views)
     rows = rows[np.asarray(labels)[rows] >= 0]
     print(f"one view per image: {len(rows)} of {len(codes)} rows (view {center_view} of {views}, "
-          f"{meta['num_images'] - len(rows)} unreadable images dropped)")
+          f"{num_images - len(rows)} unreadable images dropped)")
     return codes[rows], np.asarray(labels)[rows]
 
 

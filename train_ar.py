@@ -503,7 +503,8 @@ if __name__ == '__main__':
                                          for k in differing)
                              + "; delete that folder or set codes_dir to another one")
         if master:
-            print(f"reusing {meta['num_images']} x {views_per_image} code sequences in {codes_dir}")
+            num_rows = len(np.load(os.path.join(codes_dir, 'codes.npy'), mmap_mode='r'))
+            print(f"reusing {num_rows // views_per_image} x {views_per_image} code sequences in {codes_dir}")
     else:
         # float32 weights (and encode_views turns autocast off): bf16 changes ~0.7% of the codes
         tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()
@@ -561,8 +562,9 @@ if __name__ == '__main__':
                                      f"but {image_size}px images give {T} tokens")
                 np.save(os.path.join(codes_dir, 'codebook_sizes.npy'),
                         codebook_sizes.cpu().numpy().astype(np.int64))
-            # center_view stays out of `extraction`: folders written before it existed remain valid
-            meta = dict(extraction, grid_h=grid_h, grid_w=grid_w, codebook_size=K,
+            # center_view and dataset_images (the images read; num_images is the setting, 0 = all) stay out
+            # of `extraction`: folders written before they existed remain valid
+            meta = dict(extraction, grid_h=grid_h, grid_w=grid_w, codebook_size=K, dataset_images=N,
                         tokenizer_type=tokenizer.tokenizer_type,
                         dataset_classes=dataset.num_classes, vcq=codebook_sizes is not None,
                         center_view=center_view(ten_crop))

@@ -756,8 +756,9 @@ def train_ar_codes_folder(folder, num_images=40, views=10, T=4, K=16, unreadable
     np.save(os.path.join(folder, 'codes.npy'), codes.astype(np.uint16))
     np.save(os.path.join(folder, 'labels.npy'), labels)
     with open(os.path.join(folder, 'meta.json'), 'w') as f:
-        json.dump({'num_images': num_images, 'views_per_image': views, 'center_view': 4, 'codebook_size': K,
-                   'vcq': False, 'grid_h': 2, 'grid_w': 2}, f)
+        # an ImageFolder's: num_images is the setting (0 = all), dataset_images the images read
+        json.dump({'num_images': 0, 'dataset_images': num_images, 'views_per_image': views, 'center_view': 4,
+                   'codebook_size': K, 'vcq': False, 'grid_h': 2, 'grid_w': 2}, f)
     return codes, labels
 
 
@@ -780,6 +781,13 @@ def test_entropy_and_probe_use_one_view_per_image(tmp_path, tiny_tokenizer_ckpt)
                                               labels=str(tmp_path / 'codes' / 'labels.npy'),
                                               ckpt=tiny_tokenizer_ckpt, first_k=1, probe_steps=50))
     assert probe['num_train'] + probe['num_val'] == 39 and probe['top1'] == 1.0
+    # an older meta.json without dataset_images: the rows give the image count
+    meta_path = tmp_path / 'codes' / 'meta.json'
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != 'dataset_images'}))
+    assert np.array_equal(evaluate.one_view_per_image(codes, labels, str(tmp_path / 'codes' / 'codes.npy'))[0],
+                          selected)
+    meta_path.write_text(json.dumps(meta))
     # a codes folder whose rows do not match its meta.json is refused
     np.save(tmp_path / 'codes' / 'codes.npy', codes[:-1])
     with pytest.raises(ValueError, match="399 rows, but its meta.json says 40 images x 10 views"):

@@ -293,6 +293,7 @@ def test_codes_extraction(codes_setup):
     assert codes.dtype == np.uint16 and codes.shape == (40, 256) and labels.shape == (40,)
     assert meta['grid_h'] == meta['grid_w'] == 16 and meta['codebook_size'] == 64 and not meta['vcq']
     assert meta['center_view'] == 0  # the unflipped image of each (image, flip) pair
+    assert meta['dataset_images'] == 20  # the images read (evaluate.py counts rows with it)
     assert not os.path.exists(os.path.join(codes_dir, 'codebook_sizes.npy'))
     np.testing.assert_array_equal(labels, np.repeat(np.arange(20) % 10, 2))
     # the views are the image and its flip: encode image 3 here and compare
