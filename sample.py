@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from tokenizer import (load_checkpoint, load_tokenizer, save_image_grid, setup_device, autocast_context,
-                       to_uint8, atomic_write)
+                       to_uint8, atomic_write, state_fingerprint, tokenizer_weights)
 
 def cfg_weights(schedule, scale, power, seq_len, codebook_sizes=None):
     """Guidance scale w_t for t = 0 .. seq_len - 1 -> float tensor (seq_len,)."""
@@ -214,8 +214,9 @@ if __name__ == '__main__':
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     autocast = autocast_context(device, dtype)
     out_dir = out_dir or os.path.dirname(os.path.abspath(ckpt))
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if num_samples < 1 or batch_size < 1 or grid_per_class < 1:
+        raise ValueError(f"num_samples, batch_size and grid_per_class must be >= 1, got {num_samples}, "
+                         f"{batch_size} and {grid_per_class}")
     check_sampling_options(cfg_scale, temperature, top_k, top_p)
     if master:
         print(f"config: {config}")
@@ -224,12 +225,27 @@ if __name__ == '__main__':
     # the GPT and the tokenizer that decodes its codes
 
     model, gpt_settings = load_gpt(ckpt, device)
-    # float32 weights (and decode_images turns autocast off): bf16 moves ~13% of the pixels by one level
+    recorded = gpt_settings.get('tokenizer_fingerprint')  # the weights that wrote the GPT's training codes
+    if not tokenizer_ckpt and recorded is not None:  # the recorded path must still hold those weights
+        path = gpt_settings['tokenizer_ckpt']
+        checkpoint = load_checkpoint(path, 'tokenizer', mmap=True)
+        found = state_fingerprint(tokenizer_weights(checkpoint))
+        if found != recorded:
+            raise ValueError(f"the tokenizer at {path} is not the one whose codes the GPT was trained on (its "
+                             f"weights {found} at iteration {checkpoint.get('iter_num')}, the GPT's {recorded} at "
+                             f"iteration {gpt_settings.get('tokenizer_iter')}): it was retrained or resumed in "
+                             f"place; pass --tokenizer_ckpt=<a checkpoint that decodes these codes>")
+        del checkpoint
     tokenizer_ckpt = tokenizer_ckpt or gpt_settings['tokenizer_ckpt']
+    # float32 weights (and decode_images turns autocast off): bf16 moves ~13% of the pixels by one level
     tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()
     if tokenizer.quantizer.codebook_size != model.codebook_size:
         raise ValueError(f"the tokenizer has {tokenizer.quantizer.codebook_size} codes, the GPT predicts "
                          f"{model.codebook_size}")
+    image_px = gpt_settings.get('image_size') or model.grid_h * tokenizer.downsample
+    if tokenizer.token_grid(image_px) != (model.grid_h, model.grid_w):
+        raise ValueError(f"the tokenizer gives a {tokenizer.token_grid(image_px)} grid of codes at {image_px}px, "
+                         f"the GPT models {(model.grid_h, model.grid_w)}")
     grid_classes = tuple(grid_classes) or tuple(range(min(8, model.num_classes)))
     bad = [c for c in grid_classes if not 0 <= c < model.num_classes]
     if bad:
@@ -254,7 +270,6 @@ if __name__ == '__main__':
     if device_type == 'cuda':
         torch.cuda.synchronize()
     elapsed = time.time() - t0
-    image_px = gpt_settings.get('image_size') or model.grid_h * tokenizer.downsample
     images = torch.cat(parts) if parts else torch.empty(0, image_px, image_px, 3, dtype=torch.uint8)
     part_path = os.path.join(out_dir, f'{sample_name}_rank{rank}.npz')
     np.savez(part_path, indices=my_indices.numpy(), images=images.numpy())

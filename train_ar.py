@@ -700,6 +700,9 @@ if __name__ == '__main__':
                              'optimizer': optimizer.state_dict(), 'model_args': model_args, 'config': config,
                              'iter_num': iter_num, 'data_step': iter_num * gradient_accumulation_steps,
                              'rng_states': all_rng_states, 'tokenizer_ckpt': os.path.abspath(tokenizer_ckpt),
+                             # the weights that wrote the codes: sample.py decodes with them or refuses
+                             'tokenizer_fingerprint': meta['tokenizer_fingerprint'],
+                             'tokenizer_iter': meta['tokenizer_iter'],
                              'codebook_sizes': codebook_sizes, 'image_size': image_size}, ckpt_path)
                 print(f"saved checkpoint to {ckpt_path} at iter {iter_num}", flush=True)
         if iter_num >= max_iters:

@@ -148,6 +148,45 @@ def test_load_gpt_maps_the_checkpoint_and_drops_the_optimiser(tmp_path, monkeypa
                         'tokenizer_ckpt': 'tok.pt', 'codebook_sizes': None}
 
 
+def test_sample_script_decodes_with_the_tokenizer_the_gpt_was_trained_on(tmp_path, monkeypatch):
+    """The GPT checkpoint records its tokenizer's weights; a tokenizer retrained in place at the recorded path is
+    refused (an explicit --tokenizer_ckpt is the user's choice), and so is one with another grid of codes."""
+    from tokenizer import load_checkpoint, state_fingerprint, tokenizer_weights
+    tok = save_tiny_tokenizer(tmp_path / 'tok.pt', image_size=8)  # 8px -> 4 x 4 codes, K = 64
+    model = tiny_gpt()
+    gpt = str(tmp_path / 'gpt.pt')
+
+    def save_gpt(image_size):
+        atomic_save({'kind': 'gpt', 'model': model.state_dict(), 'image_size': image_size, 'config': {},
+                     'model_args': dict(codebook_size=64, num_classes=10, grid_h=4, grid_w=4, n_layer=2, n_head=2,
+                                        n_embd=32), 'tokenizer_ckpt': tok, 'codebook_sizes': None, 'tokenizer_iter': 0,
+                     'tokenizer_fingerprint': state_fingerprint(tokenizer_weights(load_checkpoint(tok, 'tokenizer')))},
+                    gpt)
+
+    def sample(*args):
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setattr(sys, 'argv', ['sample.py', f'--ckpt={gpt}', f'--out_dir={tmp_path / "s"}', '--device=cpu',
+                                          '--num_samples=2', '--batch_size=2', '--grid_per_class=1', *args])
+        runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
+
+    save_gpt(image_size=8)
+    sample()
+    with np.load(tmp_path / 's' / 'samples.npz') as f:
+        assert f['arr_0'].shape == (2, 8, 8, 3)
+    checkpoint = torch.load(tok, weights_only=False)  # the tokenizer retrained in place
+    checkpoint['model']['decoder.conv_out.bias'] += 0.1
+    checkpoint['iter_num'] = 5
+    atomic_save(checkpoint, tok)
+    with pytest.raises(ValueError, match=r'is not the one whose codes the GPT was trained on .*at iteration 5, '
+                                         r'the GPT.s \w+ at iteration 0'):
+        sample()
+    sample(f'--tokenizer_ckpt={tok}')  # named explicitly: decodes
+    save_gpt(image_size=16)
+    with pytest.raises(ValueError, match=r'the tokenizer gives a \(8, 8\) grid of codes at 16px, the GPT models '
+                                         r'\(4, 4\)'):
+        sample(f'--tokenizer_ckpt={tok}')
+
+
 # -----------------------------------------------------------------------------
 # DDP (torchrun, gloo on CPU) code extraction, training and sampling on a VCQ tokenizer
 
@@ -202,7 +241,8 @@ def test_bad_sampling_options_are_refused(option, message):
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize('arg', ['--num_samples=0', '--batch_size=0', '--cfg_scale=0.5', '--top_p=2.0'])
+@pytest.mark.parametrize('arg', ['--num_samples=0', '--batch_size=0', '--grid_per_class=0', '--cfg_scale=0.5',
+                                 '--top_p=2.0'])
 def test_sample_script_refuses_bad_options_before_writing(arg, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, 'argv', ['sample.py', '--ckpt=does-not-matter.pt', f'--out_dir={tmp_path / "s"}',
