@@ -346,19 +346,26 @@ def peak_bf16_flops(device):
 # -----------------------------------------------------------------------------
 # the training script's data helpers (pure functions of their arguments)
 
+def ten_crop_read_size(image_size):
+    # LlamaGen's extract_codes_c2i.py: crop_size = int(image_size * crop_range), crop_range 1.1 (281 at 256)
+    return int(image_size * 1.1)
+
+
 def image_views(images, size, ten_crop, flip_augment):
-    """(B, 3, S', S') -> (B * views, 3, size, size), the views of one image adjacent: LlamaGen's ten crops
-    (5 crops + their flips, torchvision TenCrop order) of images read at 1.1x, or the image (and its
-    horizontal flip)."""
-    if ten_crop:
-        S1 = images.shape[-1]
-        c = (S1 - size) // 2
-        crops = [images[..., :size, :size], images[..., :size, S1 - size:], images[..., S1 - size:, :size],
-                 images[..., S1 - size:, S1 - size:], images[..., c:c + size, c:c + size]]
-        crops = crops + [crop.flip(-1) for crop in crops]
-    else:
+    """(B, 3, S', S') -> (B * views, 3, size, size), the views of one image adjacent: LlamaGen's ten crops of
+    images read at ten_crop_read_size (torchvision's TenCrop: the corner crops TL, TR, BL, BR and the centre crop,
+    then the same five of the flipped image), or the image (and its horizontal flip)."""
+    if not ten_crop:
         crops = [images] + ([images.flip(-1)] if flip_augment else [])
-    return torch.stack(crops, dim=1).reshape(-1, 3, size, size)
+        return torch.stack(crops, dim=1).reshape(-1, 3, size, size)
+
+    def five_crops(x):
+        S1 = x.shape[-1]
+        c = round((S1 - size) / 2)  # torchvision's centre crop offset (Python's round)
+        return [x[..., :size, :size], x[..., :size, S1 - size:], x[..., S1 - size:, :size],
+                x[..., S1 - size:, S1 - size:], x[..., c:c + size, c:c + size]]
+
+    return torch.stack(five_crops(images) + five_crops(images.flip(-1)), dim=1).reshape(-1, 3, size, size)
 
 
 def center_view(ten_crop):
@@ -490,7 +497,9 @@ if __name__ == '__main__':
                       tokenizer_iter=tokenizer_checkpoint.get('iter_num', -1),
                       tokenizer_fingerprint=state_fingerprint(tokenizer_weights(tokenizer_checkpoint)),
                       data_dir=data_dir, num_images=num_images, image_size=image_size,
-                      views_per_image=views_per_image)
+                      views_per_image=views_per_image,
+                      # ten crops: the size read (codes of an older nanoVQ read round(1.1 x), not LlamaGen's int)
+                      **({'read_size': ten_crop_read_size(image_size)} if ten_crop else {}))
     del tokenizer_checkpoint
     meta_path = os.path.join(codes_dir, 'meta.json')
     if os.path.isfile(meta_path):
@@ -513,7 +522,7 @@ if __name__ == '__main__':
                              f"reconstruction only here); train_ar.py models one code per position")
         # the training images, without random augmentation: deterministic resize + centre crop;
         # ten_crop reads at 1.1x and takes the crops here, on the tensor
-        dataset = make_dataset(data_dir, round(1.1 * image_size) if ten_crop else image_size, train=True,
+        dataset = make_dataset(data_dir, ten_crop_read_size(image_size) if ten_crop else image_size, train=True,
                                num_images=num_images, augment=False)
         N, K = len(dataset), tokenizer.quantizer.codebook_size
         grid_h, grid_w = tokenizer.token_grid(image_size)  # 1 x L for the 1D tokenizer

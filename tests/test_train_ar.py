@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 from tokenizer import Tokenizer, atomic_save
 from train_ar import (GPT, GPT_PRESETS, gpt_model_args, rope_2d_angles, ffn_hidden_size, image_views,
-                      center_view, encode_views, peak_bf16_flops, peak_bf16_flops_of)
+                      ten_crop_read_size, center_view, encode_views, peak_bf16_flops, peak_bf16_flops_of)
 from sample import generate, sample_tokens, sample_from_logits
 
 TINY_TOKENIZER = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, quantizer='vq',
@@ -246,6 +246,22 @@ def test_center_view_is_the_centre_crop(ten_crop, flip_augment, views):
     crops = image_views(images, 32, ten_crop, flip_augment).reshape(2, views, 3, 32, 32)
     expected = images[..., 2:34, 2:34] if ten_crop else images  # (36 - 32) / 2 = 2 pixels off each side
     assert torch.equal(crops[:, center_view(ten_crop)], expected)
+
+
+def test_ten_crops_are_llamagen_s():
+    """LlamaGen reads at int(1.1 x size) and takes torchvision's TenCrop: five crops of the image, then the same
+    five of the flipped image (whose corners are the other side's, and whose centre crop shifts by a pixel
+    when the margin is odd); round() for the centre offset."""
+    assert (ten_crop_read_size(256), ten_crop_read_size(32)) == (281, 35)
+    images = torch.randn(2, 3, 35, 35)
+    views = image_views(images, 32, True, True).reshape(2, 10, 3, 32, 32)
+    flipped = images.flip(-1)
+    for i, image in enumerate((images, flipped)):  # margin 3: centre offset round(1.5) = 2
+        expected = [image[..., :32, :32], image[..., :32, 3:], image[..., 3:, :32], image[..., 3:, 3:],
+                    image[..., 2:34, 2:34]]
+        for j, crop in enumerate(expected):
+            assert torch.equal(views[:, 5 * i + j], crop), (i, j)
+    assert torch.equal(views[:, 5], images[..., :32, 3:].flip(-1))  # flip of the top-right crop
 
 
 def test_encode_views_is_float32_under_bf16_autocast():
