@@ -506,6 +506,8 @@ class ImageFolder(torch.utils.data.Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:
+                if img.mode.startswith('I;16'):  # 16-bit grayscale: convert('RGB') would clip at 255, not scale
+                    img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
                 img = img.convert('RGB')
         except Exception as e:  # unreadable or corrupt: skipped by collate, counted by the caller
             warnings.warn(f"skipping unreadable image {path}: {e}")

@@ -257,6 +257,16 @@ def test_image_folder_reads_crops_and_skips_corrupt_images(tmp_path):
         make_dataset(str(tmp_path / 'empty'), 32, train=True)
 
 
+def test_a_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    os.makedirs(tmp_path / 'data' / 'a')
+    ramp = np.linspace(0, 65535, 32).round().astype(np.uint16)[None].repeat(32, 0)  # (32, 32), left to right
+    Image.fromarray(ramp).save(tmp_path / 'data' / 'a' / 'ramp.png')  # Pillow mode I;16
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / 'data' / 'a' / 'ramp8.png')
+    ds = make_dataset(str(tmp_path / 'data'), 32, train=False)
+    assert [os.path.basename(p) for p, _ in ds.samples] == ['ramp.png', 'ramp8.png']
+    assert torch.equal(ds[0][0], ds[1][0]) and ds[0][0].min() == -1 and ds[0][0].max() == 1
+
+
 def test_real_imagenet_sample_center_crop(imagenet_samples):
     ds = make_dataset(imagenet_samples, 64, train=False)
     assert ds.num_classes == 1000
