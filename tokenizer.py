@@ -811,6 +811,7 @@ def truncate_log(path, iter_num):
     predecessor logged after its last checkpoint, so the file has each iteration once."""
     if not os.path.isfile(path):
         return
+
     def logged_iter(line):
         try:
             return json.loads(line)['iter']
