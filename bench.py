@@ -15,7 +15,9 @@ Micro-benchmarks. Pick one with --what:
       last line: inception batch=200 device=cuda: <n> features/s
   tokenizer:    one steady-state tokenizer training step (generator with LPIPS + GAN loss, then the
                 discriminator) for the model of a train_tokenizer.py config, on random images: img/s,
-                ms/iter, peak memory
+                ms/iter, peak memory. The model's step only: the config's training options (gradient clipping,
+                weight EMA, LeCAM, DiffAugment, disc_first, zero loss weights) are not applied, and keys the
+                config leaves out take Tokenizer's / make_quantizer's defaults
       python bench.py --what=tokenizer --tokenizer_config=config/vq_16k.py --tokenizer_batch=32 \
           --device=cuda --dtype=bfloat16 --compile=True
       last line (one line):
@@ -101,6 +103,10 @@ config = {k: globals()[k] for k in config_keys}
 WHATS = ('quantizer', 'bridge_flops', 'inception', 'tokenizer', 'tokenizer_memory', 'ar', 'sample')
 if what not in WHATS:
     raise ValueError(f"unknown --what='{what}'; expected one of {', '.join(repr(w) for w in WHATS)}")
+if baseline not in ('', 'naive'):  # before any timing: a typo would otherwise cost the whole run
+    raise ValueError(f"unknown --baseline='{baseline}'; expected '' or 'naive'")
+if steps < 1 or warmup_steps < 0:
+    raise ValueError(f"steps must be >= 1 and warmup_steps >= 0, got {steps} and {warmup_steps}")
 device = setup_device(device)[0]  # resolves 'auto'; TF32 on CUDA as in the training scripts
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 autocast = autocast_context(device, dtype)
@@ -311,8 +317,6 @@ if what == 'quantizer':
 
         naive_ms = time_steps(naive_step) * 1000
         line += f"; naive {naive_ms:.1f} ms, peak {peak_memory()}; naive/nanoVQ {naive_ms / ms:.2f}x"
-    elif baseline != '':
-        raise ValueError(f"unknown --baseline='{baseline}'; expected '' or 'naive'")
     print(line)
 
 elif what == 'bridge_flops':
@@ -341,8 +345,11 @@ elif what in ('tokenizer', 'tokenizer_memory'):
     from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, tokens_per_image,
                            compile_blocks)
     cfg = {}
-    exec(open(tokenizer_config).read(), cfg)  # the config's keys; train_tokenizer.py's defaults for the rest
-    model_keys = ('ch', 'ch_mult', 'num_res_blocks', 'z_channels', 'quantizer', 'codebook_size', 'code_dim')
+    # the config's keys; those it leaves out take Tokenizer's / make_quantizer's defaults, which can differ from
+    # train_tokenizer.py's (e.g. IBQ's l2_norm): the shipped configs set theirs
+    exec(open(tokenizer_config).read(), cfg)
+    model_keys = ('ch', 'ch_mult', 'num_res_blocks', 'z_channels', 'quantizer', 'codebook_size', 'code_dim',
+                  'dropout')
     model_args = {k: cfg[k] for k in model_keys if k in cfg}
     if cfg.get('tokenizer_type', 'vqgan') == 'titok':  # the 1D tokenizer: its ViTs and latent tokens
         model_args.update({k: cfg[k] for k in ('tokenizer_type', 'titok_preset', 'patch_size', 'num_latent_tokens')

@@ -83,6 +83,13 @@ def test_bridge_flops_counts_the_projector(capsys, monkeypatch):
 def test_unknown_what_is_an_error(capsys, monkeypatch):
     with pytest.raises(ValueError, match="unknown --what='nothing'"):
         run_bench_in_process(['--what=nothing'], capsys, monkeypatch)
+    # option errors come before any timing (a typo'd baseline used to surface after the whole nanoVQ run)
+    for args, message in ((['--baseline=nave'], "unknown --baseline='nave'"),
+                          (['--steps=0'], 'steps must be >= 1 and warmup_steps >= 0, got 0 and 2')):
+        with pytest.raises(ValueError, match=message):
+            run_bench_in_process(['--what=quantizer', '--kind=vq', '--codebook_size=64', '--dim=8', *args],
+                                 capsys, monkeypatch)
+        assert 'fwd+bwd' not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('config', ['smoke', 'smoke_1d'])  # the VQGAN, and the 1D tokenizer with VCQ
