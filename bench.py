@@ -188,11 +188,12 @@ def print_profile(step, seconds):
     print(f"torch.profiler, {steps} steps:")
     print(prof.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=70))
     times = time_by_name(prof.events(), device_type == 'cuda')
+    kinds = {name: kind_of(name) for name in times}
     totals = dict.fromkeys([kind for kind, _ in PROFILE_KINDS] + ['other'], 0.0)
     for name, microseconds in times.items():
-        totals[kind_of(name)] += microseconds
+        totals[kinds[name]] += microseconds
     busy = sum(totals.values())
-    largest_other = sorted((t, name) for name, t in times.items() if kind_of(name) == 'other')[-3:][::-1]
+    largest_other = sorted((t, name) for name, t in times.items() if kinds[name] == 'other')[-3:][::-1]
     ms = lambda microseconds: f"{microseconds / 1e3 / steps:.2f} ms"  # per step
     print(f"per step, {'GPU kernels' if device_type == 'cuda' else 'CPU ops (self time)'}: {ms(busy)} of the "
           f"unprofiled {1e3 * seconds:.2f} ms/iter; "

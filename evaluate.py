@@ -232,9 +232,10 @@ def reference_image_size(ref_path):
     return None
 
 
-def arr0_statistics(config, model, dev, fingerprint):
+def arr0_statistics(config, model, dev, fingerprint, stored):
     """-> {features, mu, sigma, mu_s, sigma_s} of the reference batch's arr_0 images with this network,
-    from the cache next to the reference file when it matches this network and file."""
+    from the cache next to the reference file when it matches this network and file; a cache written here
+    also keeps the file's stored statistics (stored_statistics' result, or None)."""
     ref_path = config['ref']
     stat = os.stat(ref_path)
     source = f"{os.path.abspath(ref_path)}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -254,10 +255,10 @@ def arr0_statistics(config, model, dev, fingerprint):
         try:
             image_shape = np.array(npz_image_header(ref_path)[1:])
             # the reference's stored statistics go along, so that the cache used as --ref gives the same FID
-            stored = {f'stored_{k}': v for k, v in (stored_statistics(ref_path) or {}).items()}
+            kept = {f'stored_{k}': v for k, v in (stored or {}).items()}
             atomic_write(cache_path, lambda f: np.savez(f, weights_fingerprint=fingerprint, source=source,
-                                                        image_shape=image_shape, has_stored_statistics=bool(stored),
-                                                        **stored, **result))
+                                                        image_shape=image_shape, has_stored_statistics=bool(kept),
+                                                        **kept, **result))
             print(f"cached the reference features in {cache_path}")
         except OSError as e:
             warnings.warn(f"could not write the reference cache {cache_path}: {e}")
@@ -292,8 +293,8 @@ def reference_statistics(config, model, dev):
             raise ValueError(f"'{ref_path}' has no arr_0 images (has {', '.join(files)}); expected an ADM "
                              f"reference batch")
     if 'arr_0' in files:
-        result = arr0_statistics(config, model, dev, fingerprint)
         stored = stored_statistics(ref_path)
+        result = arr0_statistics(config, model, dev, fingerprint, stored)
     if stored is None:
         result['statistics'] = f"computed from the {len(result['features'])} arr_0 images"
     else:
