@@ -658,6 +658,18 @@ def setup_device(device):
     return device, rank, local_rank, world_size
 
 
+def leave_process_group():
+    """Destroys the process group at the end of a torchrun run. The caller drops its DDP wrappers first, so that
+    this frees the group while the interpreter runs. A gloo collective returns before its worker thread lets go of
+    the collective's tensors, which takes the GIL, and a thread that does so during interpreter shutdown aborts
+    the process ('terminate called without an active exception', seen after the checkpoint's all_gather). Freeing
+    the group joins those threads first; a wrapper left alive would hold the group until shutdown."""
+    import gc
+    import torch.distributed as dist
+    gc.collect()  # a dropped wrapper caught in a reference cycle would hold the group too
+    dist.destroy_process_group()
+
+
 def gather_rng_states(device_type, ddp, world_size):
     """Every rank's RNG states (torch, cuda, numpy, python), gathered for the checkpoint: a resume continues
     each rank's streams exactly."""

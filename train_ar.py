@@ -403,7 +403,7 @@ if __name__ == '__main__':
     from tokenizer import (load_tokenizer, make_dataset, setup_device, autocast_context, atomic_save,
                            truncate_log, append_log, load_checkpoint, tokenizer_weights, state_fingerprint,
                            check_out_dir, check_resume_config, gather_rng_states, restore_rng_states,
-                           atomic_write)
+                           atomic_write, leave_process_group)
 
     # -----------------------------------------------------------------------------
     # default config: LlamaGen GPT-B on ImageNet 256 codes (config/ar_gpt_b.py);
@@ -748,4 +748,5 @@ if __name__ == '__main__':
                   flush=True)
 
     if ddp:
-        dist.destroy_process_group()
+        del model  # the DDP wrapper holds the process group
+        leave_process_group()

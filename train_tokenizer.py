@@ -22,7 +22,8 @@ from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, 
                        adaptive_gan_weight, diff_augment, make_dataset, split_held_out, collate,
                        ShardedBatchSampler, setup_device, autocast_context, atomic_save, save_image_grid,
                        truncate_log, append_log, load_checkpoint, check_out_dir, check_resume_config,
-                       gather_rng_states, restore_rng_states, psnr, to_uint8, tokens_per_image, compile_blocks)
+                       gather_rng_states, restore_rng_states, leave_process_group, psnr, to_uint8, tokens_per_image,
+                       compile_blocks)
 
 # -----------------------------------------------------------------------------
 # default config: LlamaGen VQ-16 on ImageNet 256 (config/vq_16k.py); override with config files / --key=value
@@ -501,4 +502,5 @@ while True:
               + (f", skipped {skipped_images} unreadable images" if skipped_images else ''), flush=True)
 
 if ddp:
-    dist.destroy_process_group()
+    del model, disc  # the DDP wrappers hold the process group
+    leave_process_group()
