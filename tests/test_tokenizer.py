@@ -140,6 +140,7 @@ def test_leaving_the_process_group_joins_gloos_threads_before_exit(tmp_path):
     before, during, kept, after = map(int, result.stdout.split()[-4:])
     assert during > before and kept == during and after == before
 
+
 def test_checkpoint_errors_name_the_file(tmp_path, monkeypatch):
     import errno
     import tokenizer as T
