@@ -326,8 +326,9 @@ def evaluate():
 def save_checkpoint():
     all_states = gather_rng_states(device_type, ddp, world_size)
     # every rank's LeCAM EMA (each follows its own D logits, as each process of the release does): (ranks, 2)
-    all_lecam_ema = [torch.zeros_like(lecam_ema) for _ in range(world_size)] if ddp else [lecam_ema]
+    all_lecam_ema = [lecam_ema]
     if ddp:
+        all_lecam_ema = [torch.zeros_like(lecam_ema) for _ in range(world_size)]
         dist.all_gather(all_lecam_ema, lecam_ema)
     if master:
         atomic_save({'kind': 'tokenizer', 'model': raw_model.state_dict(),
