@@ -1,35 +1,29 @@
 """
-nanoGPT's "poor man's configurator". A script defines its config as module-level globals, then runs
+nanoGPT's "poor man's configurator". A script defines its config as module-level globals and the list
+`config_keys` of their names, then runs
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-Each positional argument is a config file (plain Python, executed with the current config values in scope, so
-`max_iters = max_iters // 2` works; its _private names and imports are not keys) and each --key=value overrides
-one global, parsed with ast.literal_eval (a plain string if that fails, or if the key is a string's). A key the
-script does not define, or a value whose type differs from the default's, is an error naming the key and the
-expected type.
+Each positional argument is a config file: plain Python, run with the current values in scope (so
+`max_iters = max_iters // 2` works); its _private names and imports are not keys. Each --key=value overrides
+one key, parsed with ast.literal_eval (the text as written for a string key, or when it is no literal).
+An unknown key, or a value whose type differs from the default's, is an error naming the key.
+Leaves `config_sources` {key: the file or 'command line' that set it} and prints the keys that changed.
 """
 
 
 def _apply_config(g, argv):
     import builtins
+    import textwrap
     from ast import literal_eval
-    config_types = (bool, int, float, str, tuple, list, dict)
-
-    def is_config_key(key):
-        # the script's config_keys list when it has one (its own config_keys / default_config are not keys),
-        # else its lower-case globals of plain types; CONSTANTS and _private names are not keys
-        if 'config_keys' in g:
-            return key in g['config_keys']
-        return key in g and key.islower() and not key.startswith('_') and isinstance(g[key], config_types)
+    keys, defaults, sources = g['config_keys'], {k: g[k] for k in g['config_keys']}, {}
 
     def check(key, value, source):
-        if not is_config_key(key):
-            raise ValueError(f"unknown config key '{key}' (from {source}); valid keys: "
-                             + ", ".join(k for k in g if is_config_key(k)))
-        default = g[key]
-        ok = type(value) == type(default) or (type(default) == float and type(value) == int)
-        if not ok:
+        if key not in keys:
+            raise ValueError(f"unknown config key '{key}' (from {source}); valid keys: {', '.join(keys)}")
+        default = defaults[key]
+        if not (type(value) == type(default) or (type(default) == float and type(value) == int)):
             raise ValueError(f"config key '{key}' (from {source}) expects {type(default).__name__}, "
                              f"got {type(value).__name__}: {value!r}")
+        sources[key] = source
         return float(value) if type(default) == float else value
 
     for arg in argv:
@@ -41,26 +35,29 @@ def _apply_config(g, argv):
                     source = f.read()
             except OSError as e:
                 raise FileNotFoundError(f"config file '{arg}' cannot be read: {e}") from None
-            print(f"Overriding config with {arg}:\n{source}")
-            namespace = {k: g[k] for k in g if is_config_key(k)}  # the values so far, to build on
-            # the script's `compile` flag shadows the builtin
-            exec(builtins.compile(source, arg, 'exec'), namespace)
+            namespace = {k: g[k] for k in keys}  # the values so far, to build on
+            exec(builtins.compile(source, arg, 'exec'), namespace)  # (a script's `compile` key shadows it)
             for key, value in namespace.items():
                 if key.startswith('_') or type(value).__name__ in ('module', 'function', 'type'):
                     continue
-                g[key] = check(key, value, arg)
+                if key not in keys or value is not g[key]:  # an unknown name, or a key this file set
+                    g[key] = check(key, value, arg)
         else:
             if '=' not in arg:
                 raise ValueError(f"config override '{arg}' must look like --key=value")
-            key, val = arg[2:].split('=', 1)
+            key, text = arg[2:].split('=', 1)
             try:
-                value = literal_eval(val)
+                value = literal_eval(text)
             except Exception:  # SyntaxError, ValueError, TypeError ({[1]: 2}), ...
-                value = val  # a plain string
-            if is_config_key(key) and type(g[key]) == str and not isinstance(value, str):
-                value = val  # a string key takes the text as written: --out_dir=2024, --tag=None
+                value = text
+            if key in defaults and type(defaults[key]) == str and not isinstance(value, str):
+                value = text  # a string key takes the text as written: --out_dir=2024, --tag=None
             g[key] = check(key, value, 'command line')
-            print(f"Overriding: {key} = {g[key]!r}")
+    changed = [k for k in keys if k in sources and g[k] != defaults[k]]
+    for source in sorted(dict.fromkeys(sources[k] for k in changed), key=lambda s: s == 'command line'):
+        items = ', '.join(f"{k}={g[k]!r}" for k in changed if sources[k] == source)
+        print(textwrap.fill(f"config from {source}: {items}", 110, subsequent_indent='    '))
+    g['config_sources'] = sources
 
 
 _apply_config(globals(), __import__('sys').argv[1:])

@@ -1,8 +1,7 @@
 """
-Class-conditional sampling from a train_ar.py checkpoint: KV-cached decoding, temperature / top-k / top-p,
-and classifier-free guidance with the conditional and unconditional halves in one batch (the sampled token is
-fed to both). Writes an ADM-style .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for evaluate.py and a PNG
-grid.
+Class-conditional sampling from a train_ar.py checkpoint: KV-cached decoding, temperature / top-k / top-p, and
+classifier-free guidance with the conditional and unconditional halves in one batch (the sampled token is fed
+to both). Writes an ADM-style .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for evaluate.py and a PNG grid.
     python sample.py --ckpt=out-ar/ckpt.pt --cfg_scale=2.0 --num_samples=50000
     torchrun --standalone --nproc_per_node=8 sample.py --ckpt=out-ar-vcq-b/ckpt.pt \
         --cfg_schedule=codebook_size_aware --cfg_scale=10 --cfg_power=1.5
@@ -12,11 +11,8 @@ CFG schedules (w = cfg_scale, p = cfg_power, T tokens, w_t the scale at position
   cosine               w_t = 1 + (w - 1) (1 - cos(pi x^p)) / 2        (VCQ Appendix B, "cosine, scale=w, p")
   codebook_size_aware  VCQ equation 4 as we read it: the cosine formula with
                        x = r_t = (log K_t - log K_min) / (log K_max - log K_min).
-                       On a constant codebook r_t = t / (T - 1), so it equals 'cosine'.
-x runs to t / (T - 1) (not t / T) so that every ramp ends exactly at w on the last token, which makes
-codebook_size_aware on a constant codebook the same schedule as cosine, as the VCQ paper says it should be.
-VCQ models (checkpoints with codebook_sizes) never sample a code >= K_t at position t (sample_tokens).
-VCQ's tables (the RAR convention) write "cfg=0" for no guidance; here that is cfg_scale=1.0.
+x ends at 1 on the last token (not at (T - 1) / T), so codebook_size_aware on a constant codebook is 'cosine',
+as VCQ says. VCQ's tables (the RAR convention) write "cfg=0" for no guidance; here that is cfg_scale=1.0.
 """
 import math
 import os
@@ -28,6 +24,7 @@ import torch
 from tokenizer import (load_checkpoint, load_tokenizer, save_image_grid, setup_device, autocast_context,
                        to_uint8, atomic_write, state_fingerprint, tokenizer_weights)
 
+
 def cfg_weights(schedule, scale, power, seq_len, codebook_sizes=None):
     """Guidance scale w_t for t = 0 .. seq_len - 1 -> float tensor (seq_len,)."""
     x = torch.arange(seq_len, dtype=torch.float64) / max(seq_len - 1, 1)
@@ -35,25 +32,15 @@ def cfg_weights(schedule, scale, power, seq_len, codebook_sizes=None):
         return torch.full((seq_len,), float(scale), dtype=torch.float64)
     if schedule == 'linear':
         return 1 + (scale - 1) * x
-    if schedule == 'codebook_size_aware':
-        if codebook_sizes is not None:
-            log_k = torch.as_tensor(codebook_sizes, dtype=torch.float64).log()
-            if len(log_k) != seq_len:
-                raise ValueError(f"codebook_sizes has {len(log_k)} positions, the model {seq_len}")
-            if log_k.max() > log_k.min():  # constant codebook: keep x = t / (T - 1)
-                x = (log_k - log_k.min()) / (log_k.max() - log_k.min())
-    elif schedule != 'cosine':
-        raise ValueError(f"unknown cfg_schedule '{schedule}'; expected 'constant', 'linear', 'cosine' or "
-                         f"'codebook_size_aware'")
-    if power <= 0:
-        raise ValueError(f"cfg_power must be > 0, got {power}")
+    if schedule == 'codebook_size_aware' and codebook_sizes is not None:
+        log_k = torch.as_tensor(codebook_sizes, dtype=torch.float64).log()
+        if log_k.max() > log_k.min():  # a constant codebook keeps x = t / (T - 1)
+            x = (log_k - log_k.min()) / (log_k.max() - log_k.min())
     return 1 + (scale - 1) * (1 - torch.cos(math.pi * x ** power)) / 2
 
 
 def sample_from_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """logits (B, K) -> token ids (B,). top_k 0 and top_p 1.0 keep everything."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -68,23 +55,22 @@ def sample_from_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=No
 
 
 def compile_decode_step(model):
-    """model.decode_step compiled with CUDA graphs (torch.compile mode='reduce-overhead'): a step of a large
-    batch is ~15 kernels per layer, and launching them from Python costs more than running them."""
+    # CUDA graphs (mode='reduce-overhead'): a decode step is a few small kernels per layer, cheaper to replay
+    # than to launch from Python
     return torch.compile(model.decode_step, mode='reduce-overhead', fullgraph=True, dynamic=False)
 
 
 @torch.no_grad()
 def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1.0, codebook_sizes=None,
                   generator=None, decode_step=None):
-    """Autoregressive sampling with the KV cache, one forward per token. labels (B,) long; weights (T,) the
-    CFG scale per position, or None for no guidance (then no unconditional half is run). codebook_sizes (T,)
-    K_t for VCQ: codes >= K_t are never sampled at position t. decode_step: compile_decode_step(model) (the
-    KV cache then stays allocated for the next batch), or None for model.decode_step, eager. Returns codes
-    (B, T) long in raster order."""
+    """Autoregressive sampling from a model in eval mode with the KV cache, one forward per token. labels (B,)
+    long; weights (T,) the CFG scale per position, or None for no guidance (no unconditional half);
+    codebook_sizes (T,) VCQ's K_t; decode_step: compile_decode_step(model) (the KV cache then stays allocated
+    for the next batch), or None for model.decode_step, eager. Returns codes (B, T) long in raster order."""
     B, T, K, device = len(labels), model.seq_len, model.codebook_size, labels.device
     if labels.numel() and (labels.min() < 0 or labels.max() >= model.num_classes):
-        bad = int(labels.max() if labels.max() >= model.num_classes else labels.min())
-        raise ValueError(f"class id {bad} is out of range: the model has classes 0..{model.num_classes - 1}")
+        raise ValueError(f"class ids {labels.tolist()} out of range: the model has classes "
+                         f"0..{model.num_classes - 1}")
     if weights is not None:  # [conditional; unconditional] halves in one batch
         labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
         weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
@@ -94,87 +80,76 @@ def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1
         # >= K_t never occur there and their logits are masked before sampling
         sizes = torch.as_tensor(codebook_sizes, device=device)
         too_big = torch.arange(K, device=device)[None, :] >= sizes[:, None]  # (T, K)
-    was_training = model.training
-    model.eval()
     model.setup_kv_cache(len(labels))
     codes = torch.empty(B, T, dtype=torch.long, device=device)
     positions = torch.arange(T, device=device)  # step t's position as a tensor: no recompile, no host sync
-    step = decode_step or model.decode_step
-    try:
-        for t in range(T):  # one token per step: the only loop autoregressive decoding allows
-            if t == 0:
-                logits = model(labels, None, start_pos=0)[:, -1]  # prefill: the class token
-            else:
-                previous = codes[:, t - 1:t]
-                if weights is not None:
-                    previous = torch.cat([previous, previous])  # the sampled token goes to both halves
-                logits = step(labels, previous, positions[t])  # (B or 2B, K)
+    for t in range(T):  # one token per step: the only loop autoregressive decoding allows
+        if t == 0:  # the class token, eager (a CUDA graph of its own would replay once)
+            logits = model.decode_step(labels, None, positions[0])
+        else:
+            previous = codes[:, t - 1:t]
             if weights is not None:
-                cond, uncond = logits.float().chunk(2)
-                logits = uncond + weights[t] * (cond - uncond)
-            if too_big is not None:
-                logits = logits.masked_fill(too_big[t], float('-inf'))
-            codes[:, t] = sample_from_logits(logits, temperature, top_k, top_p, generator)
-    finally:
-        if decode_step is None:
-            model.clear_kv_cache()
-        model.train(was_training)
+                previous = torch.cat([previous, previous])  # the sampled token goes to both halves
+            logits = (decode_step or model.decode_step)(labels, previous, positions[t])  # (B or 2B, K)
+        if weights is not None:
+            cond, uncond = logits.float().chunk(2)
+            logits = uncond + weights[t] * (cond - uncond)
+        if too_big is not None:
+            logits = logits.masked_fill(too_big[t], float('-inf'))
+        codes[:, t] = sample_from_logits(logits, temperature, top_k, top_p, generator)
+    if decode_step is None:
+        model.clear_kv_cache()
     return codes
 
 
-def check_sampling_options(cfg_scale, temperature, top_k, top_p):
-    """Logits are u + w (c - u): w = 1.0 is no guidance and w < 1 would push away from the class, so it is
-    refused. (VCQ's tables write "cfg=0" for no guidance: the RAR convention, whose 0 is our 1.0.)"""
-    if cfg_scale < 1.0:
-        raise ValueError(f"cfg_scale must be >= 1.0 (1.0 = no guidance), got {cfg_scale}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = all codes), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1.0 = all codes), got {top_p}")
+def check_sampling_options(cfg_scale, cfg_schedule, cfg_power, temperature, top_k, top_p):
+    # logits are u + w (c - u): w = 1.0 is no guidance, and w < 1 would push away from the class
+    rules = [(cfg_scale >= 1.0, f"cfg_scale must be >= 1.0 (1.0 = no guidance), got {cfg_scale}"),
+             (cfg_schedule in ('constant', 'linear', 'cosine', 'codebook_size_aware'),
+              f"unknown cfg_schedule {cfg_schedule!r}; expected 'constant', 'linear', 'cosine' or "
+              f"'codebook_size_aware'"),
+             (cfg_power > 0, f"cfg_power must be > 0, got {cfg_power}"),
+             (temperature > 0, f"temperature must be > 0, got {temperature}"),
+             (top_k >= 0, f"top_k must be >= 0 (0 = all codes), got {top_k}"),
+             (0 < top_p <= 1, f"top_p must be in (0, 1] (1.0 = all codes), got {top_p}")]
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)
 
 
 def generate(model, labels, cfg_scale=1.0, cfg_schedule='constant', cfg_power=1.0, temperature=1.0, top_k=0,
              top_p=1.0, codebook_sizes=None, generator=None, decode_step=None):
     """codes (B, T) for class labels (B,); cfg_scale 1.0 = no guidance (no unconditional half)."""
-    check_sampling_options(cfg_scale, temperature, top_k, top_p)
+    check_sampling_options(cfg_scale, cfg_schedule, cfg_power, temperature, top_k, top_p)
     weights = None
     if cfg_scale != 1.0:
         weights = cfg_weights(cfg_schedule, cfg_scale, cfg_power, model.seq_len, codebook_sizes)
-    elif cfg_schedule not in ('constant', 'linear', 'cosine', 'codebook_size_aware'):
-        raise ValueError(f"unknown cfg_schedule '{cfg_schedule}'")
     return sample_tokens(model, labels, weights, temperature, top_k, top_p, codebook_sizes, generator,
                          decode_step)
 
 
-def load_gpt(ckpt_path, device):
-    """A GPT in eval mode on `device` and its checkpoint's settings (model_args, config, tokenizer_ckpt,
-    codebook_sizes, ...: everything but the weights, the optimiser state and the RNG states) from a
-    train_ar.py checkpoint."""
-    from train_ar import GPT
-    # memory-mapped: only the model's weights are read from disk, never the (2x larger) AdamW state
-    checkpoint = load_checkpoint(ckpt_path, 'gpt', mmap=True)
-    model = GPT(**checkpoint['model_args'])
-    model.load_state_dict(checkpoint['model'])
-    settings = {k: v for k, v in checkpoint.items() if k not in ('model', 'optimizer', 'rng_states')}
-    return model.to(device).eval(), settings
-
-
-def decode_images(tokenizer, codes):
-    """uint8 images (B, H, W, 3) on the CPU for codes (B, h, w), decoded in float32 whatever autocast the
-    caller runs under."""
-    # autocast off: LlamaGen decodes in float32, and bf16 moves ~13% of the pixels by one level
+def sample_images(model, tokenizer, labels, **options):
+    """uint8 images (B, H, W, 3) on the CPU for class labels (B,): generate(model, labels, **options) under
+    the caller's autocast, decoded in float32 (as LlamaGen decodes) whatever that autocast is."""
+    codes = generate(model, labels, **options).reshape(len(labels), model.grid_h, model.grid_w)
     with torch.autocast(codes.device.type, enabled=False):
         images = tokenizer.decode(codes).float()
     return to_uint8(images).permute(0, 2, 3, 1).cpu()
 
 
-def sample_images(model, tokenizer, labels, **options):
-    """uint8 images (B, H, W, 3) on the CPU for class labels (B,): the codes of generate(model, labels,
-    **options) (under the caller's autocast) through the tokenizer's decoder (in float32)."""
-    codes = generate(model, labels, **options)
-    return decode_images(tokenizer, codes.reshape(len(labels), model.grid_h, model.grid_w))
+def load_gpt(ckpt_path, device):
+    """A GPT in eval mode on `device` and the settings of its train_ar.py checkpoint (everything but the
+    weights, the optimiser state and the RNG states)."""
+    from train_ar import GPT
+    # memory-mapped: only the model's weights are read from disk, never the (2x larger) AdamW state
+    checkpoint = load_checkpoint(ckpt_path, 'gpt', mmap=True)
+    if not {'tokenizer_fingerprint', 'image_size'} <= set(checkpoint):
+        raise ValueError(f"{ckpt_path} was written by an older nanoVQ (it does not record its tokenizer's "
+                         f"weights); re-run train_ar.py")
+    model = GPT(**checkpoint['model_args'])
+    model.load_state_dict(checkpoint['model'])
+    settings = {k: v for k, v in checkpoint.items() if k not in ('model', 'optimizer', 'rng_states')}
+    return model.to(device).eval(), settings
 
 
 if __name__ == '__main__':
@@ -205,7 +180,6 @@ if __name__ == '__main__':
     config_keys = [k for k, v in globals().items()
                    if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    config = {k: globals()[k] for k in config_keys}
     # -----------------------------------------------------------------------------
 
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -217,50 +191,40 @@ if __name__ == '__main__':
     if num_samples < 1 or batch_size < 1 or grid_per_class < 1:
         raise ValueError(f"num_samples, batch_size and grid_per_class must be >= 1, got {num_samples}, "
                          f"{batch_size} and {grid_per_class}")
-    check_sampling_options(cfg_scale, temperature, top_k, top_p)
-    if master:
-        print(f"config: {config}")
+    check_sampling_options(cfg_scale, cfg_schedule, cfg_power, temperature, top_k, top_p)
 
     # -----------------------------------------------------------------------------
     # the GPT and the tokenizer that decodes its codes
-
     model, gpt_settings = load_gpt(ckpt, device)
-    recorded = gpt_settings.get('tokenizer_fingerprint')  # the weights that wrote the GPT's training codes
-    if not tokenizer_ckpt and recorded is not None:  # the recorded path must still hold those weights
-        path = gpt_settings['tokenizer_ckpt']
-        checkpoint = load_checkpoint(path, 'tokenizer', mmap=True)
+    if not tokenizer_ckpt:  # the recorded path must still hold the weights that wrote the GPT's codes
+        tokenizer_ckpt, recorded = gpt_settings['tokenizer_ckpt'], gpt_settings['tokenizer_fingerprint']
+        checkpoint = load_checkpoint(tokenizer_ckpt, 'tokenizer', mmap=True)
         found = state_fingerprint(tokenizer_weights(checkpoint))
         if found != recorded:
-            raise ValueError(f"the tokenizer at {path} is not the one whose codes the GPT was trained on (its "
-                             f"weights {found} at iteration {checkpoint.get('iter_num')}, the GPT's {recorded} at "
-                             f"iteration {gpt_settings.get('tokenizer_iter')}): it was retrained or resumed in "
-                             f"place; pass --tokenizer_ckpt=<a checkpoint that decodes these codes>")
+            raise ValueError(f"the tokenizer at {tokenizer_ckpt} is not the one whose codes the GPT was "
+                             f"trained on (its weights {found} at iteration {checkpoint['iter_num']}, the "
+                             f"GPT's {recorded} at iteration {gpt_settings['tokenizer_iter']}): retrained or "
+                             f"resumed in place; pass --tokenizer_ckpt=<one that decodes these codes>")
         del checkpoint
-    tokenizer_ckpt = tokenizer_ckpt or gpt_settings['tokenizer_ckpt']
-    # float32 weights (and decode_images turns autocast off): bf16 moves ~13% of the pixels by one level
-    tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()
-    if tokenizer.quantizer.codebook_size != model.codebook_size:
-        raise ValueError(f"the tokenizer has {tokenizer.quantizer.codebook_size} codes, the GPT predicts "
-                         f"{model.codebook_size}")
-    image_px = gpt_settings.get('image_size') or model.grid_h * tokenizer.downsample
-    if tokenizer.token_grid(image_px) != (model.grid_h, model.grid_w):
-        raise ValueError(f"the tokenizer gives a {tokenizer.token_grid(image_px)} grid of codes at {image_px}px, "
-                         f"the GPT models {(model.grid_h, model.grid_w)}")
+    tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()  # sample_images: float32
+    image_px = gpt_settings['image_size']
+    found = (tokenizer.quantizer.codebook_size, tokenizer.token_grid(image_px))
+    if found != (model.codebook_size, (model.grid_h, model.grid_w)):
+        raise ValueError(f"the tokenizer's codebook size and grid of codes at {image_px}px are {found}, the "
+                         f"GPT's {(model.codebook_size, (model.grid_h, model.grid_w))}")
     grid_classes = tuple(grid_classes) or tuple(range(min(8, model.num_classes)))
     bad = [c for c in grid_classes if not 0 <= c < model.num_classes]
     if bad:
         raise ValueError(f"grid_classes {bad} out of range: the model has classes 0..{model.num_classes - 1}")
     os.makedirs(out_dir, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(seed * world_size + rank)  # per-rank streams
-    codebook_sizes = gpt_settings.get('codebook_sizes')  # VCQ: K_t per position; None otherwise
     options = dict(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, cfg_power=cfg_power,
-                   temperature=temperature, top_k=top_k, top_p=top_p, codebook_sizes=codebook_sizes,
-                   generator=generator,
+                   temperature=temperature, top_k=top_k, top_p=top_p,
+                   codebook_sizes=gpt_settings['codebook_sizes'], generator=generator,  # VCQ: K_t, else None
                    decode_step=compile_decode_step(model) if compile and device_type == 'cuda' else None)
 
     # -----------------------------------------------------------------------------
     # sampling: every rank samples the global indices rank, rank + world_size, ...; labels are index % classes
-
     my_indices = torch.arange(rank, num_samples, world_size)
     parts, t0 = [], time.time()
     for start in tqdm(range(0, len(my_indices), batch_size), desc='sampling', disable=not master):
@@ -271,22 +235,21 @@ if __name__ == '__main__':
         torch.cuda.synchronize()
     elapsed = time.time() - t0
     images = torch.cat(parts) if parts else torch.empty(0, image_px, image_px, 3, dtype=torch.uint8)
-    part_path = os.path.join(out_dir, f'{sample_name}_rank{rank}.npz')
-    np.savez(part_path, indices=my_indices.numpy(), images=images.numpy())
+    np.savez(os.path.join(out_dir, f'{sample_name}_rank{rank}.npz'), indices=my_indices.numpy(),
+             images=images.numpy())
     if ddp:
         dist.barrier()
     if master:  # the ranks' parts merged into one .npz in index order, then the PNG grid
-        arr_0, arr_1 = None, np.arange(num_samples) % model.num_classes
+        arr_0 = np.empty((num_samples, *images.shape[1:]), dtype=np.uint8)  # rank 0 samples index 0
         for r in range(world_size):
             path = os.path.join(out_dir, f'{sample_name}_rank{r}.npz')
             with np.load(path) as part:
-                if arr_0 is None:
-                    arr_0 = np.empty((num_samples,) + part['images'].shape[1:], dtype=np.uint8)
                 arr_0[part['indices']] = part['images']
             os.remove(path)
         npz_path = os.path.join(out_dir, f'{sample_name}.npz')
+        arr_1 = np.arange(num_samples) % model.num_classes
         atomic_write(npz_path, lambda f: np.savez(f, arr_0=arr_0, arr_1=arr_1))
-        print(f"wrote {npz_path}: {arr_0.shape[0]} images {arr_0.shape[1]}x{arr_0.shape[2]}")
+        print(f"wrote {npz_path}: {num_samples} images {arr_0.shape[1]}x{arr_0.shape[2]}")
         grid_labels = torch.tensor(grid_classes, device=device).repeat_interleave(grid_per_class)
         with autocast:
             grid = sample_images(model, tokenizer, grid_labels, **options)

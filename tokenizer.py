@@ -1,8 +1,7 @@
 """
-The image tokenizer: a VQGAN encoder/decoder (LlamaGen VQ-16 layout) around a quantizer from quantizers.py,
-the PatchGAN discriminator with its GAN/LeCAM losses and LPIPS, and the pieces every stage script shares:
-the image datasets, the learning-rate schedule, atomic checkpoint writes and checkpoint loading.
-Images are float tensors in [-1, 1], shape (B, 3, H, W).
+The image tokenizer: a VQGAN (LlamaGen VQ-16) or a 1D TiTok encoder/decoder around a quantizer from
+quantizers.py; the PatchGAN discriminator, its losses and LPIPS; the image datasets; and the plumbing the
+scripts share. Images are float tensors in [-1, 1], shape (B, 3, H, W).
 """
 import contextlib
 import errno
@@ -26,8 +25,8 @@ from quantizers import make_quantizer
 # VQGAN encoder / decoder (LlamaGen VQ-16: GroupNorm(32, eps 1e-6), swish, attention at the lowest resolution)
 
 def Normalize(channels):
-    # 32 groups as LlamaGen at its widths (>= 128 channels); narrow test/smoke models keep >= 4 channels per
-    # group, since one channel per group is InstanceNorm and strips each channel's mean (the image's colour)
+    # 32 groups as LlamaGen; narrow test/smoke models keep >= 4 channels per group, as one channel per group
+    # is InstanceNorm and strips each channel's mean (the image's colour)
     return nn.GroupNorm(math.gcd(channels, min(32, max(1, channels // 4))), channels, eps=1e-6)
 
 
@@ -90,13 +89,11 @@ class Encoder(nn.Module):
         block_in = ch
         for level, mult in enumerate(ch_mult):
             stage = nn.Module()
-            stage.res = nn.ModuleList()
-            stage.attn = nn.ModuleList()
+            stage.res, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
                 stage.res.append(ResnetBlock(block_in, ch * mult, dropout))
                 block_in = ch * mult
-                if level == len(ch_mult) - 1:
-                    stage.attn.append(AttnBlock(block_in))
+                stage.attn.append(AttnBlock(block_in) if level == len(ch_mult) - 1 else nn.Identity())
             stage.downsample = Downsample(block_in) if level < len(ch_mult) - 1 else nn.Identity()
             self.down.append(stage)
         self.mid = nn.Sequential(ResnetBlock(block_in, block_in, dropout), AttnBlock(block_in),
@@ -107,10 +104,8 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for stage in self.down:
-            for i, res in enumerate(stage.res):
-                h = res(h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
+            for res, attn in zip(stage.res, stage.attn):
+                h = attn(res(h))
             h = stage.downsample(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, H/ds, W/ds)
@@ -126,13 +121,11 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):  # lowest resolution first
             stage = nn.Module()
-            stage.res = nn.ModuleList()
-            stage.attn = nn.ModuleList()
+            stage.res, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
                 stage.res.append(ResnetBlock(block_in, ch * mult, dropout))
                 block_in = ch * mult
-                if level == len(ch_mult) - 1:
-                    stage.attn.append(AttnBlock(block_in))
+                stage.attn.append(AttnBlock(block_in) if level == len(ch_mult) - 1 else nn.Identity())
             stage.upsample = Upsample(block_in) if level > 0 else nn.Identity()
             self.up.append(stage)
         self.norm_out = Normalize(block_in)
@@ -141,10 +134,8 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid(self.conv_in(z))
         for stage in self.up:
-            for i, res in enumerate(stage.res):
-                h = res(h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
+            for res, attn in zip(stage.res, stage.attn):
+                h = attn(res(h))
             h = stage.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
 
@@ -153,14 +144,14 @@ class Decoder(nn.Module):
 # 1D tokenizer (TiTok, as the VCQ paper's tokenizer): a ViT reads the image patches and L learnable latent
 # tokens; only the L latent outputs are quantized; a ViT decoder reads them with one mask token per patch
 
-# (width, depth, heads) of the ViT encoder and decoder. VCQ Appendix A: Base = ViT-B enc + ViT-B dec (172M),
-# Large = ViT-B enc + ViT-L dec (the paper counts 496M; ViT-B + ViT-L come to 390M here, see README)
+# (width, depth, heads) of the ViT encoder and decoder. VCQ Appendix A: Base = ViT-B encoder + ViT-B decoder,
+# Large = ViT-B encoder + ViT-L decoder
 TITOK_PRESETS = {'tiny': ((64, 2, 4), (64, 2, 4)), 'small': ((128, 4, 4), (128, 4, 4)),
                  'base': ((768, 12, 12), (768, 12, 12)), 'large': ((768, 12, 12), (1024, 24, 16))}
 
 
 class ViTBlock(nn.Module):
-    """Pre-norm transformer block (ViT / CLIP as TiTok uses): LayerNorm -> attention, LayerNorm -> 4x GELU MLP."""
+    """Pre-norm ViT block (as TiTok): LayerNorm -> attention, LayerNorm -> 4x GELU MLP."""
     def __init__(self, width, heads, dropout):
         super().__init__()
         self.heads = heads
@@ -190,15 +181,14 @@ class ViT(nn.Module):
 
 
 class LatentEncoder1D(nn.Module):
-    """image (B, 3, S, S) -> (B, code_dim, 1, L): patch tokens + L latent tokens through a ViT; the latent
-    outputs projected to the code dimension (a 1 x L latent grid, so every quantizer and VCQ schedule
-    applies unchanged)."""
+    """image (B, 3, S, S) -> (B, code_dim, 1, L): patch tokens + L latent tokens through a ViT, the latent
+    outputs projected to code_dim (a 1 x L grid, so every quantizer and VCQ schedule applies unchanged)."""
     def __init__(self, image_size, patch_size, width, depth, heads, num_latent_tokens, code_dim, dropout):
         super().__init__()
         scale = width ** -0.5
         self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)
         self.patch_pos = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2, width))
-        self.latent_tokens = nn.Parameter(scale * torch.randn(num_latent_tokens, width))  # with their position
+        self.latent_tokens = nn.Parameter(scale * torch.randn(num_latent_tokens, width))  # position included
         self.vit = ViT(width, depth, heads, dropout)
         self.to_code = nn.Linear(width, code_dim)
 
@@ -210,8 +200,8 @@ class LatentEncoder1D(nn.Module):
 
 
 class LatentDecoder1D(nn.Module):
-    """(B, code_dim, 1, L) -> image (B, 3, S, S): the L quantized tokens and one mask token per patch through a
-    ViT; each patch output is projected to its p x p pixels (a single-stage pixel decoder, as VCQ trains it)."""
+    """(B, code_dim, 1, L) -> image (B, 3, S, S): the L codes and one mask token per patch through a ViT, each
+    patch output projected to its p x p pixels (a single-stage pixel decoder, as VCQ trains it)."""
     def __init__(self, image_size, patch_size, width, depth, heads, num_latent_tokens, code_dim, dropout):
         super().__init__()
         self.patch_size, self.grid = patch_size, image_size // patch_size
@@ -233,16 +223,15 @@ class LatentDecoder1D(nn.Module):
 
 
 class Tokenizer(nn.Module):
-    """image -> encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder -> image.
-    tokenizer_type 'vqgan': the 2D VQGAN (an h x w grid of codes); 'titok': the 1D tokenizer (L = num_latent_tokens
-    codes, a 1 x L grid; the ViT sizes from TITOK_PRESETS, the ch* / z_channels arguments unused)."""
+    """image -> encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder -> image. 'vqgan': an h x w
+    grid of codes; 'titok': L = num_latent_tokens codes, a 1 x L grid (ViTs of TITOK_PRESETS, no ch*)."""
     def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, dropout=0.0,
                  quantizer='vq', codebook_size=16384, code_dim=8, quantizer_args=None, tokenizer_type='vqgan',
                  image_size=256, patch_size=16, num_latent_tokens=256, titok_preset='base'):
         super().__init__()
         self.tokenizer_type = tokenizer_type
         quantizer_args = quantizer_args or {}
-        if tokenizer_type == 'vqgan':  # (modules built in this order: it fixes which random init each gets)
+        if tokenizer_type == 'vqgan':  # (the order of construction fixes each module's random init)
             self.downsample = 2 ** (len(ch_mult) - 1)
             self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
             self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
@@ -251,7 +240,8 @@ class Tokenizer(nn.Module):
             self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
         elif tokenizer_type == 'titok':
             if titok_preset not in TITOK_PRESETS:
-                raise ValueError(f"unknown titok_preset '{titok_preset}'; expected one of {sorted(TITOK_PRESETS)}")
+                raise ValueError(f"unknown titok_preset '{titok_preset}'; expected one of "
+                                 f"{sorted(TITOK_PRESETS)}")
             if image_size % patch_size != 0:
                 raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
             (enc_width, enc_depth, enc_heads), (dec_width, dec_depth, dec_heads) = TITOK_PRESETS[titok_preset]
@@ -268,15 +258,12 @@ class Tokenizer(nn.Module):
     def forward(self, images):
         z = self.quant_conv(self.encoder(images))  # (B, code_dim, h, w)
         z_q, quant_loss, info = self.quantize(z)
-        return self.decode_latent(z_q), quant_loss, info
+        return self.decoder(self.post_quant_conv(z_q)), quant_loss, info
 
     def quantize(self, z):
-        # float32 even under bf16 autocast (bf16 distances cannot separate the nearest of 262,144 codes): each
+        # float32 under bf16 autocast (bf16 distances cannot tell the nearest of 262,144 codes apart); each
         # quantizer turns autocast off around its own arithmetic, so IBQ's backward still sees the caller's
         return self.quantizer(z.float())
-
-    def decode_latent(self, z_q):
-        return self.decoder(self.post_quant_conv(z_q))
 
     def token_grid(self, image_size):
         """(h, w) of the codes of an image_size image: the VQGAN's grid, or 1 x L for the 1D tokenizer."""
@@ -295,43 +282,34 @@ class Tokenizer(nn.Module):
         # (B, h, w), or (B, L) / (B, 1, L) for the 1D tokenizer (rq: a trailing depth axis) -> (B, 3, H, W)
         if self.tokenizer_type == 'titok':
             depth = getattr(self.quantizer, 'rq_depth', 1)
-            indices = indices.reshape(len(indices), 1, self.num_latent_tokens, *([depth] if depth > 1 else []))
-        return self.decode_latent(self.quantizer.lookup(indices))
-
-    def last_layer(self):
-        return self.decoder.to_pixels.weight if self.tokenizer_type == 'titok' else self.decoder.conv_out.weight
+            depth_axis = [depth] if depth > 1 else []
+            indices = indices.reshape(len(indices), 1, self.num_latent_tokens, *depth_axis)
+        return self.decoder(self.post_quant_conv(self.quantizer.lookup(indices)))
 
 
 def compile_blocks(model, **compile_options):
-    """Regional compilation (train_tokenizer.py --compile=True): each residual, attention and ViT block of model
-    compiled on its own, in place (the state_dict keeps its names); the quantizer, the resampling convolutions
-    and the glue between blocks run eagerly. Blocks of one class and shapes share a compiled graph, so Inductor
-    builds small graphs, each once, instead of one whole-model graph (and its backward); the resampling blocks
-    (a pad or an interpolation, then a convolution) have nothing to fuse. Evaluation under no_grad compiles
-    the blocks' inference graphs on first use. Returns model."""
+    """Regional compilation (train_tokenizer.py --compile=True): each residual, attention and ViT block
+    compiled in place (the state_dict keeps its names), the glue between them eager. Blocks of one class and
+    shape share a graph: Inductor builds a few small graphs, not one whole-model graph and its backward."""
     blocks = [m for m in model.modules() if isinstance(m, (ResnetBlock, AttnBlock, ViTBlock))]
-    # every block's compiled call shares nn.Module's call code, so one cache holds all their graphs (each shape,
-    # with and without grad), with room for them all (older torch names the limit cache_size_limit)
-    limit = 'recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit'
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4 * len(blocks)))
+    # the blocks share nn.Module's call code, so one cache holds all their graphs (each shape, grad or not)
+    dynamo_config = torch._dynamo.config
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 4 * len(blocks))
     for block in blocks:
         block.compile(dynamic=False, **compile_options)
     return model
 
 
 def tokens_per_image(tokenizer_type, image_size, ch_mult, num_latent_tokens):
-    """Codes per image of a tokenizer config: the VQGAN's grid (image_size / 2^(levels - 1))^2, or the 1D
-    tokenizer's L (train_tokenizer.py's automatic VCQ schedule length)."""
+    """Codes per image: the VQGAN's (image_size / 2^(levels - 1))^2, or the 1D tokenizer's L."""
     if tokenizer_type == 'titok':
         return num_latent_tokens
     return (image_size // 2 ** (len(ch_mult) - 1)) ** 2
 
 
 def load_tokenizer(path, map_location='cpu', ema=True):
-    """A Tokenizer in eval mode from a checkpoint written by train_tokenizer.py: its EMA weights when
-    the run kept them (ema_decay > 0; what IBQ's release evaluates and extracts codes with) unless
-    ema=False, else its weights. Built on the CPU, then moved to map_location."""
-    # memory-mapped: only the weights used are read from disk, never the optimisers' or discriminator's state
+    """A Tokenizer in eval mode from a train_tokenizer.py checkpoint, with its EMA weights when it has them
+    (what IBQ's release evaluates with) unless ema=False. Memory-mapped: the optimiser state is never read."""
     checkpoint = load_checkpoint(path, 'tokenizer', mmap=True)
     model = Tokenizer(**checkpoint['model_args'])
     model.load_state_dict(tokenizer_weights(checkpoint, ema))
@@ -339,7 +317,6 @@ def load_tokenizer(path, map_location='cpu', ema=True):
 
 
 def tokenizer_weights(checkpoint, ema=True):
-    # the state_dict a tokenizer checkpoint is used with: its EMA weights when it has them
     return checkpoint['ema'] if ema and checkpoint.get('ema') is not None else checkpoint['model']
 
 
@@ -369,26 +346,19 @@ class PatchDiscriminator(nn.Module):
         return self.main(x)  # (B, 1, h', w') patch logits
 
 
-def disc_loss_fn(kind, logits_real, logits_fake):
-    if kind == 'hinge':
-        return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-    if kind == 'non_saturating':
-        return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
-    raise ValueError(f"unknown disc_loss '{kind}' (expected 'hinge' or 'non_saturating')")
+def disc_loss_fn(logits_real, logits_fake):
+    """D's hinge loss (taming, LlamaGen)."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
 def gen_loss_fn(kind, logits_fake):
-    """The generator's adversarial loss on D's patch logits (B, 1, h, w): 'hinge' -mean(l) (LlamaGen, FVQ);
-    'non_saturating' mean softplus(-l) over patches; 'non_saturating_per_image' softplus(-mean_patches(l))
-    averaged over images (TencentARC/SEED-Voken, IBQ's release: BCE of each image's mean logit)."""
+    """G's adversarial loss on D's patch logits (B, 1, h, w): 'hinge' -mean(l) (LlamaGen, FVQ), or
+    'non_saturating_per_image' BCE of each image's mean logit (IBQ's release, SEED-Voken)."""
     if kind == 'hinge':
         return -logits_fake.mean()
-    if kind == 'non_saturating':
-        return F.softplus(-logits_fake).mean()
     if kind == 'non_saturating_per_image':
         return F.softplus(-logits_fake.flatten(1).mean(1)).mean()
-    raise ValueError(f"unknown gen_loss '{kind}' (expected 'hinge', 'non_saturating' or "
-                     f"'non_saturating_per_image')")
+    raise ValueError(f"unknown gen_loss '{kind}' (expected 'hinge' or 'non_saturating_per_image')")
 
 
 def lecam_loss(logits_real, logits_fake, ema_real, ema_fake):
@@ -396,17 +366,9 @@ def lecam_loss(logits_real, logits_fake, ema_real, ema_fake):
     return F.relu(logits_real - ema_fake).pow(2).mean() + F.relu(ema_real - logits_fake).pow(2).mean()
 
 
-def adaptive_gan_weight(rec_loss, gen_loss, last_layer):
-    """taming's balance: ||grad rec|| / ||grad gan|| at the decoder's last layer."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gen_grad = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
-
-
 def diff_augment(x):
-    """DiffAugment (Zhao et al. 2020; policy color, translation, cutout) on images in [-1, 1]: the same
-    random, differentiable transform family for D's real and fake inputs, so D cannot overfit the training
-    images. Our reading of VCQ Appendix A's "adversarial augmentation"."""
+    """DiffAugment (Zhao et al. 2020; color, translation, cutout) of D's real and fake inputs, so D cannot
+    overfit the training images: our reading of VCQ Appendix A's "adversarial augmentation"."""
     B, _, H, W = x.shape
     rand = lambda *shape: torch.rand(B, *shape, device=x.device, dtype=x.dtype)  # noqa: E731
     x = x + (rand(1, 1, 1) - 0.5)  # brightness
@@ -433,15 +395,14 @@ def diff_augment(x):
 
 
 def make_lpips(random_backbone=False, net='vgg'):
-    """LPIPS-VGG (the training loss; net='alex' for FVQ's evaluation). The standard path downloads
-    torchvision's trunk weights once; random_backbone=True builds the trunk with random weights (nothing is
-    downloaded) for tests and offline smoke runs: the loss is then a random-feature distance, not a
-    perceptual one."""
+    """LPIPS-VGG (the training loss; net='alex' for FVQ's evaluation). random_backbone=True: a random trunk,
+    nothing downloaded (tests and offline smoke runs; a random-feature distance, not a perceptual one)."""
     import lpips
     model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
 
 # -----------------------------------------------------------------------------
 # data: an ImageFolder reader and a built-in procedural dataset (no download), deterministic augmentation
@@ -449,26 +410,25 @@ def make_lpips(random_backbone=False, net='vgg'):
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
-def center_crop_arr(pil_image, image_size):
-    """ADM's center crop: BOX-halve while large, BICUBIC so the short side is image_size, crop the center."""
-    while min(*pil_image.size) >= 2 * image_size:
+def resize_short_side(pil_image, short):
+    """ADM's resize: BOX-halve while at least twice too large, then BICUBIC to a short side of `short`."""
+    while min(*pil_image.size) >= 2 * short:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
+    scale = short / min(*pil_image.size)
     pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.asarray(pil_image)
+    return np.asarray(pil_image)
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's center crop."""
+    arr = resize_short_side(pil_image, image_size)
     top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
     return arr[top: top + image_size, left: left + image_size]
 
 
 def random_crop_arr(pil_image, image_size, rng, min_crop_frac=0.8):
-    """ADM/LlamaGen's random crop: short side resized to a random size in [S, S/min_crop_frac],
-    then a random crop."""
-    short = rng.integers(image_size, math.ceil(image_size / min_crop_frac) + 1)
-    while min(*pil_image.size) >= 2 * short:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = short / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.asarray(pil_image)
+    """ADM/LlamaGen's random crop: the short side resized to a random size in [S, S/min_crop_frac]."""
+    arr = resize_short_side(pil_image, rng.integers(image_size, math.ceil(image_size / min_crop_frac) + 1))
     top = rng.integers(0, arr.shape[0] - image_size + 1)
     left = rng.integers(0, arr.shape[1] - image_size + 1)
     return arr[top: top + image_size, left: left + image_size]
@@ -506,7 +466,7 @@ class ImageFolder(torch.utils.data.Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:
-                if img.mode.startswith('I;16'):  # 16-bit grayscale: convert('RGB') would clip at 255, not scale
+                if img.mode.startswith('I;16'):  # 16-bit grey: convert('RGB') would clip at 255, not scale
                     img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
                 img = img.convert('RGB')
         except Exception as e:  # unreadable or corrupt: skipped by collate, counted by the caller
@@ -523,13 +483,13 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class ProceduralImages(torch.utils.data.Dataset):
-    """Coloured shapes, stripes, gradients and textures in 10 classes, drawn on the fly from a per-image seed:
-    deterministic, nothing stored on disk. The held-out split draws from a disjoint seed range."""
+    """Shapes, stripes, gradients and textures in 10 classes, drawn from a per-image seed (nothing on disk);
+    the held-out split draws from a disjoint seed range."""
     classes = ('circle', 'square', 'triangle', 'ring', 'hstripes', 'vstripes', 'checker', 'gradient',
                'radial', 'waves')
 
-    def __init__(self, image_size, train, num_images=None, augment=None):
-        self.image_size, self.train, self.augment = image_size, train, train if augment is None else augment
+    def __init__(self, image_size, train, num_images, augment):
+        self.image_size, self.train, self.augment = image_size, train, augment
         self.num_images = num_images or (10000 if train else 500)
         self.num_classes = len(self.classes)
 
@@ -580,18 +540,17 @@ class ProceduralImages(torch.utils.data.Dataset):
 
 
 def make_dataset(data_dir, image_size, train, num_images=0, augment=None):
-    """data_dir '' is the built-in procedural dataset: train picks its training or held-out split, num_images
-    its size (0 = default). augment (default: = train) is the random crop + flip; without it, images are
-    deterministic (resize + center crop)."""
+    """data_dir '' is the procedural dataset (train: its training or held-out split; num_images 0: its
+    default size). augment (default: train) is the random crop + flip, else resize + center crop."""
     augment = train if augment is None else augment
     if data_dir == '':
-        return ProceduralImages(image_size, train, num_images or None, augment)
+        return ProceduralImages(image_size, train, num_images, augment)
     return ImageFolder(data_dir, image_size, augment)
 
 
 def split_held_out(samples, n):
-    """An ImageFolder's samples -> (training samples, n held-out samples): a fixed random choice (seed 0), so
-    train_tokenizer.py and evaluate.py --split=heldout agree on which images were never trained on."""
+    """samples -> (training samples, n held-out samples), a fixed random choice (seed 0): train_tokenizer.py
+    and evaluate.py --split=heldout agree on which images were never trained on."""
     if not 0 < n < len(samples):
         raise ValueError(f"eval_images = {n} must be between 1 and the number of images minus one "
                          f"({len(samples)} images in the folder); "
@@ -610,10 +569,9 @@ def collate(batch):
 
 
 class ShardedBatchSampler(torch.utils.data.Sampler):
-    """Endless stream of per-rank batches. One global order (a fresh permutation per epoch from `seed`) is cut
-    into global batches of world_size * batch_size; rank r takes slice r of each. So the data a run sees is a
-    function of the step alone: N ranks see exactly what one process with the global batch sees, and a resumed
-    run continues at `start_step`. Each item carries its own augmentation seed for the same reason."""
+    """Endless per-rank batches: one global order (a permutation per epoch from `seed`) cut into global
+    batches, rank r taking slice r of each. The data is a function of the step alone (any number of ranks, a
+    resume at start_step), and each item carries its own augmentation seed for the same reason."""
     def __init__(self, num_items, batch_size, rank=0, world_size=1, seed=0, start_step=0):
         self.num_items, self.batch_size, self.rank, self.world_size = num_items, batch_size, rank, world_size
         self.seed, self.start_step = seed, start_step
@@ -635,12 +593,11 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 
 
 # -----------------------------------------------------------------------------
-# shared by the scripts: devices, RNG streams, atomic checkpoints, the JSON-lines log, uint8 images, PSNR and
-# image grids
+# plumbing shared by the scripts: devices, RNG streams, atomic checkpoints, logs, uint8 images, PSNR, grids
 
 def setup_device(device):
-    """Resolves device 'auto' and, under torchrun, joins the process group (nccl on GPU, gloo on CPU) with one
-    GPU per local rank. TF32 for CUDA matmuls and convolutions. -> (device, rank, local_rank, world_size)"""
+    """Resolves device 'auto'; under torchrun, joins the process group (nccl on GPU, gloo on CPU), one GPU per
+    local rank. TF32 on CUDA. -> (device, rank, local_rank, world_size)"""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     rank, local_rank, world_size = 0, 0, 1
@@ -659,11 +616,8 @@ def setup_device(device):
 
 
 def leave_process_group():
-    """Destroys the process group at the end of a torchrun run. The caller drops its DDP wrappers first, so that
-    this frees the group while the interpreter runs. A gloo collective returns before its worker thread lets go of
-    the collective's tensors, which takes the GIL, and a thread that does so during interpreter shutdown aborts
-    the process ('terminate called without an active exception', seen after the checkpoint's all_gather). Freeing
-    the group joins those threads first; a wrapper left alive would hold the group until shutdown."""
+    """Frees the process group (the caller drops its DDP wrappers first) while the interpreter runs: a gloo
+    thread that lets go of a collective's tensors during interpreter shutdown aborts the process."""
     import gc
     import torch.distributed as dist
     gc.collect()  # a dropped wrapper caught in a reference cycle would hold the group too
@@ -671,11 +625,10 @@ def leave_process_group():
 
 
 def gather_rng_states(device_type, ddp, world_size):
-    """Every rank's RNG states (torch, cuda, numpy, python), gathered for the checkpoint: a resume continues
-    each rank's streams exactly."""
-    # torch's states as numpy arrays: torch.load(map_location='cuda') would move tensors to the GPU, and
-    # set_rng_state takes only a CPU tensor
-    states = {'torch': torch.get_rng_state().numpy(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+    """Every rank's RNG states (torch, cuda, numpy, python) for the checkpoint: a resume continues them."""
+    # numpy arrays: torch.load(map_location='cuda') would move tensors, and set_rng_state takes a CPU tensor
+    states = {'torch': torch.get_rng_state().numpy(), 'numpy': np.random.get_state(),
+              'python': random.getstate(),
               'cuda': torch.cuda.get_rng_state().numpy() if device_type == 'cuda' else None}
     if not ddp:
         return [states]
@@ -686,17 +639,16 @@ def gather_rng_states(device_type, ddp, world_size):
 
 
 def restore_rng_states(states, device_type, fresh_seed):
-    """A rank's states from gather_rng_states, or, without them (a fresh run, or a resume on another number of
-    ranks), a fresh stream per rank from fresh_seed."""
+    """A rank's states from gather_rng_states, or, with None (a fresh run, or a resume on another number of
+    ranks), a fresh stream from fresh_seed."""
     if states is None:
         torch.manual_seed(fresh_seed)
         return
-    # as_tensor(...).cpu(): numpy arrays, or the tensors of older checkpoints wherever they were loaded
-    torch.set_rng_state(torch.as_tensor(states['torch']).cpu())
+    torch.set_rng_state(torch.as_tensor(states['torch']))
     np.random.set_state(states['numpy'])
     random.setstate(states['python'])
     if device_type == 'cuda' and states['cuda'] is not None:
-        torch.cuda.set_rng_state(torch.as_tensor(states['cuda']).cpu())
+        torch.cuda.set_rng_state(torch.as_tensor(states['cuda']))
 
 
 def autocast_context(device, dtype):
@@ -709,9 +661,8 @@ def autocast_context(device, dtype):
 
 
 def atomic_write(path, write, mode='wb'):
-    """write(f) into a temp file, then rename it to path: a run killed mid-write never leaves a truncated
-    file, and a write that fails (a full disk) removes its temp file and leaves the previous file as it
-    was."""
+    """write(f) into a temp file renamed to path: a killed run never leaves a truncated file, and a failed
+    write (a full disk) removes the temp file and leaves the previous file as it was."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.tmp'
     try:
@@ -723,46 +674,42 @@ def atomic_write(path, write, mode='wb'):
         full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or 'file write failed' in str(e)
         if not (full or isinstance(e, OSError)):
             raise  # not a failed write (an unpicklable object, a wrong mode): the error as it is
+        intact = f" and the previous {os.path.basename(path)} is intact" if os.path.exists(path) else ''
+        advice = " (free some space, or point out_dir elsewhere, and resume)" if full else ''
         raise OSError(f"could not write {path}: {'the disk is full' if full else e}; "
-                      f"the partial file was removed"
-                      + (f" and the previous {os.path.basename(path)} is intact"
-                         if os.path.exists(path) else '')
-                      + (" (free some space, or point out_dir elsewhere, and resume)" if full else '')) from e
+                      f"the partial file was removed{intact}{advice}") from e
     os.replace(tmp, path)
 
 
 def atomic_save(obj, path):
-    """torch.save through atomic_write: checkpoints are never truncated."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-CHECKPOINT_KINDS = {'tokenizer': 'written by train_tokenizer.py', 'gpt': 'written by train_ar.py'}
+CHECKPOINT_SCRIPTS = {'tokenizer': 'train_tokenizer.py', 'gpt': 'train_ar.py'}
 
 
 def load_checkpoint(path, kind, map_location='cpu', mmap=False):
-    """torch.load of a nanoVQ checkpoint with the errors a user can act on: a missing file, a damaged one
-    (truncated, not a checkpoint) and one of the other kind ('tokenizer' vs 'gpt'), each naming the file.
-    mmap=True (with map_location='cpu') maps the file instead of reading it: a tensor is read from disk only
-    when used, so the optimiser state of a large run costs no host memory."""
+    """torch.load of a nanoVQ checkpoint of `kind` ('tokenizer' or 'gpt'), with an error naming the file when
+    it is missing, damaged or of another kind. mmap=True reads each tensor from disk only when it is used."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{kind} checkpoint '{path}' does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
     except Exception as e:
-        raise ValueError(f"checkpoint '{path}' is damaged "
-                         f"(truncated or not a PyTorch checkpoint): {e}") from None
-    if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
-        raise ValueError(f"'{path}' is not a {kind} checkpoint: it has no 'model' / 'model_args' entries")
-    found = checkpoint.get('kind', 'gpt' if 'n_layer' in checkpoint['model_args'] else 'tokenizer')
+        raise ValueError(f"checkpoint '{path}' is damaged (truncated or not a PyTorch checkpoint): "
+                         f"{e}") from None
+    found = checkpoint.get('kind') if isinstance(checkpoint, dict) else None
+    if found not in CHECKPOINT_SCRIPTS:
+        raise ValueError(f"'{path}' is not a {kind} checkpoint of this nanoVQ (it has no 'kind'): it was "
+                         f"written by an older nanoVQ or not by nanoVQ; re-run {CHECKPOINT_SCRIPTS[kind]}")
     if found != kind:
-        raise ValueError(f"'{path}' is a {found} checkpoint ({CHECKPOINT_KINDS[found]}), "
-                         f"but a {kind} checkpoint ({CHECKPOINT_KINDS[kind]}) is expected here")
+        raise ValueError(f"'{path}' is a {found} checkpoint (written by {CHECKPOINT_SCRIPTS[found]}), "
+                         f"but a {kind} checkpoint (written by {CHECKPOINT_SCRIPTS[kind]}) is expected here")
     return checkpoint
 
 
 def state_fingerprint(state_dict):
-    """sha256 (hex, 16 characters) of a state_dict's names, shapes, dtypes and values:
-    identifies the weights."""
+    """sha256 (16 hex characters) of a state_dict's names, shapes, dtypes and values."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
@@ -771,24 +718,22 @@ def state_fingerprint(state_dict):
     return h.hexdigest()[:16]
 
 
-# config keys that may differ between a run and the checkpoint it resumes: they change how the run is watched
-# or where it runs, not the experiment.
-# Anything else needs --resume_allow=key1,key2 (the rare intended change).
+# config keys a resumed run may change: how the run is watched or where it runs, not the experiment.
+# Any other needs --resume_allow=key1,key2 (the rare intended change).
 RESUME_FREE_KEYS = ('init_from', 'overwrite', 'resume_allow', 'eval_interval', 'log_interval',
-                    'ckpt_interval', 'num_workers', 'extract_batch_size', 'device', 'compile')
+                    'ckpt_interval', 'num_workers', 'device', 'compile')
 
 
 def check_out_dir(ckpt_path, init_from, overwrite):
     """A run from scratch never overwrites a checkpoint it was not told to."""
     if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
-        raise FileExistsError(f"{ckpt_path} already exists: continue that run with --init_from=resume, "
-                              f"or start a new one in another out_dir "
-                              f"(or over this one with --overwrite=True)")
+        raise FileExistsError(f"{ckpt_path} already exists: continue that run with --init_from=resume, or "
+                              f"start a new one in another out_dir (or over this one with --overwrite=True)")
 
 
 def check_resume_config(ckpt_path, checkpoint, model_args, config, resume_allow):
     """Resuming a checkpoint of another model (model_args) is an error naming the keys; so is a config that
-    changes the experiment (data, sizes, schedule, ...), unless resume_allow lists the keys."""
+    changes the experiment, unless resume_allow lists the keys."""
     saved_args = checkpoint['model_args']
     differing = sorted(k for k in set(model_args) | set(saved_args) if model_args.get(k) != saved_args.get(k))
     if differing:
@@ -819,25 +764,22 @@ def report_errors_last(rank):
 
 
 def truncate_log(path, iter_num):
-    """Keeps the lines of a JSON-lines log up to iteration iter_num: a resumed run drops what its killed
-    predecessor logged after its last checkpoint, so the file has each iteration once."""
+    """Keeps a JSON-lines log's lines up to iteration iter_num: a resumed run drops what its killed
+    predecessor logged after its last checkpoint."""
     if not os.path.isfile(path):
         return
-
-    def logged_iter(line):
-        try:
-            return json.loads(line)['iter']
-        except (ValueError, KeyError, TypeError):  # a line the kill cut short
-            return None
-
+    kept = []
     with open(path) as f:
-        kept = [line for line in f if (it := logged_iter(line)) is not None and it <= iter_num]
+        for line in f:
+            try:
+                if json.loads(line)['iter'] <= iter_num:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line the kill cut short
+                pass
     atomic_write(path, lambda f: f.writelines(kept), mode='w')
 
 
 def append_log(path, record):
-    """One JSON line per log interval or evaluation
-    (out_dir/log.jsonl; evaluate.py --mode=curves plots them)."""
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 
@@ -848,7 +790,7 @@ def to_uint8(images):
 
 
 def psnr(x, y):
-    """Per-image PSNR in dB of two (N, 3, H, W) batches in [0, 1] -> (N,); identical images give 100 dB."""
+    """Per-image PSNR in dB of two (N, 3, H, W) batches in [0, 1] -> (N,); identical images give 100."""
     mse = ((x.double() - y.double()) ** 2).flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 

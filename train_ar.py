@@ -1,12 +1,8 @@
 """
-The AR stage: a LlamaGen GPT (class-conditional, next-token prediction over a frozen tokenizer's codes)
-and its training. The model section below is imported by sample.py and bench.py; the training section runs
-only as a script. One GPU or CPU:
+The AR stage: a LlamaGen GPT (class-conditional next-token prediction over a frozen tokenizer's codes),
+imported by sample.py and bench.py, and its training, which first encodes the training images into codes_dir:
     python train_ar.py config/ar_smoke.py
-DDP on one node (global batch split across ranks):
-    torchrun --standalone --nproc_per_node=8 train_ar.py config/ar_gpt_b.py
-The first run encodes the training images once into codes_dir (default out_dir/codes) as .npy memmaps;
-later runs (and other GPT sizes pointed at the same codes_dir) reuse them.
+    torchrun --standalone --nproc_per_node=8 train_ar.py config/ar_gpt_b.py   (DDP: the global batch split)
 """
 import json
 import math
@@ -47,12 +43,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_2d_angles(grid_h, grid_w, head_dim, base=10000.0):
-    """Rotation angles (T, head_dim // 2) for the T = grid_h * grid_w inputs of one sequence: the class
-    token at input 0, then the codes in raster order (input i >= 1 holds code i - 1). Half the rotary pairs
-    rotate with the row, half with the column. The class token sits at (row 0, col 0) and code (r, c) at
-    (r + 1, c + 1): a proper position one step above-left of the grid. (LlamaGen instead gives the class
-    token cos = sin = 0, which zeroes its q and k so no query can attend to it by content; we do not copy
-    that.) Only the last code is never an input, so T rows."""
+    """Angles (T, head_dim // 2) of the T inputs: the class token at (row 0, col 0), code i at
+    (i // grid_w + 1, i % grid_w + 1); half the rotary pairs turn with the row, half with the column.
+    (LlamaGen zeroes the class token's cos and sin, so that no query attends to it by content.)"""
     if head_dim % 4 != 0:
         raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
     quarter = head_dim // 4
@@ -64,8 +57,7 @@ def rope_2d_angles(grid_h, grid_w, head_dim, base=10000.0):
 
 
 def rope_1d_angles(seq_len, head_dim, base=10000.0):
-    """Rotation angles (T, head_dim // 2) for a 1D token sequence (the 1D tokenizer's L codes): the class token
-    at position 0, code i at position i + 1; every rotary pair rotates with the position."""
+    # angles (T, head_dim // 2) of a 1D tokenizer's sequence: the class token at 0, code i at i + 1
     half = head_dim // 2
     freqs = 1.0 / base ** (torch.arange(half, dtype=torch.float64) / half)  # (head_dim/2,)
     return (torch.arange(seq_len, dtype=torch.float64)[:, None] * freqs).float()  # (T, head_dim/2)
@@ -86,8 +78,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
         self.resid_dropout = nn.Dropout(dropout)
-        # (B, H, max_len, head_dim) each while generating; buffers, so that a CUDA-graphed decode step sees
-        # them at fixed addresses (never saved)
+        # (B, H, T, head_dim) each while generating: buffers, at fixed addresses for CUDA graphs
         self.register_buffer('k_cache', None, persistent=False)
         self.register_buffer('v_cache', None, persistent=False)
 
@@ -96,23 +87,13 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, L, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if start_pos is None:  # training / full recompute: plain causal attention over the L inputs
+        if start_pos is None:  # training / full recompute: causal attention over the L inputs
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif isinstance(start_pos, torch.Tensor):  # decode_step: one token at a tensor position, static shapes
-            self.k_cache.index_copy_(2, start_pos.view(1), k)
-            self.v_cache.index_copy_(2, start_pos.view(1), v)
-            visible = torch.arange(self.k_cache.shape[2], device=x.device) <= start_pos  # (max_len,) written keys
-            y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=visible[None, :])
-        else:  # generation: write this step's keys/values into the static cache, attend to everything so far
-            end = start_pos + L
-            self.k_cache[:, :, start_pos:end] = k
-            self.v_cache[:, :, start_pos:end] = v
-            keys, values = self.k_cache[:, :, :end], self.v_cache[:, :, :end]
-            mask = None
-            if L > 1:  # a multi-token prefill: input i may see cache entries <= start_pos + i
-                positions = torch.arange(end, device=x.device)
-                mask = positions[None, :] <= positions[start_pos:, None]  # (L, end)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        else:  # one input at the position tensor start_pos (1,): index_copy_ keeps every shape static
+            self.k_cache.index_copy_(2, start_pos, k)
+            self.v_cache.index_copy_(2, start_pos, v)
+            written = torch.arange(self.k_cache.shape[2], device=x.device) <= start_pos  # (T,)
+            y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=written[None, :])
         y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
         return self.resid_dropout(self.proj(y))
 
@@ -159,10 +140,9 @@ class Block(nn.Module):
 
 
 class CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits (N, K) against targets (N,), computed in float32, that keeps for the backward
-    only the logits in their own dtype (bf16 under autocast) and one log-normaliser per row. F.cross_entropy of
-    float32 logits keeps a float32 log-softmax instead, and a compiled graph that returns float32 logits writes
-    them out as well: 2 GiB more per step at GPT-B batch 64 (K = 16,384) than the 0.5 GiB kept here."""
+    """Mean cross-entropy of logits (N, K) against targets (N,), computed in float32, that keeps for the
+    backward only the logits in their own dtype (bf16 under autocast) and one log-normaliser per row, where
+    F.cross_entropy of float32 logits would keep a float32 log-softmax."""
     @staticmethod
     def forward(ctx, logits, targets):
         logits_float = logits.float()
@@ -181,10 +161,8 @@ class CrossEntropy(torch.autograd.Function):
 
 
 class GPT(nn.Module):
-    """Class-conditional next-token model over codes 0..codebook_size-1 on a grid_h x grid_w raster.
-    Inputs: [class embedding, code_0, ..., code_{T-2}] -> logits for code_0 .. code_{T-1},
-    T = grid_h * grid_w. Class num_classes is the learned null class (used for label dropout in training and
-    for CFG)."""
+    """Class-conditional next-token model over the T = grid_h * grid_w codes of a raster: inputs [class,
+    code_0, ..., code_{T-2}] -> logits of code_0 .. code_{T-1}. Class num_classes is the null class."""
     def __init__(self, codebook_size, num_classes, grid_h, grid_w, n_layer=12, n_head=12, n_embd=768,
                  dropout=0.1, token_dropout=0.1, class_dropout=0.1, adaln=False, rope='2d'):
         super().__init__()
@@ -194,7 +172,7 @@ class GPT(nn.Module):
         self.grid_h, self.grid_w, self.seq_len = grid_h, grid_w, grid_h * grid_w
         self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
         self.class_embedding = nn.Embedding(num_classes, n_embd)
-        # the null class is a separate 1-D parameter so that it is not weight-decayed (seen in 10% of batches)
+        # the null class is a separate 1-D parameter so that it is not weight-decayed
         self.null_class_embedding = nn.Parameter(torch.empty(n_embd))
         self.tok_embeddings = nn.Embedding(codebook_size, n_embd)
         self.token_dropout = nn.Dropout(token_dropout)
@@ -202,10 +180,8 @@ class GPT(nn.Module):
         self.norm = RMSNorm(n_embd)
         self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(n_embd, 2 * n_embd)) if adaln else None
         self.output = nn.Linear(n_embd, codebook_size, bias=False)  # untied from tok_embeddings
-        if rope not in ('2d', '1d'):
-            raise ValueError(f"rope must be '2d' (a code grid) or '1d' (a 1D tokenizer's sequence), got {rope!r}")
-        angles = (rope_2d_angles(grid_h, grid_w, n_embd // n_head) if rope == '2d'
-                  else rope_1d_angles(self.seq_len, n_embd // n_head))
+        angles = (rope_1d_angles(self.seq_len, n_embd // n_head) if rope == '1d'
+                  else rope_2d_angles(grid_h, grid_w, n_embd // n_head))
         self.register_buffer('rope_cos', angles.cos(), persistent=False)  # (T, head_dim/2)
         self.register_buffer('rope_sin', angles.sin(), persistent=False)
         # LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head; adaLN-Zero
@@ -226,29 +202,22 @@ class GPT(nn.Module):
         if self.training and self.class_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.class_dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        # (num_classes + 1, C)
-        table = torch.cat([self.class_embedding.weight, self.null_class_embedding[None]])
+        table = torch.cat([self.class_embedding.weight, self.null_class_embedding[None]])  # (classes + 1, C)
         return F.embedding(labels, table)  # (B, C)
 
     def forward(self, labels, codes=None, targets=None, start_pos=None):
-        """labels (B,); codes (B, L) long or None. Without start_pos: the inputs are [class, codes] at
-        positions 0..L, causal attention, returns float32 logits (B, L+1, K), or with targets (B, L+1) only
-        the mean cross-entropy (training never materialises the logits in float32). With start_pos
-        (generation, after setup_kv_cache): start_pos == 0 prefills the class token (and any codes);
-        start_pos > 0 feeds codes at positions start_pos.. through the KV cache; logits for those inputs."""
+        """labels (B,). Without start_pos: inputs [class, codes (B, L)] at positions 0..L, causal attention
+        -> float32 logits (B, L+1, K), or with targets (B, L+1) only the mean cross-entropy. With start_pos
+        (a 0-d long tensor, after setup_kv_cache): one input through the KV cache, the class token (codes
+        None, at position 0) or codes (B, 1) -> logits (B, 1, K)."""
         cond = self.embed_classes(labels)  # (B, C)
-        x = self.tok_embeddings(codes) if codes is not None else cond[:, None][:, :0]  # (B, L, C)
-        if isinstance(start_pos, torch.Tensor):  # decode_step: one code at a tensor position (no host sync)
-            position = start_pos.view(1)  # index_select keeps the shape static (indexing would not)
-            cos, sin = self.rope_cos.index_select(0, position), self.rope_sin.index_select(0, position)
+        if start_pos is None:
+            x = torch.cat([cond[:, None], self.tok_embeddings(codes)], dim=1)  # (B, L+1, C)
+            cos, sin = self.rope_cos[:x.shape[1]], self.rope_sin[:x.shape[1]]
         else:
-            if start_pos is None or start_pos == 0:
-                x = torch.cat([cond[:, None], x], dim=1)  # the class token is input 0
-            first = start_pos or 0
-            if first + x.shape[1] > self.seq_len:
-                raise ValueError(f"{first + x.shape[1]} inputs exceed the model's sequence length "
-                                 f"{self.seq_len}")
-            cos, sin = self.rope_cos[first:first + x.shape[1]], self.rope_sin[first:first + x.shape[1]]
+            start_pos = start_pos.view(1)  # index_select keeps the shape static (indexing would not)
+            x = cond[:, None] if codes is None else self.tok_embeddings(codes)  # (B, 1, C)
+            cos, sin = self.rope_cos.index_select(0, start_pos), self.rope_sin.index_select(0, start_pos)
         x = self.token_dropout(x)
         for block in self.layers:
             x = block(x, cond, cos, sin, start_pos)
@@ -261,19 +230,16 @@ class GPT(nn.Module):
             return logits.float()
         return CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-    def setup_kv_cache(self, batch_size, dtype=None, device=None):
-        """Preallocates a static (B, H, T, head_dim) key and value cache in every layer for one generation;
-        zeroes the existing one instead when it has that shape (a CUDA graph keeps replaying on its memory)."""
-        param = self.output.weight
-        device = torch.device(device or param.device)
-        if dtype is None:  # the dtype the keys come out in: autocast's when it is on
-            on = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if on else param.dtype
+    def setup_kv_cache(self, batch_size):
+        """A static (B, H, T, head_dim) key and value cache in every layer, in the dtype the keys come out in
+        (autocast's when on); one of that shape and dtype is zeroed in place (a CUDA graph replays on it)."""
+        device = self.output.weight.device
+        on = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if on else self.output.weight.dtype
         shape = (batch_size, self.n_head, self.seq_len, self.n_embd // self.n_head)
-        for block in self.layers:
-            attention = block.attention
+        for attention in [block.attention for block in self.layers]:
             cache = attention.k_cache
-            if cache is not None and cache.shape == shape and cache.dtype == dtype and cache.device == device:
+            if cache is not None and cache.shape == shape and cache.dtype == dtype:
                 attention.k_cache.zero_()
                 attention.v_cache.zero_()
             else:
@@ -281,9 +247,8 @@ class GPT(nn.Module):
                 attention.v_cache = torch.zeros_like(attention.k_cache)
 
     def decode_step(self, labels, codes, position):
-        """One generation step with static shapes, for CUDA graphs: codes (B, 1) at position `position`, a 0-d
-        long tensor >= 1, after setup_kv_cache and the prefill self(labels, None, start_pos=0)
-        -> logits (B, K)."""
+        """One generation step with static shapes (what CUDA graphs replay): codes (B, 1), or None for the
+        class token, at `position`, a 0-d long tensor -> logits (B, K)."""
         return self(labels, codes, start_pos=position)[:, -1]
 
     def clear_kv_cache(self):
@@ -291,14 +256,9 @@ class GPT(nn.Module):
             block.attention.k_cache = block.attention.v_cache = None
 
     def flops_per_token(self):
-        """Training FLOPs (forward + backward = 3x the forward, 2 FLOPs per multiply-add) per input token,
-        counting only the work done, with T = seq_len inputs, L layers, width C:
-            6 x (weights of the per-token matmuls: attention qkv and proj, SwiGLU, the output head)
-          + 6 x (adaLN weights) / T   the adaLN projections run once per sequence, on the class vector
-          + 12 L C (T + 1) / 2        QK^T and AV: 2 x 2C forward FLOPs per key seen; causal flash/SDPA
-                                      kernels skip the masked blocks, so a token sees (T + 1) / 2 keys
-        Embedding tables are look-ups and RMSNorm weights elementwise: 0 FLOPs. (nanoGPT's 6N + 12 L C T,
-        PaLM's convention, counts all N parameters per token and all T keys: a higher figure.)"""
+        """Training FLOPs (3x the forward) per input token, of the work done: 6 x the per-token matmul
+        weights, 6 x the adaLN weights / T (run once per sequence), 12 L C (T + 1) / 2 for QK^T and AV
+        (causal kernels skip masked blocks). Embedding look-ups and norms count 0."""
         adaln = [block.adaln for block in self.layers] + [self.final_adaln]
         adaln_linears = {id(m[1]) for m in adaln if m is not None}
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
@@ -319,45 +279,29 @@ def gpt_model_args(codebook_size, num_classes, grid_h, grid_w, ar_model, n_layer
                 n_embd=n_embd or preset['n_embd'], **options)
 
 
-# dense bf16 peaks (no 2:4 sparsity) from the vendors' data sheets (A10G: AWS's figure). The first entry whose
-# words all occur in the device name wins: 'H100 PCIe' and 'H100 NVL' before the plain (SXM) 'H100'
-PEAK_BF16_FLOPS = ((('H100', 'PCIE'), 756e12), (('H100', 'NVL'), 835e12), (('H100',), 989e12),
-                   (('H200',), 989e12), (('H800',), 989e12), (('A100',), 312e12), (('A800',), 312e12),
-                   (('L40S',), 362e12), (('4090',), 165e12), (('A10G',), 70e12), (('A10',), 125e12))
-
-
-def peak_bf16_flops_of(name):
-    """Dense bf16 peak FLOP/s of a GPU named as torch.cuda.get_device_name does ('NVIDIA H100 PCIe',
-    'NVIDIA A100-SXM4-80GB'), or 0 where unknown. Whole words only: 'A10' is not an 'A100' or an 'A10G'."""
-    words = set(re.split(r'[\s_-]+', name.upper()))
-    for keys, flops in PEAK_BF16_FLOPS:
-        if all(key in words for key in keys):
-            return flops
-    return 0.0
+# dense bf16 peaks (no 2:4 sparsity) from the vendors' data sheets (A10G: AWS's figure); the first name found
+# as whole words in the device's name wins ('H100 PCIe' before the SXM 'H100'; 'A10' is no 'A100' or 'A10G')
+PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12,
+                   'H800': 989e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, '4090': 165e12,
+                   'A10G': 70e12, 'A10': 125e12}
 
 
 def peak_bf16_flops(device):
-    """The peak of the GPU `device` (for MFU), or 0 on the CPU and unknown GPUs."""
-    if not str(device).startswith('cuda'):
-        return 0.0
-    return peak_bf16_flops_of(torch.cuda.get_device_name(device))
+    # for MFU; 0 on the CPU and unknown GPUs
+    name = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else ''
+    found = [flops for key, flops in PEAK_BF16_FLOPS.items() if re.search(rf'\b{key}\b', name, re.I)]
+    return found[0] if found else 0.0
 
 
 # -----------------------------------------------------------------------------
-# the training script's data helpers (pure functions of their arguments)
+# the training script's views of an image and order of the codes
 
-def ten_crop_read_size(image_size):
-    # LlamaGen's extract_codes_c2i.py: crop_size = int(image_size * crop_range), crop_range 1.1 (281 at 256)
-    return int(image_size * 1.1)
-
-
-def image_views(images, size, ten_crop, flip_augment):
-    """(B, 3, S', S') -> (B * views, 3, size, size), the views of one image adjacent: LlamaGen's ten crops of
-    images read at ten_crop_read_size (torchvision's TenCrop: the corner crops TL, TR, BL, BR and the centre crop,
-    then the same five of the flipped image), or the image (and its horizontal flip)."""
+def image_views(images, size, ten_crop):
+    """(B, 3, S', S') -> (B * views, 3, size, size), an image's views adjacent: LlamaGen's ten crops
+    (torchvision's TenCrop: corners TL, TR, BL, BR and the centre, then the same five of the flipped image) of
+    images read at 1.1x, or the image and its horizontal flip."""
     if not ten_crop:
-        crops = [images] + ([images.flip(-1)] if flip_augment else [])
-        return torch.stack(crops, dim=1).reshape(-1, 3, size, size)
+        return torch.stack([images, images.flip(-1)], dim=1).reshape(-1, 3, size, size)
 
     def five_crops(x):
         S1 = x.shape[-1]
@@ -368,27 +312,10 @@ def image_views(images, size, ten_crop, flip_augment):
     return torch.stack(five_crops(images) + five_crops(images.flip(-1)), dim=1).reshape(-1, 3, size, size)
 
 
-def center_view(ten_crop):
-    """Which of image_views' views of an image is its plain centre crop: view 4 of the ten crops (TenCrop
-    order), else view 0 (the unflipped image)."""
-    return 4 if ten_crop else 0
-
-
-def encode_views(tokenizer, images, image_size, ten_crop, flip_augment):
-    """(B, 3, S', S') images -> codes (B, views, T) long: image_views through the (float32) tokenizer, in
-    float32 whatever autocast the caller runs under."""
-    # autocast off: LlamaGen extracts in float32, and bf16 changes ~0.7% of the codes
-    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-        views = image_views(images.float(), image_size, ten_crop, flip_augment)
-        codes = tokenizer.encode(views)  # (B * views, h, w)
-    return codes.reshape(len(images), -1, codes[0].numel())
-
-
 @lru_cache(maxsize=2)
 def epoch_order(epoch, seed, num_valid, num_images, views_per_image):
-    """Epoch `epoch` of the shuffled code stream: the order of the num_valid readable images (indices into
-    them) and the view drawn for each of the num_images images. A function of the epoch only, so a resumed
-    run continues exactly where it stopped."""
+    """Epoch `epoch` of the shuffled code stream: the order of the num_valid readable images and the view
+    drawn for each of the num_images images: a function of the epoch only (resumed runs continue exactly)."""
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(num_valid, generator=g)  # (num_valid,)
     views = torch.randint(views_per_image, (num_images,), generator=g)  # (num_images,)
@@ -406,8 +333,8 @@ if __name__ == '__main__':
                            atomic_write, leave_process_group)
 
     # -----------------------------------------------------------------------------
-    # default config: LlamaGen GPT-B on ImageNet 256 codes (config/ar_gpt_b.py);
-    # override with config files / --key=value
+    # default config: LlamaGen GPT-B on ImageNet 256 codes (config/ar_gpt_b.py); override with config files /
+    # --key=value
     # I/O
     out_dir = 'out-ar'
     ckpt_interval = 5000
@@ -422,29 +349,21 @@ if __name__ == '__main__':
     data_dir = ''  # ImageFolder root (root/<class>/*.JPEG); '' = the built-in procedural dataset, no download
     num_images = 0  # size of the built-in dataset (0 = its default)
     image_size = 0  # 0 = the tokenizer's training image_size
-    ten_crop = True  # LlamaGen: centre crop at 1.1x, then ten crops (5 crops + flips) -> 10 views per image
-    flip_augment = True  # without ten_crop: the image and its horizontal flip -> 2 views
-    extract_batch_size = 16  # images per encoder batch and rank (x views per image)
+    ten_crop = True  # LlamaGen: read at 1.1x, ten crops (5 + their flips); False: the image and its flip
     num_workers = 4
-    num_classes = 0  # 0 = the dataset's; a label >= num_classes is an error
-    # model
+    # model (LlamaGen's dropouts 0.1 are the GPT's defaults; the classes are the dataset's)
     ar_model = 'B'  # GPT_PRESETS key: 'B', 'L', 'XL', 'XXL'
     n_layer = 0  # 0 = the preset's
     n_head = 0
     n_embd = 0
-    dropout = 0.1  # residual and FFN dropout
-    token_dropout = 0.1
-    class_dropout = 0.1  # label -> null class, for CFG
-    ar_adaln = False  # IBQ: the class embedding is also the AdaLN condition of every block
-    # optimisation (FVQ Table 6, generation column)
+    ar_adaln = False  # IBQ: the class embedding is also the adaLN condition of every block
+    # optimisation (FVQ Table 6, generation column; AdamW betas (0.9, 0.95))
     batch_size = 256  # global batch, split across ranks and gradient_accumulation_steps
     gradient_accumulation_steps = 1
     max_iters = 300 * 1281167 // 256  # 300 ImageNet epochs
     learning_rate = 1e-4  # at base_batch_size; scaled by batch_size / base_batch_size
     base_batch_size = 256
-    beta1 = 0.9
-    beta2 = 0.95
-    weight_decay = 0.05  # on weight matrices only (not norms, biases, the null class, AdaLN layers)
+    weight_decay = 0.05  # on weight matrices only (not norms, biases, the null class, adaLN layers)
     lr_schedule = 'annealing'  # get_lr below: 'annealing' (FVQ Table 6), 'cosine' or 'constant'
     warmup_frac = 0.0  # linear warmup from 0.005x to 1x over this fraction of max_iters
     constant_frac = 0.05  # 'annealing': 1x for this fraction of the steps after warmup (Table 6's
@@ -469,8 +388,11 @@ if __name__ == '__main__':
         raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x "
                          f"gradient_accumulation_steps {gradient_accumulation_steps}")
     if lr_schedule not in ('annealing', 'cosine', 'constant'):
-        raise ValueError(f"unknown lr_schedule '{lr_schedule}' "
-                         f"(expected 'annealing', 'cosine' or 'constant')")
+        raise ValueError(f"unknown lr_schedule '{lr_schedule}'; expected 'annealing', 'cosine' or 'constant'")
+    if init_from not in ('scratch', 'resume'):
+        raise ValueError(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+    if not tokenizer_ckpt:
+        raise ValueError("tokenizer_ckpt is required (the checkpoint of a train_tokenizer.py run)")
     micro_batch = batch_size // (world_size * gradient_accumulation_steps)
     lr = learning_rate * batch_size / base_batch_size
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
@@ -479,146 +401,107 @@ if __name__ == '__main__':
     log_path = os.path.join(out_dir, 'log.jsonl')  # a JSON line per log interval (evaluate.py --mode=curves)
     check_out_dir(ckpt_path, init_from, overwrite)
     if master:
-        print(f"config: {config}")
         print(f"world_size {world_size}, micro batch {micro_batch}/rank, lr {lr:.3e}, device {device}")
 
     # -----------------------------------------------------------------------------
-    # codes: encode the training images once (every view of every image), reuse on later runs
-
-    if not tokenizer_ckpt:
-        raise ValueError("tokenizer_ckpt is required (the checkpoint of a train_tokenizer.py run)")
+    # codes: every view of every training image, encoded once; reused while the extraction record matches
     codes_dir = codes_dir or os.path.join(out_dir, 'codes')
     tokenizer_checkpoint = load_checkpoint(tokenizer_ckpt, 'tokenizer', mmap=True)
     image_size = image_size or tokenizer_checkpoint['config']['image_size']
-    views_per_image = 10 if ten_crop else (2 if flip_augment else 1)
-    # the codes belong to these exact weights: a tokenizer retrained in place (same path, same iteration)
-    # differs in its fingerprint
+    V = 10 if ten_crop else 2  # views per image
+    # everything that defines the codes; the fingerprint tells the tokenizer that wrote them from one
+    # retrained in place (same path, same iteration)
     extraction = dict(tokenizer_ckpt=os.path.abspath(tokenizer_ckpt),
-                      tokenizer_iter=tokenizer_checkpoint.get('iter_num', -1),
+                      tokenizer_iter=tokenizer_checkpoint['iter_num'],
                       tokenizer_fingerprint=state_fingerprint(tokenizer_weights(tokenizer_checkpoint)),
                       data_dir=data_dir, num_images=num_images, image_size=image_size,
-                      views_per_image=views_per_image,
-                      # ten crops: the size read (codes of an older nanoVQ read round(1.1 x), not LlamaGen's int)
-                      **({'read_size': ten_crop_read_size(image_size)} if ten_crop else {}))
+                      # LlamaGen's extract_codes_c2i.py reads at int(image_size * 1.1) for the ten crops
+                      read_size=int(image_size * 1.1) if ten_crop else image_size, views_per_image=V,
+                      center_view=4 if ten_crop else 0)  # the plain centre crop: TenCrop's 5th, or the image
     del tokenizer_checkpoint
     meta_path = os.path.join(codes_dir, 'meta.json')
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        differing = [k for k in extraction if meta.get(k) != extraction[k]]
-        if differing:
-            raise ValueError(f"{codes_dir} holds codes extracted with different settings: "
-                             + ", ".join(f"{k} (codes {meta.get(k)!r}, now {extraction[k]!r})"
-                                         for k in differing)
-                             + "; delete that folder or set codes_dir to another one")
-        if master:
-            num_rows = len(np.load(os.path.join(codes_dir, 'codes.npy'), mmap_mode='r'))
-            print(f"reusing {num_rows // views_per_image} x {views_per_image} code sequences in {codes_dir}")
-    else:
-        # float32 weights (and encode_views turns autocast off): bf16 changes ~0.7% of the codes
-        tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()
+    if not os.path.isfile(meta_path):
+        tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()  # as LlamaGen extracts
         if getattr(tokenizer.quantizer, 'rq_depth', 1) > 1 or hasattr(tokenizer.quantizer, 'scales'):
-            raise ValueError(f"'{tokenizer_ckpt}' is a multi-code tokenizer (quantizer 'rq' or 'msvq', FVQ Table 4, "
-                             f"reconstruction only here); train_ar.py models one code per position")
-        # the training images, without random augmentation: deterministic resize + centre crop;
-        # ten_crop reads at 1.1x and takes the crops here, on the tensor
-        dataset = make_dataset(data_dir, ten_crop_read_size(image_size) if ten_crop else image_size, train=True,
-                               num_images=num_images, augment=False)
-        N, K = len(dataset), tokenizer.quantizer.codebook_size
+            raise ValueError(f"'{tokenizer_ckpt}' is a multi-code tokenizer (quantizer 'rq' or 'msvq', FVQ "
+                             f"Table 4, reconstruction only here); train_ar.py models one code per position")
         grid_h, grid_w = tokenizer.token_grid(image_size)  # 1 x L for the 1D tokenizer
-        T = grid_h * grid_w
-        code_dtype = np.uint16 if K <= 65536 else np.int32
+        T, K = grid_h * grid_w, tokenizer.quantizer.codebook_size
+        # no random augmentation: a deterministic resize + centre crop
+        dataset = make_dataset(data_dir, extraction['read_size'], train=True, num_images=num_images,
+                               augment=False)
+        N = len(dataset)
         os.makedirs(codes_dir, exist_ok=True)
         codes_path, labels_path = os.path.join(codes_dir, 'codes.npy'), os.path.join(codes_dir, 'labels.npy')
         if master:  # rank 0 creates the files, every rank fills its own images' rows
-            num_rows = N * views_per_image
-            np.lib.format.open_memmap(codes_path, mode='w+', dtype=code_dtype, shape=(num_rows, T)).flush()
-            np.lib.format.open_memmap(labels_path, mode='w+', dtype=np.int64, shape=(num_rows,)).flush()
+            code_dtype = np.uint16 if K <= 65536 else np.int32
+            np.lib.format.open_memmap(codes_path, mode='w+', dtype=code_dtype, shape=(N * V, T)).flush()
+            np.save(labels_path, np.full(N * V, -1, dtype=np.int64))  # -1 stays on an unreadable image's rows
         if ddp:
             dist.barrier()
-        codes_mm = np.lib.format.open_memmap(codes_path, mode='r+')
-        labels_mm = np.lib.format.open_memmap(labels_path, mode='r+')
+        codes_mm, labels_mm = np.load(codes_path, mmap_mode='r+'), np.load(labels_path, mmap_mode='r+')
         my_images = list(range(rank, N, world_size))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=extract_batch_size, sampler=my_images,
-                                             collate_fn=list, num_workers=num_workers)
-        position, skipped = 0, 0
-        for batch in tqdm(loader, desc=f'encoding views (rank {rank})', disable=not master):
-            keys = my_images[position:position + len(batch)]
-            position += len(batch)
-            kept = [(key, item) for key, item in zip(keys, batch) if item is not None]
-            for key, item in zip(keys, batch):
-                if item is None:  # unreadable image (warned by the dataset): label -1 excludes its rows
-                    labels_mm[key * views_per_image:(key + 1) * views_per_image] = -1
-                    skipped += 1
+        batches = [my_images[i:i + 16] for i in range(0, len(my_images), 16)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=list,
+                                             num_workers=num_workers)
+        for keys, batch in zip(batches, tqdm(loader, desc=f'encoding (rank {rank})', disable=not master)):
+            kept = [(key, item) for key, item in zip(keys, batch) if item is not None]  # None: unreadable
             if not kept:
                 continue
-            images = torch.stack([item[0] for _, item in kept]).to(device)
-            codes = encode_views(tokenizer, images, image_size, ten_crop, flip_augment)
-            codes = codes.cpu().numpy().astype(code_dtype)  # (images, views_per_image, T)
-            for (key, (_, label)), image_codes in zip(kept, codes):  # one row block per image
-                codes_mm[key * views_per_image:(key + 1) * views_per_image] = image_codes
-                labels_mm[key * views_per_image:(key + 1) * views_per_image] = label
+            images = torch.stack([image for _, (image, _) in kept]).to(device)
+            with torch.no_grad():
+                codes = tokenizer.encode(image_views(images, image_size, ten_crop))  # (images * V, h, w)
+            for (key, (_, label)), image_codes in zip(kept, codes.reshape(len(kept), V, T).cpu().numpy()):
+                codes_mm[key * V:(key + 1) * V] = image_codes
+                labels_mm[key * V:(key + 1) * V] = label
         codes_mm.flush()
         labels_mm.flush()
-        del codes_mm, labels_mm
         if ddp:
             dist.barrier()
         if master:
-            codebook_sizes = tokenizer.quantizer.codebook_sizes
-            if codebook_sizes is not None:  # VCQ: K_t travels with the codes, to the checkpoint and sampler
-                if codebook_sizes.numel() != T:
-                    raise ValueError(f"the tokenizer's VCQ schedule has {codebook_sizes.numel()} positions, "
-                                     f"but {image_size}px images give {T} tokens")
-                np.save(os.path.join(codes_dir, 'codebook_sizes.npy'),
-                        codebook_sizes.cpu().numpy().astype(np.int64))
-            # center_view and dataset_images (the images read; num_images is the setting, 0 = all) stay out
-            # of `extraction`: folders written before they existed remain valid
+            codebook_sizes = tokenizer.quantizer.codebook_sizes  # VCQ: K_t, to the checkpoint and the sampler
+            if codebook_sizes is not None:
+                np.save(os.path.join(codes_dir, 'codebook_sizes.npy'), codebook_sizes.cpu().numpy())
             meta = dict(extraction, grid_h=grid_h, grid_w=grid_w, codebook_size=K, dataset_images=N,
-                        tokenizer_type=tokenizer.tokenizer_type,
-                        dataset_classes=dataset.num_classes, vcq=codebook_sizes is not None,
-                        center_view=center_view(ten_crop))
+                        tokenizer_type=tokenizer.tokenizer_type, dataset_classes=dataset.num_classes,
+                        vcq=codebook_sizes is not None)
             # written last: its presence marks complete codes
             atomic_write(meta_path, lambda f: json.dump(meta, f, indent=1), mode='w')
-            print(f"encoded {N} images x {views_per_image} views into {codes_dir}"
-                  + (f" (rank 0 skipped {skipped} unreadable images)" if skipped else ''))
+            print(f"encoded {N} images x {V} views into {codes_dir}")
         if ddp:
             dist.barrier()
-        with open(meta_path) as f:
-            meta = json.load(f)
         del tokenizer
         if device_type == 'cuda':
             torch.cuda.empty_cache()
+    with open(meta_path) as f:
+        meta = json.load(f)
+    differing = [k for k in extraction if meta.get(k) != extraction[k]]
+    if differing:
+        raise ValueError(f"{codes_dir} holds codes extracted with other settings (or by an older nanoVQ): "
+                         + ", ".join(f"{k} (codes {meta.get(k)!r}, now {extraction[k]!r})" for k in differing)
+                         + "; delete that folder (train_ar.py extracts them anew) or set another codes_dir")
 
     # -----------------------------------------------------------------------------
     # data: an endless shuffled stream of the codes, a random view of every readable image per epoch
-
-    codes_mm = np.load(os.path.join(codes_dir, 'codes.npy'), mmap_mode='r')  # (N * views, T)
-    labels_all = np.load(os.path.join(codes_dir, 'labels.npy'))  # (N * views,)
-    codebook_sizes = None  # VCQ: K_t per position
-    if meta['vcq']:
-        codebook_sizes = np.load(os.path.join(codes_dir, 'codebook_sizes.npy')).tolist()
-    num_classes = num_classes or meta['dataset_classes']
-    image_labels = labels_all[::views_per_image]  # (N,)
+    codes_mm = np.load(os.path.join(codes_dir, 'codes.npy'), mmap_mode='r')  # (N * V, T)
+    labels_all = np.load(os.path.join(codes_dir, 'labels.npy'))  # (N * V,)
+    codebook_sizes = np.load(os.path.join(codes_dir, 'codebook_sizes.npy')).tolist() if meta['vcq'] else None
+    image_labels = labels_all[::V]  # (N,)
     valid_images = torch.from_numpy(np.flatnonzero(image_labels >= 0))  # unreadable images are left out
     if len(valid_images) == 0:
         raise ValueError(f"{codes_dir} has no readable images")
-    bad = image_labels[(image_labels >= num_classes)]
-    if len(bad):
-        raise ValueError(f"class id {int(bad.max())} in {codes_dir}/labels.npy is out of range for "
-                         f"num_classes={num_classes} (valid ids 0..{num_classes - 1}; the null class "
-                         f"{num_classes} is reserved)")
 
     def get_batch(step):
-        """Micro-batch `step` of the stream, this rank's slice of it: codes (B, T) long, labels (B,) long on
-        the device. It depends only on the micro-step, so a resumed run continues exactly where it stopped."""
+        """This rank's slice of micro-batch `step` of the stream: codes (B, T), labels (B,) on the device; a
+        function of the micro-step only, so a resumed run continues exactly where it stopped."""
         positions = step * micro_batch * world_size + rank * micro_batch + torch.arange(micro_batch)
         epochs = positions // len(valid_images)
         rows = torch.empty(micro_batch, dtype=torch.long)
         for epoch in epochs.unique().tolist():  # at most two epochs meet in one batch
-            order, views = epoch_order(epoch, seed, len(valid_images), len(image_labels), views_per_image)
+            order, views = epoch_order(epoch, seed, len(valid_images), len(image_labels), V)
             here = epochs == epoch
             images = valid_images[order[positions[here] % len(valid_images)]]
-            rows[here] = images * views_per_image + views[images]
+            rows[here] = images * V + views[images]
         rows = rows.numpy()
         codes = torch.from_numpy(codes_mm[rows].astype(np.int64))
         labels = torch.from_numpy(labels_all[rows])
@@ -628,26 +511,20 @@ if __name__ == '__main__':
         return codes, labels
 
     # -----------------------------------------------------------------------------
-    # model and optimiser
-
+    # model, optimiser, resume
     torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model_args = gpt_model_args(meta['codebook_size'], num_classes, meta['grid_h'], meta['grid_w'], ar_model,
-                                n_layer, n_head, n_embd, dropout=dropout, token_dropout=token_dropout,
-                                class_dropout=class_dropout, adaln=ar_adaln,
-                                # a 1D tokenizer's codes get 1D RoPE (2D grids keep the model_args they had)
-                                **({'rope': '1d'} if meta.get('tokenizer_type') == 'titok' else {}))
+    model_args = gpt_model_args(meta['codebook_size'], meta['dataset_classes'], meta['grid_h'],
+                                meta['grid_w'], ar_model, n_layer, n_head, n_embd, adaln=ar_adaln,
+                                rope='1d' if meta['tokenizer_type'] == 'titok' else '2d')
     model = GPT(**model_args).to(device)
     decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and 'adaln' not in name]
     no_decay = [p for name, p in model.named_parameters() if p.dim() < 2 or 'adaln' in name]
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
-                                   {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=(beta1, beta2),
+                                   {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=(0.9, 0.95),
                                   fused=device_type == 'cuda')
     if master:
-        print(f"GPT-{ar_model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-              f"({model.n_layer} layers, {model.n_head} heads, width {model.n_embd}), {model.seq_len} "
-              f"tokens, K = {model.codebook_size}{' (VCQ)' if codebook_sizes else ''}, {num_classes} "
-              f"classes, {len(valid_images)} images x {views_per_image} views")
-
+        print(f"GPT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model_args}; "
+              f"{len(valid_images)} images x {V} views")
     iter_num, rng_states = 0, None
     if init_from == 'resume':
         checkpoint = load_checkpoint(ckpt_path, 'gpt', device)
@@ -660,11 +537,8 @@ if __name__ == '__main__':
             truncate_log(log_path, iter_num)  # what the killed run logged after it is logged again
             print(f"resumed from {ckpt_path} at iter {iter_num}")
         del checkpoint
-    elif init_from != 'scratch':
-        raise ValueError(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
     elif master and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
-
     raw_model = model  # un-compiled, un-wrapped: what checkpoints hold
     if compile:
         model = torch.compile(model)
@@ -672,30 +546,21 @@ if __name__ == '__main__':
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
     restore_rng_states(rng_states, device_type, seed + rank + iter_num)  # per-rank streams (dropout)
 
-    # -----------------------------------------------------------------------------
-    # learning-rate schedule (FVQ Table 6's terms)
-
-    def get_lr(it):
-        """'annealing': linear warmup from 0.005x to 1x over warmup_frac of max_iters, 1x for constant_frac
-        of the remaining steps, then linear decay to 0.01x at max_iters; 'cosine': the same warmup, then
-        cosine from 1x to 0.01x; 'constant': 1x throughout."""
-        if lr_schedule == 'constant':
-            return lr
+    def get_lr(it):  # FVQ Table 6's terms, as train_tokenizer.py's
         warmup_iters = warmup_frac * max_iters
         if it < warmup_iters:
-            return lr * (0.005 + (1 - 0.005) * it / warmup_iters)
-        if lr_schedule == 'annealing':
+            return lr * (0.005 + 0.995 * it / warmup_iters)
+        if lr_schedule == 'constant':
+            return lr
+        if lr_schedule == 'annealing':  # 1x for constant_frac of the steps after warmup, then linear to 0.01x
             decay_start = warmup_iters + constant_frac * (max_iters - warmup_iters)
-            if it < decay_start:
-                return lr
-            progress = min(1.0, (it - decay_start) / max(1.0, max_iters - decay_start))
-            return lr * (1 + (0.01 - 1) * progress)
-        progress = min(1.0, (it - warmup_iters) / max(1.0, max_iters - warmup_iters))  # cosine
-        return lr * (0.01 + (1 - 0.01) * 0.5 * (1 + math.cos(math.pi * progress)))
+            progress = max(0.0, it - decay_start) / max(1.0, max_iters - decay_start)
+            return lr * (1.0 - 0.99 * min(1.0, progress))
+        progress = min(1.0, (it - warmup_iters) / max(1.0, max_iters - warmup_iters))
+        return lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine
 
     # -----------------------------------------------------------------------------
     # training loop
-
     if master:
         os.makedirs(out_dir, exist_ok=True)  # only now: a config or data error leaves no empty out_dir behind
     flops_per_iter = raw_model.flops_per_token() * raw_model.seq_len * batch_size
@@ -707,7 +572,7 @@ if __name__ == '__main__':
             if master:
                 atomic_save({'kind': 'gpt', 'model': raw_model.state_dict(),
                              'optimizer': optimizer.state_dict(), 'model_args': model_args, 'config': config,
-                             'iter_num': iter_num, 'data_step': iter_num * gradient_accumulation_steps,
+                             'iter_num': iter_num,
                              'rng_states': all_rng_states, 'tokenizer_ckpt': os.path.abspath(tokenizer_ckpt),
                              # the weights that wrote the codes: sample.py decodes with them or refuses
                              'tokenizer_fingerprint': meta['tokenizer_fingerprint'],

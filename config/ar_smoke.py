@@ -9,7 +9,7 @@ out_dir = 'out-ar-smoke'
 tokenizer_ckpt = 'out-smoke/ckpt.pt'
 device = 'cpu'
 num_images = 500  # of the built-in procedural dataset (data_dir '', no download)
-ten_crop = False  # the image and its flip (flip_augment)
+ten_crop = False  # the image and its flip
 num_workers = 0
 # GPT-B's structure (ar_model 'B'), shrunk:
 n_layer = 3

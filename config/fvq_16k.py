@@ -15,7 +15,6 @@ quantizer = 'fvq'
 code_dim = 256
 l2_norm = False
 bridge_group_size = 16  # QBridge-L/4: 16 codes per bridge token
-chunk_size = 2048
 # learning annealing (Table 6)
 lr_schedule = 'annealing'
 warmup_frac = 0.1  # warmup(0.1) from 0.005x to 1x

@@ -7,4 +7,3 @@ exec(open('config/fvq_16k.py').read())  # FVQ-16384's recipe; what differs follo
 out_dir = 'out-fvq-262k'
 codebook_size = 262144
 bridge_group_size = 64  # QBridge-L/8
-chunk_size = 1024

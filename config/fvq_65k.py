@@ -6,4 +6,3 @@ exec(open('config/fvq_16k.py').read())  # FVQ-16384's recipe; what differs follo
 out_dir = 'out-fvq-65k'
 codebook_size = 65536
 bridge_group_size = 64  # QBridge-L/8
-chunk_size = 1024

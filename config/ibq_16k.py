@@ -19,13 +19,12 @@ lr_milestones = (250 / 330, 300 / 330)
 grad_clip = 0.0  # the release trains without gradient clipping (gradient_clip_val 0)
 # model: VQGAN encoder/decoder with 4 ResBlocks per level (attention at 16x16 only)
 num_res_blocks = 4
-# quantizer; the defaults give beta 0.25 on the codebook term (ibq_beta_term: SEED-Voken's placement, beta on
-# |sg z - z_q'|^2; eq. 12 prints it on the commitment) and the entropy penalty 0.05 at T 0.01
+# quantizer; IndexBackpropQuantizer's defaults are SEED-Voken's: beta 0.25 on the codebook term |sg z - z_q'|^2
+# (eq. 12 prints it on the commitment term) and the entropy penalty 0.05 at T 0.01
 quantizer = 'ibq'
 code_dim = 256
 l2_norm = False
 ema_decay = 0.999  # SEED-Voken use_ema: LitEma with a constant decay; eval and code extraction use the EMA
-chunk_size = 2048
 # losses (SEED-Voken VQLPIPSWithDiscriminator): L1 + LPIPS 1.0; the generator's non-saturating loss on each
 # image's mean patch logit at the fixed weight gen_loss_weight 0.1 (its disc_weight 0.4 only feeds the
 # adaptive weight, which a fixed gen weight bypasses); hinge discriminator from step 0, unweighted

@@ -5,4 +5,3 @@
 exec(open('config/ibq_16k.py').read())  # IBQ-16384's recipe; what differs follows
 out_dir = 'out-ibq-262k'
 codebook_size = 262144
-chunk_size = 1024  # (1024 x 262144) fp32 logits = 1 GiB per matrix

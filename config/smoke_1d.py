@@ -19,7 +19,6 @@ vcq_schedule = 'cosine'
 vcq_k_min = 2
 batch_size = 32
 max_iters = 600
-optimizer = 'adamw'
 learning_rate = 1e-3
 base_batch_size = 32
 lr_schedule = 'annealing'

@@ -5,4 +5,3 @@
 exec(open('config/vcq_titok_b.py').read())
 out_dir = 'out-titok-b-constant'
 vcq_schedule = ''  # one codebook size for all positions
-vcq_seq_len = 0  # (the schedule's length: no schedule)

@@ -14,11 +14,10 @@ eval_interval = 5000
 log_interval = 100
 seed = 0
 # optimisation
-optimizer = 'adamw'
 batch_size = 256  # global
 max_iters = 260 * 1281167 // 256  # 260 ImageNet epochs = 1.3M steps
 base_batch_size = 256
-weight_decay = 1e-4  # assumed; on weight matrices and kernels only (train_tokenizer.param_groups)
+weight_decay = 1e-4  # assumed; on weight matrices and kernels only (train_tokenizer.make_optimizer)
 lr_schedule = 'annealing'  # warmup from 0.005x, constant, linear decay to 0.01x
 warmup_frac = 13000 / max_iters  # the 13k-step warmup
 # peak lr until step 65k (assumed reading of "a 65k-step peak"): 52k of the post-warmup steps
@@ -26,8 +25,6 @@ constant_frac = (65000 - 13000) / (max_iters - 13000)
 # quantizer: the default LlamaGen VQ-16 (K_max = 16,384 8-dim l2-normalised codes); 16x16 tokens = the
 # schedule's 256 positions
 vcq_schedule = 'cosine'
-vcq_seq_len = 256
-chunk_size = 4096
 # losses
 rec_loss = 'l1'
 disc_weight = 0.1  # the generator's adversarial loss

@@ -1,5 +1,5 @@
-"""Tests of quantizers.py: plain VQ, IBQ (chunked custom autograd vs naive autograd), FVQ / VQBridge, VCQ
-schedules, usage window, FVQ -> plain VQ export."""
+"""Tests of quantizers.py: plain VQ, IBQ (chunked autograd function vs the formula), FVQ / VQBridge, VCQ
+schedules, usage counting, RQ and VAR's multi-scale VQ, the FVQ export, and adding a kind."""
 import math
 
 import pytest
@@ -12,7 +12,7 @@ import quantizers as Q
 
 
 def grid(z_flat, H, W):
-    # (B*H*W, D) tokens -> (B, D, H, W), the inverse of quantizers._tokens_first
+    # (B*H*W, D) tokens -> (B, D, H, W), the inverse of the quantizers' (B, D, H, W) -> (N, D)
     return z_flat.reshape(-1, H, W, z_flat.shape[1]).permute(0, 3, 1, 2)
 
 
@@ -41,7 +41,7 @@ def test_vq_module_equals_reference_formula_with_auto_chunks(l2_norm, monkeypatc
     """VectorQuantizer with the automatic chunk size = vq_reference's whole (N, K) matrix in codes, loss and
     both gradients."""
     assert Q.chunk_rows(0, 16384, Q.VQ_CHUNK_ELEMENTS, Q.VQ_MIN_ROWS) == 8192
-    assert Q.chunk_rows(0, 262144, Q.VQ_CHUNK_ELEMENTS, Q.VQ_MIN_ROWS) == 512  # a 512 MB distance block
+    assert Q.chunk_rows(0, 262144, Q.VQ_CHUNK_ELEMENTS, Q.VQ_MIN_ROWS) == 512
     assert Q.chunk_rows(0, 262144, Q.IBQ_CHUNK_ELEMENTS, Q.IBQ_MIN_ROWS) == 1024
     assert Q.chunk_rows(0, 16384, Q.IBQ_CHUNK_ELEMENTS, Q.IBQ_MIN_ROWS) == 1024
     assert Q.chunk_rows(500, 16384, 1, 1024) == 500  # a given chunk size is kept
@@ -68,18 +68,18 @@ def test_vq_module_equals_reference_formula_with_auto_chunks(l2_norm, monkeypatc
 @pytest.mark.parametrize('kind', ['vq', 'ibq'])
 def test_codebook_gradient_repeats_exactly_on_a_multithreaded_cpu(kind):
     """Many tokens on few codes, two threads: the codebook gradient is the same sum in the same order every
-    run (indexing's backward, codebook[indices], adds in a thread-dependent order: CPU runs did not
-    repeat)."""
+    run (indexing's backward, codebook[indices], adds in a thread-dependent order)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         torch.manual_seed(0)
-        q = Q.make_quantizer(kind, 256, 256, l2_norm=False)
+        # ibq: the chunked function (its index_add_ backward)
+        q = Q.make_quantizer(kind, 256, 256, l2_norm=False, chunk_size=512)
         # 1,024 tokens around 8 centres: few codes, and a different codebook-loss gradient from every token
         centres = torch.randn(8, 256)[torch.randint(0, 8, (1024,))]
         z = grid(centres + 0.01 * torch.randn(1024, 256), 32, 32)
         grads = []
-        for _ in range(10):
+        for _ in range(5):
             q.zero_grad()
             z_q, loss, info = q(z)
             loss.backward()
@@ -118,8 +118,8 @@ def test_vq_hand_made_codes_loss_and_straight_through_gradient():
 def test_l2_norm():
     torch.manual_seed(0)
     q = Q.make_quantizer('vq', 50, 8)  # LlamaGen default: l2-normalised
-    assert q.l2_norm and not Q.make_quantizer('fvq', 64, 8, bridge_group_size=16).l2_norm
-    assert not Q.make_quantizer('ibq', 50, 8).l2_norm
+    assert q.l2_norm and q.normalize_forward and not Q.make_quantizer('ibq', 50, 8).l2_norm
+    assert not Q.make_quantizer('fvq', 64, 8, bridge_group_size=16).normalize_forward  # init-time only
     assert torch.allclose(q.codebook().norm(dim=1), torch.ones(50))
     z = torch.randn(2, 8, 3, 3)
     z_q, _, info = q(z)
@@ -148,9 +148,8 @@ def test_llamagen_init_unit_norm_codes():
 
 
 def test_fvq_l2_norm_is_init_time_only_and_gradients_stay_finite():
-    """The release's --codebook-l2-norm normalises the raw codes once; the mapped codes and z are
-    never normalised in the forward (behind the zero-initialised bridge that would divide by ~0
-    and blow the gradients up)."""
+    """The release's --codebook-l2-norm normalises the raw codes once; the mapped codes and z are never
+    normalised in the forward (behind the zero-initialised bridge that would divide by ~0)."""
     torch.manual_seed(0)
     q = Q.make_quantizer('fvq', 512, 256, l2_norm=True)
     assert torch.allclose(q.embedding.norm(dim=1), torch.ones(512), atol=1e-6)
@@ -161,112 +160,115 @@ def test_fvq_l2_norm_is_init_time_only_and_gradients_stay_finite():
     ((z_q * torch.randn_like(z_q)).sum() + loss).backward()
     grads = [p.grad for p in q.parameters() if p.grad is not None] + [z.grad]
     assert all(torch.isfinite(g).all() for g in grads)
-    assert max(g.abs().max().item() for g in grads) < 10  # was ~1e10 with normalisation in the forward
+    assert max(g.abs().max().item() for g in grads) < 10
     assert q.projector.expand.weight.grad.abs().sum() > 0  # the bridge starts learning at once
 
 
 # -----------------------------------------------------------------------------
-# IBQ: chunked custom autograd == naive autograd
+# IBQ: the formula with whole (N, K) matrices == the chunked autograd function
 
-def naive_ibq_loss(z, codebook, beta, ibq_beta_term):
-    """The double quantization loss transcribed term by term: SEED-Voken's quantize.py line for 'codebook',
-    IBQ eq. 12 as printed for 'commit' (no entropy term)."""
-    K = codebook.shape[0]
-    soft = (z @ codebook.t()).softmax(1)
-    hard = F.one_hot((z @ codebook.t()).argmax(1), K).float()
-    z_q = (hard - soft.detach() + soft) @ codebook
-    z_q_2 = hard @ codebook
-    if ibq_beta_term == 'codebook':
+def ibq_step(q, z, upstream):
+    # one forward + backward -> z_q, loss, indices, entropy terms, dL/dz, dL/dcodebook
+    z.grad, q.embedding.grad = None, None
+    z_q, loss, info = q(z)
+    ((z_q.float() * upstream).sum() + loss).backward()
+    entropies = torch.stack([info['sample_entropy'], info['avg_entropy']])
+    return z_q.detach(), loss.detach(), info['indices'], entropies, z.grad.clone(), q.embedding.grad.clone()
+
+
+@pytest.mark.parametrize('entropy_weight,temperature,use_schedule',
+                         [(0.3, 0.01, False), (0.3, 1.0, True), (0.0, 0.5, True), (0.0, 0.5, False)])
+def test_ibq_chunked_function_equals_the_formula(entropy_weight, temperature, use_schedule, monkeypatch):
+    """The module's forward is the formula while the (N, K) block fits one chunk's budget, the chunked
+    autograd function beyond it: the same values and gradients, with and without VCQ's mask and the entropy
+    terms; ibq_reference is the formula with its loss."""
+    calls, chunked = [], Q.ibq_chunked
+
+    def counted(*args):
+        calls.append(args[-1])  # the chunk size
+        return chunked(*args)
+
+    monkeypatch.setattr(Q, 'ibq_chunked', counted)
+    N, K, D, H, W = 300, 97, 16, 10, 30
+    schedule = dict(vcq_schedule='cosine', vcq_k_min=2, vcq_seq_len=H * W) if use_schedule else {}
+    upstream = torch.randn(1, D, H, W)
+    results = []
+    for chunk_size in (0, 7, 128):  # 0: 300 x 97 fits the budget (the formula); 7, 128: chunks
+        torch.manual_seed(1)
+        q = Q.make_quantizer('ibq', K, D, chunk_size=chunk_size, entropy_weight=entropy_weight,
+                             entropy_temperature=temperature, **schedule)
+        z = grid(torch.randn(N, D), H, W).requires_grad_(True)
+        results.append(ibq_step(q, z, upstream))
+    assert calls == [7, 128]
+    whole = results[0]
+    for chunked_result in results[1:]:
+        assert torch.equal(whole[2], chunked_result[2])
+        for a, b in zip(whole[:2] + whole[3:], chunked_result[:2] + chunked_result[3:]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item() + 1e-7)
+    assert whole[-1].abs().sum(1).gt(0).all()  # IBQ: every code gets a gradient
+    if use_schedule:
+        assert torch.all(whole[2] < q.codebook_sizes.reshape(1, H, W))
+    sizes = q.codebook_sizes if use_schedule else None  # (every q and z above: the same values)
+    z_q, loss, indices = Q.ibq_reference(z.detach().permute(0, 2, 3, 1).reshape(N, D), q.embedding.detach(),
+                                         0.25, entropy_weight, temperature, sizes)
+    assert torch.equal(indices, whole[2].reshape(-1))
+    torch.testing.assert_close(loss, whole[1], rtol=1e-4, atol=1e-6)
+
+
+def test_ibq_loss_is_the_release_line():
+    """SEED-Voken's double quantization loss, beta on the codebook term, values and both gradients; eq. 12
+    as printed (beta on the commitment term) has the same value but moves z and the codes differently."""
+
+    def release_loss(z, codebook, beta, eq_12=False):
+        soft = (z @ codebook.t()).softmax(1)
+        hard = F.one_hot((z @ codebook.t()).argmax(1), codebook.shape[0]).float()
+        z_q, z_q_2 = (hard - soft.detach() + soft) @ codebook, hard @ codebook
+        if eq_12:  # |z_q - z|^2 + |sg[z] - z_q'|^2 + beta |z - sg[z_q']|^2
+            return (((z_q - z) ** 2).mean() + ((z.detach() - z_q_2) ** 2).mean()
+                    + beta * ((z - z_q_2.detach()) ** 2).mean())
         # torch.mean((z_q - z)**2) + torch.mean((z_q_2.detach()-z)**2)
         #     + beta * torch.mean((z_q_2 - z.detach()) ** 2)
         return (((z_q - z) ** 2).mean() + ((z_q_2.detach() - z) ** 2).mean()
                 + beta * ((z_q_2 - z.detach()) ** 2).mean())
-    # eq. 12: |z_q - z|^2 + |sg[z] - z_q'|^2 + beta |z - sg[z_q']|^2
-    return (((z_q - z) ** 2).mean() + ((z.detach() - z_q_2) ** 2).mean()
-            + beta * ((z - z_q_2.detach()) ** 2).mean())
 
-
-@pytest.mark.parametrize('temperature,use_schedule', [(0.01, False), (1.0, False), (0.5, True)])
-def test_ibq_chunked_equals_reference_formula(temperature, use_schedule):
     torch.manual_seed(0)
-    N, K, D, H, W = 300, 97, 16, 10, 30
-    schedule = dict(vcq_schedule='cosine', vcq_k_min=2, vcq_seq_len=H * W) if use_schedule else {}
-    for chunk_size, beta_term in ((7, 'codebook'), (64, 'commit'), (300, 'codebook'), (1000, 'commit')):
-        torch.manual_seed(1)
-        q = Q.make_quantizer('ibq', K, D, chunk_size=chunk_size, entropy_weight=0.3,
-                             entropy_temperature=temperature, beta=0.25, ibq_beta_term=beta_term, **schedule)
-        z = torch.randn(N, D, requires_grad=True)
-        upstream = torch.randn(1, D, H, W)
-        z_q, loss, info = q(grid(z, H, W))
-        ((z_q * upstream).sum() + loss).backward()
-        grad_z, grad_codebook = z.grad.clone(), q.embedding.grad.clone()
+    for chunk_size in (0, 9):  # the formula and the chunked function
+        q = Q.make_quantizer('ibq', 40, 8, chunk_size=chunk_size, entropy_weight=0.0, beta=0.25)
+        z = torch.randn(50, 8, requires_grad=True)
+        z_q, loss, _ = q(grid(z, 5, 10))
+        loss.backward()
+        grads = z.grad.clone(), q.embedding.grad.clone()
         z.grad, q.embedding.grad = None, None
-        sizes = q.codebook_sizes.repeat(1) if use_schedule else None
-        z_q_ref, loss_ref, indices_ref = Q.ibq_reference(z, q.embedding, 0.25, beta_term, 0.3,
-                                                         temperature, sizes)
-        ((grid(z_q_ref, H, W) * upstream).sum() + loss_ref).backward()
-        assert torch.equal(info['indices'].reshape(-1), indices_ref)
-        assert torch.allclose(z_q, grid(z_q_ref, H, W), atol=1e-6)
-        assert torch.allclose(loss, loss_ref, rtol=1e-5, atol=1e-6)
-        assert torch.allclose(grad_z, z.grad, rtol=1e-4, atol=1e-5 * z.grad.abs().max().item())
-        assert torch.allclose(grad_codebook, q.embedding.grad, rtol=1e-4,
-                              atol=1e-5 * q.embedding.grad.abs().max().item())
-        assert q.embedding.grad.abs().sum(1).gt(0).all()  # IBQ: every code gets a gradient
-    assert {'soft_loss', 'codebook_loss', 'commit_loss', 'entropy_loss'} <= set(info)
-
-
-@pytest.mark.parametrize('beta_term', ['codebook', 'commit'])
-def test_ibq_loss_equals_the_release_line_and_eq_12(beta_term):
-    """Default: SEED-Voken's weighting (beta on the codebook term); 'commit': eq. 12.
-    Values and both gradients."""
-    torch.manual_seed(0)
-    q = Q.make_quantizer('ibq', 40, 8, chunk_size=9, entropy_weight=0.0, beta=0.25,
-                         **({} if beta_term == 'codebook' else {'ibq_beta_term': 'commit'}))
-    assert q.ibq_beta_term == beta_term
-    z = torch.randn(50, 8, requires_grad=True)
-    z_q, loss, _ = q(grid(z, 5, 10))
-    loss.backward()
-    grad_z, grad_codebook = z.grad.clone(), q.embedding.grad.clone()
-    z.grad, q.embedding.grad = None, None
-    loss_ref = naive_ibq_loss(z, q.embedding, 0.25, beta_term)
-    loss_ref.backward()
-    assert torch.allclose(loss, loss_ref, atol=1e-6)
-    assert (torch.allclose(grad_z, z.grad, atol=1e-6)
-            and torch.allclose(grad_codebook, q.embedding.grad, atol=1e-6))
-    # same value (both terms are |z - z_q'|^2), different gradients: the placement decides who moves
+        loss_ref = release_loss(z, q.embedding, 0.25)
+        loss_ref.backward()
+        torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(grads, (z.grad, q.embedding.grad), rtol=0, atol=1e-6)
     z.grad = None
-    naive_ibq_loss(z, q.embedding, 0.25, 'commit' if beta_term == 'codebook' else 'codebook').backward()
-    assert not torch.allclose(grad_z, z.grad, atol=1e-4)
+    release_loss(z, q.embedding, 0.25, eq_12=True).backward()
+    assert not torch.allclose(grads[0], z.grad, atol=1e-4)
 
 
-def ibq_step(q, z, upstream):
-    # one forward + backward -> z_q, loss, indices, dL/dz, dL/dcodebook
-    z.grad, q.embedding.grad = None, None
-    z_q, loss, info = q(z)
-    ((z_q.float() * upstream).sum() + loss).backward()
-    return z_q.detach(), loss.detach(), info['indices'], z.grad.clone(), q.embedding.grad.clone()
-
-
-def test_ibq_backward_under_bf16_autocast_multiplies_in_bf16(monkeypatch):
-    """Under a bf16 autocast IBQ's backward products take bf16 (the release's 16-mixed); the forward (logits,
-    argmax, z_q, loss) stays float32 exactly, and the gradients stay within bf16 rounding of float32's.
-    IBQ_BACKWARD_AUTOCAST = False keeps the float32 products."""
+@pytest.mark.parametrize('chunk_size', [0, 64])  # the formula, the chunked function
+def test_ibq_backward_under_bf16_autocast_multiplies_in_bf16(chunk_size, monkeypatch):
+    """Under a bf16 autocast (the release's 16-mixed) IBQ's forward (logits, argmax, z_q, loss) stays float32
+    exactly and its backward products take bf16: gradients within bf16 rounding of float32's. The chunked
+    function's follow IBQ_BACKWARD_AUTOCAST (False: float32), the formula's the autocast around backward()."""
     torch.manual_seed(0)
-    q = Q.make_quantizer('ibq', 97, 16, chunk_size=64, entropy_weight=0.3, entropy_temperature=0.5)
+    q = Q.make_quantizer('ibq', 97, 16, chunk_size=chunk_size, entropy_weight=0.3, entropy_temperature=0.5)
     z = torch.randn(1, 16, 10, 30, requires_grad=True)
     upstream = torch.randn(1, 16, 10, 30)
     full = ibq_step(q, z, upstream)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         low = ibq_step(q, z, upstream)
-    for a, b in zip(full[:3], low[:3]):
+    for a, b in zip(full[:4], low[:4]):
         assert torch.equal(a, b)
-    for a, b in zip(full[3:], low[3:]):
+    for a, b in zip(full[4:], low[4:]):
         assert not torch.equal(a, b)
         assert (a - b).norm() < 1e-2 * a.norm()
     monkeypatch.setattr(Q, 'IBQ_BACKWARD_AUTOCAST', False)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         kept = ibq_step(q, z, upstream)
-    assert all(torch.equal(a, b) for a, b in zip(full, kept))
+    assert all(torch.equal(a, b) for a, b in zip(full, kept)) == (chunk_size > 0)
 
 
 @pytest.mark.parametrize('kind', ['fvq', 'ibq'])
@@ -275,7 +277,7 @@ def test_fused_pieces_compile_to_what_they_compute_eagerly(kind, monkeypatch):
     (dynamo + AOTAutograd, the aot_eager backend: the same graphs and backward, no kernel build) and must
     give the eager values and gradients, VCQ masks included."""
     torch.manual_seed(0)
-    options = dict(bridge_zero_init=False) if kind == 'fvq' else dict(chunk_size=64, entropy_weight=0.3)
+    options = dict(bridge_zero_init=False, bridge_dim=32) if kind == 'fvq' else dict(chunk_size=64)
     q = Q.make_quantizer(kind, 64, 8, vcq_schedule='cosine', vcq_k_min=2, vcq_seq_len=100, **options)
     z = torch.randn(3, 8, 10, 10, requires_grad=True)
     upstream = torch.randn(3, 8, 10, 10)
@@ -319,22 +321,22 @@ def test_no_tokens_by_codes_matrix_beyond_chunk(kind):
     torch.manual_seed(0)
     K, D, chunk_size = 320, 16, 64  # 600 tokens; K*D and N*D are both smaller than chunk_size*K
     extra = {'bridge_group_size': 16, 'bridge_dim': 32} if kind == 'fvq' else {}
-    q = Q.make_quantizer(kind, K, D, chunk_size=chunk_size, usage_window=128, **extra)
+    q = Q.make_quantizer(kind, K, D, chunk_size=chunk_size, **extra)
     z = torch.randn(1, D, 20, 30, requires_grad=True)
     recorder = RecordShapes()
     with recorder:
         z_q, loss, _ = q(z)
         ((z_q * torch.randn_like(z_q)).sum() + loss).backward()
-    by_codes = [shape for shape in recorder.shapes if K in shape and len(shape) == 2 and shape != (K, D)]
+    matrices = [shape for shape in recorder.shapes if len(shape) == 2]  # (not the 1-D usage record)
+    by_codes = [shape for shape in matrices if K in shape and shape != (K, D)]
     assert by_codes and max(shape[0] if shape[1] == K else shape[1] for shape in by_codes) <= chunk_size
-    assert max(math.prod(shape) for shape in recorder.shapes) <= chunk_size * K
+    assert max(math.prod(shape) for shape in matrices) <= chunk_size * K
 
 
 def test_cosine_vq_backward_touches_only_the_picked_codes():
-    """LlamaGen's cosine VQ: the gradient reaches the codebook only through the N picked codes, so the backward
-    makes (K, D) tensors only for the codebook's gradient (normalising all K codes under autograd made 11 of
-    that size: the peak memory at K = 262,144), and it equals the gradient through the whole normalised
-    codebook."""
+    """LlamaGen's cosine VQ: the gradient reaches the codebook only through the N picked codes, so the
+    backward makes (K, D) tensors only for the codebook's gradient, and it equals the gradient through the
+    whole normalised codebook."""
     torch.manual_seed(0)
     K, D = 4096, 8
     q = Q.make_quantizer('vq', K, D)  # l2_norm=True
@@ -347,7 +349,7 @@ def test_cosine_vq_backward_touches_only_the_picked_codes():
     assert sum(shape == (K, D) for shape in recorder.shapes) <= 3  # the gradient's zeros, index_add, detach
     codebook_grad, q.embedding.grad = q.embedding.grad, None
     z_flat = F.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, D), dim=-1)
-    z_q_ref, loss_ref, indices_ref = Q.vq_reference(z_flat, q.codebook(), 0.25)  # (K, D) normalised in autograd
+    z_q_ref, loss_ref, indices_ref = Q.vq_reference(z_flat, q.codebook(), 0.25)  # normalised in autograd
     ((z_q_ref * upstream.permute(0, 2, 3, 1).reshape(-1, D)).sum() + loss_ref).backward()
     assert torch.equal(info['indices'].reshape(-1), indices_ref)
     torch.testing.assert_close(codebook_grad, q.embedding.grad)
@@ -358,20 +360,17 @@ def test_cosine_vq_backward_touches_only_the_picked_codes():
 
 def test_vqbridge_shapes_and_groups():
     torch.manual_seed(0)
-    q = Q.make_quantizer('fvq', 256, 8, bridge_group_size=16, bridge_dim=32, bridge_heads=4, chunk_size=5)
+    q = Q.make_quantizer('fvq', 256, 8, bridge_group_size=16, bridge_dim=32, chunk_size=5)
     assert isinstance(q.projector, Q.VQBridge) and q.projector.pos_embed.shape == (16, 32)
     assert q.codebook().shape == (256, 8)
     assert torch.count_nonzero(q.codebook()) == 0  # zero-initialised final layer, as DiT / the release
-    assert Q.make_quantizer('fvq', 16384, 4, bridge_dim=16).projector.group_size == 16  # QBridge-L/4
-    assert Q.make_quantizer('fvq', 65536, 4, bridge_dim=16).projector.group_size == 64  # QBridge-L/8
+    assert Q.bridge_group_size_for(16384) == 16 and Q.bridge_group_size_for(65536) == 64  # QBridge-L/4, L/8
+    assert Q.bridge_group_size_for(262144) == 64 and Q.bridge_group_size_for(256) == 1
+    assert Q.bridge_group_size_for(10000) == 8  # 9 = 10000 // 1024 does not divide it: a divisor below
     for projector in ('linear', 'mlp5'):
         assert Q.make_quantizer('fvq', 100, 8, projector=projector).codebook().shape == (100, 8)
     with pytest.raises(ValueError, match=r'K=100.*g=16'):
         Q.make_quantizer('fvq', 100, 8, bridge_group_size=16)
-    # a K that the automatic group size does not divide: the error says so and names one that does
-    with pytest.raises(ValueError, match=r'K=10000 .* automatic group size g=9 .* e\.g\. 8$'):
-        Q.make_quantizer('fvq', 10000, 8)
-    assert Q.make_quantizer('fvq', 10000, 8, bridge_group_size=8, bridge_dim=16).codebook().shape == (10000, 8)
     with pytest.raises(ValueError, match='projector'):
         Q.make_quantizer('fvq', 100, 8, projector='mlp3')
 
@@ -408,6 +407,8 @@ def test_schedule_means_match_vcq_table_2():
     assert torch.equal(Q.codebook_size_schedule('constant', 2, 512, 10), torch.full((10,), 512))
     with pytest.raises(ValueError, match='schedule'):
         Q.codebook_size_schedule('quadratic', 2, 512, 10)
+    with pytest.raises(ValueError, match='vcq_k_min'):
+        Q.codebook_size_schedule('linear', 600, 512, 10)
 
 
 @pytest.mark.parametrize('kind', ['vq', 'ibq', 'fvq'])
@@ -416,35 +417,35 @@ def test_vcq_never_returns_index_beyond_k_t(kind):
     K, H, W = 64, 4, 4
     extra = {'bridge_group_size': 16, 'bridge_dim': 32} if kind == 'fvq' else {}
     plain = Q.make_quantizer(kind, K, 8, chunk_size=50, **extra)
-    q = Q.make_quantizer(kind, K, 8, chunk_size=50, vcq_schedule='linear', vcq_k_min=2,
-                         vcq_seq_len=H * W, **extra)
+    q = Q.make_quantizer(kind, K, 8, chunk_size=50, vcq_schedule='linear', vcq_k_min=2, vcq_seq_len=H * W,
+                         **extra)
     if kind == 'fvq':
         torch.nn.init.normal_(q.projector.expand.weight, std=0.1)
     plain.load_state_dict(q.state_dict(), strict=False)
     assert plain.codebook_sizes is None and q.codebook_sizes.shape == (H * W,)
+    assert 'codebook_sizes' in q.state_dict() and 'codebook_sizes' not in plain.state_dict()
     z = torch.randn(16, 8, H, W) * 3
     _, _, info = q(z)
     limit = q.codebook_sizes.reshape(1, H, W)
-    assert torch.all(info['indices'] < limit) and torch.equal(info['codebook_sizes'], q.codebook_sizes)
+    assert torch.all(info['indices'] < limit)
     assert torch.any(plain(z)[2]['indices'] >= limit)  # without the schedule some would be out of range
     with pytest.raises(ValueError, match='4x5'):
         q(torch.randn(1, 8, 4, 5))
 
 
 # -----------------------------------------------------------------------------
-# usage window, perplexity, options
+# usage counting, perplexity, the kinds and their options
 
 def test_recent_codes_semantics():
     counter = Q.RecentCodes(10, 8)
     counter.record(torch.tensor([0, 1, 2]))
-    assert counter.usage().item() == pytest.approx(0.3) and counter.window_tokens().item() == 3
+    assert counter.usage().item() == pytest.approx(0.3) and counter.tokens_seen.item() == 3
     counter.record(torch.tensor([3, 4, 5, 6, 7]))
     assert counter.usage().item() == pytest.approx(0.8)
     counter.record(torch.tensor([8, 8]))
-    assert counter.usage().item() == pytest.approx(0.7)  # window now 2..8: 0 and 1 fell out
+    assert counter.usage().item() == pytest.approx(0.7)  # the window: 2..8, 0 and 1 fell out
     counter.record(torch.arange(10))
     assert counter.usage().item() == pytest.approx(0.8)  # a batch longer than the window: its last 8
-    assert counter.window_tokens().item() == 8 and counter.window_tokens(5).item() == 5
     # usage(n) = distinct codes among the last n recorded, after many shifts, for every n <= size
     stream = [2, 3, 4, 5, 6, 7, 8, 9]
     g = torch.Generator().manual_seed(0)
@@ -455,16 +456,14 @@ def test_recent_codes_semantics():
         for n in (1, 3, 8):
             assert counter.usage(n).item() == pytest.approx(len(set(stream[-n:])) / 10)
     q = Q.make_quantizer('vq', 1000, 4)
-    assert q.window_tokens == 65536  # max(65536, K + 1), as the FVQ code
-    assert q.usage_tokens == 10000  # usage: the last 10 K tokens
-    assert q.recent_codes.recent.numel() == 65536  # one buffer holds both
-    assert Q.make_quantizer('vq', 70000, 2).window_tokens == 70001
+    assert q.recent_codes.size == 65536  # max(65536, K + 1) (the release's window) and 10 K (usage)
+    assert Q.make_quantizer('vq', 7000, 2).recent_codes.size == 70000
     assert not any(k.startswith('recent_codes.') for k in q.state_dict())
 
 
 def test_usage_can_reach_100_percent_where_the_window_cannot():
     """A perfectly uniform code stream over K = 65,536 codes: the release's window (max(65536, K + 1) tokens)
-    shows ~63%, the 10 K-token count shows ~100%."""
+    shows about 1 - 1/e, the 10 K-token count about all of them."""
     K = 65536
     counter = Q.RecentCodes(K, 10 * K)
     g = torch.Generator().manual_seed(0)
@@ -475,7 +474,7 @@ def test_usage_can_reach_100_percent_where_the_window_cannot():
 
 
 def test_info_usage_and_perplexity():
-    q = Q.make_quantizer('vq', 8, 2, l2_norm=False, usage_tokens=100)
+    q = Q.make_quantizer('vq', 8, 2, l2_norm=False)
     with torch.no_grad():
         q.embedding.copy_(torch.tensor([[float(k), 0.0] for k in range(8)]))
     # 4 codes, equally often
@@ -486,6 +485,7 @@ def test_info_usage_and_perplexity():
     assert stats['usage_tokens'].item() == 16 and stats['window_usage'].item() == pytest.approx(0.5)
     assert stats['perplexity'].item() == pytest.approx(4.0, rel=1e-5) and 'bridge_live_slots' not in stats
     assert info['indices'].dtype == torch.long and info['indices'].shape == (1, 4, 4)
+    assert set(info) == {'indices', 'codebook_loss', 'commit_loss'} and info['commit_loss'].ndim == 0
     window = q.recent_codes.recent.clone()
     q.eval()  # eval forwards (held-out evaluation, code extraction) read the counts but do not write them
     _, _, info = q(grid(torch.tensor([[7.0, 0.0]]).repeat(16, 1), 4, 4))
@@ -494,18 +494,20 @@ def test_info_usage_and_perplexity():
     assert stats['perplexity'].item() == pytest.approx(1.0)  # the perplexity is the given batch's
     fvq = Q.make_quantizer('fvq', 64, 4)
     _, _, info = fvq(torch.randn(1, 4, 4, 4))
-    assert torch.equal(Q.quantizer_stats(fvq, info['indices'])['bridge_live_slots'], fvq.projector.live_slots())
+    live_slots = Q.quantizer_stats(fvq, info['indices'])['bridge_live_slots']
+    assert torch.equal(live_slots, fvq.projector.live_slots())
 
 
 @pytest.mark.parametrize('kind', ['vq', 'msvq'])  # (vq, ibq, fvq inside a tokenizer: test_tokenizer.py)
 def test_compiled_quantizer_does_not_recompile_from_step_to_step(kind):
     """The usage records change at every training step; nothing torch.compile treats as a constant may (a
-    Python int that moved made a compiled tokenizer recompile at every step until dynamo gave up)."""
+    Python int that moved would make a compiled tokenizer recompile at every step)."""
     counting_backend, graphs = graph_counter()
     scales = {'msvq_scales': (1, 2, 4)} if kind == 'msvq' else {}
-    q = Q.make_quantizer(kind, 64, 8, usage_tokens=40, usage_window=40, **scales)  # a 40-token record
+    q = Q.make_quantizer(kind, 64, 8, **scales)
+    q.recent_codes = Q.RecentCodes(64, 40)  # a 40-token record: the oldest drop out from the third step
     compiled = torch.compile(q, backend=counting_backend)
-    for _ in range(4):  # the records shift (and the oldest drop out) every step
+    for _ in range(4):
         z_q, loss, _ = compiled(torch.randn(1, 8, 4, 4, requires_grad=True))
         (z_q.sum() + loss).backward()
     compiles = len(graphs)
@@ -515,22 +517,70 @@ def test_compiled_quantizer_does_not_recompile_from_step_to_step(kind):
     per_step = 1 + 4 + 16 if kind == 'msvq' else 16  # msvq: the codes of its three scales
     assert q.recent_codes.tokens_seen.item() == 7 * per_step
     last = Q.flat_codes(info['indices']).reshape(-1)
-    assert torch.equal(q.recent_codes.recent[-per_step:], last)  # the newest records are the last step's codes
+    assert torch.equal(q.recent_codes.recent[-per_step:], last)  # the newest records: the last step's codes
 
 
-def test_unknown_options_are_errors():
-    with pytest.raises(TypeError, match='entropy_wieght'):
+def test_kinds_options_and_errors():
+    assert Q.quantizer_options('ibq') == ['beta', 'l2_norm', 'entropy_weight', 'entropy_temperature',
+                                          'chunk_size', 'vcq_schedule', 'vcq_k_min', 'vcq_seq_len']
+    vq, fvq, rq = (set(Q.quantizer_options(kind)) for kind in ('vq', 'fvq', 'rq'))
+    assert fvq - vq == {'projector'} and rq - fvq == {'rq_depth'}  # the partials' fixed keywords
+    assert 'vcq_schedule' not in Q.quantizer_options('msvq') and 'msvq_scales' in Q.quantizer_options('msvq')
+    with pytest.raises(TypeError, match=r"\['entropy_wieght'\].*'entropy_weight'"):
         Q.make_quantizer('ibq', 64, 8, entropy_wieght=0.1)
-    with pytest.raises(TypeError, match='bridge_dim'):
-        Q.make_quantizer('vq', 64, 8, bridge_dim=32)  # bridge options belong to 'fvq'
-    with pytest.raises(TypeError, match='bridge_depth'):
-        Q.make_quantizer('fvq', 64, 8, projector='linear', bridge_depth=3)  # and only to its VQBridge
-    with pytest.raises(ValueError, match="'lfq'"):
+    with pytest.raises(TypeError, match='projector'):
+        Q.make_quantizer('vq', 64, 8, projector='linear')  # 'vq' fixes it: use 'fvq'
+    with pytest.raises(TypeError, match="'rq_depth'"):
+        Q.make_quantizer('vq', 64, 8, rq_depth=2)
+    with pytest.raises(ValueError, match="unknown quantizer 'lfq'.*'vq'"):
         Q.make_quantizer('lfq', 64, 8)
-    with pytest.raises(ValueError, match='chunk_size'):
-        Q.make_quantizer('vq', 64, 8, chunk_size=-1)
-    with pytest.raises(ValueError, match=r'\(B, 8, H, W\)'):
-        Q.make_quantizer('ibq', 64, 8)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match='rq_depth'):
+        Q.make_quantizer('rq', 64, 8, rq_depth=0)
+
+
+class ToyScalarQuantizer(torch.nn.Module):
+    """A new kind: one scalar per position (D = 1), tanh-bounded and rounded to one of K levels (FSQ-like)."""
+
+    def __init__(self, codebook_size, dim, *, sharpness=1.0):
+        super().__init__()
+        self.codebook_size, self.dim, self.codebook_sizes = codebook_size, dim, None
+        self.sharpness = sharpness
+        self.recent_codes = Q.RecentCodes(codebook_size, 10 * codebook_size)
+
+    def codebook(self):
+        return torch.linspace(-1, 1, self.codebook_size)[:, None]  # (K, 1)
+
+    def lookup(self, indices):
+        return self.codebook()[indices].permute(0, 3, 1, 2)  # (B, H, W) -> (B, 1, H, W)
+
+    def forward(self, z):
+        bounded = torch.tanh(self.sharpness * z)  # (B, 1, H, W)
+        indices = torch.round((bounded[:, 0] + 1) / 2 * (self.codebook_size - 1)).long()  # (B, H, W)
+        if self.training:
+            self.recent_codes.record(indices)
+        z_q = bounded + (self.lookup(indices) - bounded).detach()  # straight-through
+        return z_q, (z_q.detach() - bounded).square().mean(), {'indices': indices}
+
+
+def test_a_new_kind_is_one_class_and_one_line(monkeypatch):
+    from tokenizer import Tokenizer
+    monkeypatch.setitem(Q.QUANTIZERS, 'toy', ToyScalarQuantizer)
+    q = Q.make_quantizer('toy', 16, 1, sharpness=2.0)
+    assert isinstance(q, ToyScalarQuantizer) and q.sharpness == 2.0
+    assert Q.quantizer_options('toy') == ['sharpness']
+    with pytest.raises(TypeError, match=r"\['beta'\].*\['sharpness'\]"):
+        Q.make_quantizer('toy', 16, 1, beta=0.25)
+    torch.manual_seed(0)
+    model = Tokenizer(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, quantizer='toy', codebook_size=16,
+                      code_dim=1, quantizer_args={'sharpness': 2.0})
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon, loss, info = model(images)
+    (recon.square().mean() + loss).backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0  # through the straight-through estimator
+    codes = model.eval().encode(images)  # (eval: not recorded)
+    assert codes.shape == (2, 8, 8) and torch.equal(codes, info['indices'])
+    assert torch.allclose(model.decode(codes), recon, atol=1e-5)
+    assert Q.quantizer_stats(model.quantizer, codes)['usage_tokens'].item() == 2 * 64
 
 
 # -----------------------------------------------------------------------------
@@ -538,7 +588,7 @@ def test_unknown_options_are_errors():
 
 @pytest.mark.parametrize('kind, options, exported_kind', [
     ('fvq', {}, 'vq'),
-    ('rq', {'projector': 'vqbridge', 'rq_depth': 3}, 'rq'),
+    ('rq', {'rq_depth': 3}, 'rq'),
     ('msvq', {'projector': 'vqbridge', 'msvq_scales': (1, 2, 4, 8), 'l2_norm': True}, 'msvq')])
 def test_fvq_export_to_plain_vq_gives_identical_indices_and_reconstructions(kind, options, exported_kind):
     from tokenizer import Tokenizer
@@ -581,20 +631,19 @@ def test_code_usage():
 
 def test_rq_depth_one_is_plain_vq_and_shapes():
     torch.manual_seed(0)
-    rq = Q.make_quantizer('rq', 64, 8, rq_depth=1)
+    rq = Q.make_quantizer('rq', 64, 8, rq_depth=1, projector='', l2_norm=False)
     vq = Q.make_quantizer('vq', 64, 8, l2_norm=False)
     vq.load_state_dict(rq.state_dict())
     z = torch.randn(2, 8, 3, 5)
     (zq_r, loss_r, info_r), (zq_v, loss_v, info_v) = rq(z), vq(z)
     assert torch.equal(zq_r, zq_v) and torch.equal(loss_r, loss_v)
     assert torch.equal(info_r['indices'], info_v['indices']) and info_r['indices'].shape == (2, 3, 5)
-    deep = Q.make_quantizer('rq', 64, 8)  # RQ-VAE's depth 4 by default
+    deep = Q.make_quantizer('rq', 64, 8, projector='', l2_norm=False)  # RQ-VAE's depth 4 by default
     z_q, loss, info = deep(z)
     assert info['indices'].shape == (2, 3, 5, 4)
     assert Q.quantizer_stats(deep, info['indices'])['usage_tokens'].item() == 2 * 3 * 5 * 4  # all depths
     torch.testing.assert_close(deep.lookup(info['indices']), z_q)  # the codes of a position add up to z_q
-    with pytest.raises(TypeError, match="'rq_depth'"):
-        Q.make_quantizer('vq', 64, 8, rq_depth=2)
+    assert list(Q.code_levels(info['indices'])) == ['depth1', 'depth2', 'depth3', 'depth4']
 
 
 def test_rq_error_never_grows_with_depth_and_chunks_do_not_matter():
@@ -603,13 +652,14 @@ def test_rq_error_never_grows_with_depth_and_chunks_do_not_matter():
     torch.manual_seed(0)
     z = torch.randn(2, 16, 6, 7)
     errors = []
-    for depth in (1, 2, 3, 4, 6):
+    for depth in (1, 2, 4, 6):
         outputs = []
         for chunk_size in (5, 1000):
             torch.manual_seed(1)
-            q = Q.make_quantizer('rq', 128, 16, rq_depth=depth, chunk_size=chunk_size)
+            q = Q.make_quantizer('rq', 128, 16, rq_depth=depth, chunk_size=chunk_size, projector='',
+                                 l2_norm=False)
             with torch.no_grad():
-                q.embedding.mul_(200.0)[0] = 0.0  # codes of the scale of z (uniform(+-1/K) otherwise), one zero
+                q.embedding.mul_(200.0)[0] = 0.0  # codes of the scale of z (not +-1/K), one of them zero
             outputs.append(q(z))
         assert torch.equal(outputs[0][2]['indices'], outputs[1][2]['indices'])
         assert torch.equal(outputs[0][1], outputs[1][1])
@@ -635,20 +685,15 @@ def test_msvq_at_one_scale_is_plain_vq_up_to_phi():
     torch.manual_seed(0)
     z = torch.randn(2, 8, 4, 4)
     vq = Q.make_quantizer('vq', 64, 8, l2_norm=False)
-    for ratio in (0.0, 0.5):
-        ms = Q.make_quantizer('msvq', 64, 8, msvq_scales=(4,), msvq_phi_ratio=ratio)
-        with torch.no_grad():
-            vq.embedding.copy_(ms.embedding)
-        (zq_m, loss_m, info_m), (zq_v, loss_v, info_v) = ms(z), vq(z)
-        assert len(info_m['indices']) == 1 and torch.equal(info_m['indices'][0], info_v['indices'])
-        if ratio == 0:  # no phi: exactly VQ
-            assert torch.equal(zq_m, zq_v) and torch.equal(loss_m, loss_v)
-        else:  # f_hat = phi(VQ's z_q)
-            assert ms.phi is not None and not torch.allclose(zq_m, zq_v)
-            torch.testing.assert_close(zq_m, ms._phi(zq_v, 0))
+    ms = Q.make_quantizer('msvq', 64, 8, msvq_scales=(4,))
+    with torch.no_grad():
+        vq.embedding.copy_(ms.embedding)
+    (zq_m, loss_m, info_m), (zq_v, loss_v, info_v) = ms(z), vq(z)
+    assert len(info_m['indices']) == 1 and torch.equal(info_m['indices'][0], info_v['indices'])
+    torch.testing.assert_close(zq_m, ms._upsampled(zq_v, 0, 4, 4))  # f_hat = phi(VQ's z_q)
     # l2_norm (VAR's using_znorm): the code of largest cosine similarity, as VQ with l2_norm picks it
     ms = Q.make_quantizer('msvq', 64, 8, msvq_scales=(4,), l2_norm=True)
-    cosine = F.normalize(z.permute(0, 2, 3, 1), dim=-1) @ F.normalize(ms.embedding, dim=-1).t()  # (B, H, W, K)
+    cosine = F.normalize(z.permute(0, 2, 3, 1), dim=-1) @ F.normalize(ms.embedding, dim=-1).t()  # (B,H,W,K)
     assert torch.equal(ms(z)[2]['indices'][0], cosine.argmax(-1))
 
 
@@ -656,19 +701,19 @@ def test_msvq_shapes_token_count_lookup_and_chunking():
     torch.manual_seed(0)
     z = torch.randn(2, 8, 16, 16)
     outputs = []
-    for chunk_size in (7, 0):
+    for chunk_size in (97, 0):
         torch.manual_seed(1)
-        q = Q.make_quantizer('msvq', 64, 8, chunk_size=chunk_size, usage_tokens=10 ** 5)  # VAR's 10 scales
+        q = Q.make_quantizer('msvq', 64, 8, chunk_size=chunk_size)  # VAR's 10 scales
         outputs.append(q(z))
     (z_q, loss, info), (z_q2, loss2, info2) = outputs
     assert [i.shape for i in info['indices']] == [(2, s, s) for s in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
     assert Q.flat_codes(info['indices']).shape == (2, 680)
-    assert Q.quantizer_stats(q, info['indices'])['usage_tokens'].item() == 2 * 680
+    assert q.recent_codes.tokens_seen.item() == 2 * 680
     assert torch.equal(z_q, z_q2) and torch.equal(loss, loss2)
     assert all(torch.equal(a, b) for a, b in zip(info['indices'], info2['indices']))
     torch.testing.assert_close(q.lookup(info['indices']), z_q)  # the scales' codes add up to z_q
     assert list(Q.code_levels(info['indices'])) == [f'scale{s}x{s}' for s in Q.VAR_SCALES]
-    with pytest.raises(ValueError, match='last scale'):
+    with pytest.raises(ValueError, match='last of msvq_scales'):
         q(torch.randn(1, 8, 8, 8))
     with pytest.raises(ValueError, match='msvq_scales'):
         Q.make_quantizer('msvq', 64, 8, msvq_scales=(4, 2))
@@ -677,14 +722,14 @@ def test_msvq_shapes_token_count_lookup_and_chunking():
 
 
 def test_msvq_phi_choice_matches_var():
-    """VAR's PhiPartiallyShared / PhiNonShared / PhiShared pick, for scale si of S, the phi whose tick is
-    nearest si / (S - 1); transcribed with numpy."""
+    """VAR's PhiPartiallyShared (4 convolutions) picks, for scale si of S, the phi whose tick is nearest
+    si / (S - 1); transcribed with numpy."""
     import numpy as np
-    for n in (1, 4, 10):
-        q = Q.make_quantizer('msvq', 16, 4, msvq_phi_convs=n)
-        ticks = np.linspace(1 / 3 / n, 1 - 1 / 3 / n, n) if n == 4 else np.linspace(1 / 2 / n, 1 - 1 / 2 / n, n)
-        assert q.phi_of_scale == [int(np.argmin(np.abs(ticks - si / 9))) for si in range(10)]
-    assert Q.make_quantizer('msvq', 16, 4, msvq_phi_convs=10).phi_of_scale == list(range(10))
+    ticks = np.linspace(1 / 3 / 4, 1 - 1 / 3 / 4, 4)
+    for scales in (Q.VAR_SCALES, (1, 2, 4)):
+        q = Q.make_quantizer('msvq', 16, 4, msvq_scales=scales)
+        S = len(scales)
+        assert q.phi_of_scale == [int(np.argmin(np.abs(ticks - si / (S - 1)))) for si in range(S)]
 
 
 def test_msvq_gradients_reach_the_raw_codebook_through_the_bridge_and_phi():

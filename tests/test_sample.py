@@ -43,8 +43,6 @@ def test_cfg_schedules_start_at_one_and_end_at_w():
     cosine = 1 + (w - 1) * (1 - math.cos(math.pi * x ** p)) / 2
     assert abs(cfg_weights('cosine', w, p, T)[t].item() - cosine) < 1e-9
     assert abs(cfg_weights('linear', w, p, T)[t].item() - (1 + (w - 1) * x)) < 1e-9
-    with pytest.raises(ValueError, match='unknown cfg_schedule'):
-        cfg_weights('exp', w, p, T)
 
 
 # -----------------------------------------------------------------------------
@@ -100,11 +98,10 @@ def test_vcq_masking_never_emits_codes_beyond_k_t():
 
 
 def test_class_id_out_of_range_is_an_error():
-    model = tiny_gpt()
-    with pytest.raises(ValueError, match='class id 10 is out of range'):
-        generate(model, torch.tensor([3, 10]))
-    with pytest.raises(ValueError, match='class id -1 is out of range'):
-        generate(model, torch.tensor([-1, 2]))
+    model = tiny_gpt()  # 10 classes; id 10 is the null class
+    for labels in ([3, 10], [-1, 2]):
+        with pytest.raises(ValueError, match='out of range'):
+            generate(model, torch.tensor(labels))
 
 
 # -----------------------------------------------------------------------------
@@ -133,40 +130,46 @@ def test_load_gpt_maps_the_checkpoint_and_drops_the_optimiser(tmp_path, monkeypa
     model_args = dict(codebook_size=64, num_classes=10, grid_h=4, grid_w=4, n_layer=2, n_head=2, n_embd=32,
                       adaln=True)
     path = str(tmp_path / 'ckpt.pt')
-    atomic_save({'kind': 'gpt', 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                 'model_args': model_args, 'config': {'seed': 3}, 'rng_states': [torch.get_rng_state()],
-                 'tokenizer_ckpt': 'tok.pt', 'codebook_sizes': None}, path)
+    settings = {'kind': 'gpt', 'model_args': model_args, 'config': {'seed': 3}, 'tokenizer_ckpt': 'tok.pt',
+                'tokenizer_fingerprint': '0123', 'image_size': 8, 'codebook_sizes': None}
+    atomic_save({**settings, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'rng_states': [torch.get_rng_state()]}, path)
     calls = []
     torch_load = torch.load
     monkeypatch.setattr(torch, 'load', lambda *a, **kw: calls.append(kw) or torch_load(*a, **kw))
-    loaded, settings = load_gpt(path, 'cpu')
+    loaded, loaded_settings = load_gpt(path, 'cpu')
     assert calls == [dict(map_location='cpu', mmap=True, weights_only=False)]
     assert not loaded.training
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    assert settings == {'kind': 'gpt', 'model_args': model_args, 'config': {'seed': 3},
-                        'tokenizer_ckpt': 'tok.pt', 'codebook_sizes': None}
+    assert loaded_settings == settings
+    # a checkpoint that does not record its tokenizer's weights is refused, naming the step to re-run
+    atomic_save({k: v for k, v in settings.items() if k != 'tokenizer_fingerprint'}, path)
+    with pytest.raises(ValueError, match='re-run train_ar.py'):
+        load_gpt(path, 'cpu')
 
 
-def test_sample_script_decodes_with_the_tokenizer_the_gpt_was_trained_on(tmp_path, monkeypatch):
-    """The GPT checkpoint records its tokenizer's weights; a tokenizer retrained in place at the recorded path is
-    refused (an explicit --tokenizer_ckpt is the user's choice), and so is one with another grid of codes."""
+def test_sample_script_decodes_with_the_gpt_s_tokenizer(tmp_path, monkeypatch):
+    """The GPT checkpoint records its tokenizer's weights: a tokenizer retrained in place at the recorded
+    path is refused (an explicit --tokenizer_ckpt is the user's choice), and so is one of another grid."""
     from tokenizer import load_checkpoint, state_fingerprint, tokenizer_weights
     tok = save_tiny_tokenizer(tmp_path / 'tok.pt', image_size=8)  # 8px -> 4 x 4 codes, K = 64
     model = tiny_gpt()
     gpt = str(tmp_path / 'gpt.pt')
 
     def save_gpt(image_size):
+        fingerprint = state_fingerprint(tokenizer_weights(load_checkpoint(tok, 'tokenizer')))
+        model_args = dict(codebook_size=64, num_classes=10, grid_h=4, grid_w=4, n_layer=2, n_head=2,
+                          n_embd=32)
         atomic_save({'kind': 'gpt', 'model': model.state_dict(), 'image_size': image_size, 'config': {},
-                     'model_args': dict(codebook_size=64, num_classes=10, grid_h=4, grid_w=4, n_layer=2, n_head=2,
-                                        n_embd=32), 'tokenizer_ckpt': tok, 'codebook_sizes': None, 'tokenizer_iter': 0,
-                     'tokenizer_fingerprint': state_fingerprint(tokenizer_weights(load_checkpoint(tok, 'tokenizer')))},
-                    gpt)
+                     'model_args': model_args, 'tokenizer_ckpt': tok, 'codebook_sizes': None,
+                     'tokenizer_iter': 0, 'tokenizer_fingerprint': fingerprint}, gpt)
 
     def sample(*args):
         monkeypatch.chdir(ROOT)
-        monkeypatch.setattr(sys, 'argv', ['sample.py', f'--ckpt={gpt}', f'--out_dir={tmp_path / "s"}', '--device=cpu',
-                                          '--num_samples=2', '--batch_size=2', '--grid_per_class=1', *args])
+        monkeypatch.setattr(sys, 'argv', ['sample.py', f'--ckpt={gpt}', f'--out_dir={tmp_path / "s"}',
+                                          '--device=cpu', '--num_samples=2', '--batch_size=2',
+                                          '--grid_per_class=1', *args])
         runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
 
     save_gpt(image_size=8)
@@ -177,13 +180,12 @@ def test_sample_script_decodes_with_the_tokenizer_the_gpt_was_trained_on(tmp_pat
     checkpoint['model']['decoder.conv_out.bias'] += 0.1
     checkpoint['iter_num'] = 5
     atomic_save(checkpoint, tok)
-    with pytest.raises(ValueError, match=r'is not the one whose codes the GPT was trained on .*at iteration 5, '
+    with pytest.raises(ValueError, match=r'not the one whose codes the GPT was trained on .*at iteration 5, '
                                          r'the GPT.s \w+ at iteration 0'):
         sample()
     sample(f'--tokenizer_ckpt={tok}')  # named explicitly: decodes
     save_gpt(image_size=16)
-    with pytest.raises(ValueError, match=r'the tokenizer gives a \(8, 8\) grid of codes at 16px, the GPT models '
-                                         r'\(4, 4\)'):
+    with pytest.raises(ValueError, match=r'at 16px are \(64, \(8, 8\)\), the GPT.s \(64, \(4, 4\)\)'):
         sample(f'--tokenizer_ckpt={tok}')
 
 
@@ -232,7 +234,9 @@ def test_ddp_vcq_chain(tmp_path):
 @pytest.mark.parametrize('option,message', [
     ({'cfg_scale': 0.5}, 'cfg_scale must be >= 1.0 (1.0 = no guidance)'),
     ({'top_p': 1.5}, 'top_p must be in (0, 1]'), ({'top_p': 0.0}, 'top_p must be in (0, 1]'),
-    ({'top_k': -1}, 'top_k must be >= 0'), ({'temperature': 0.0}, 'temperature must be > 0')])
+    ({'top_k': -1}, 'top_k must be >= 0'), ({'temperature': 0.0}, 'temperature must be > 0'),
+    ({'cfg_schedule': 'exp'}, 'unknown cfg_schedule'), ({'cfg_schedule': 'exp', 'cfg_scale': 3.0}, 'unknown'),
+    ({'cfg_power': 0.0, 'cfg_schedule': 'cosine', 'cfg_scale': 3.0}, 'cfg_power must be > 0')])
 def test_bad_sampling_options_are_refused(option, message):
     model = tiny_gpt()
     labels = torch.tensor([1, 2])
