@@ -3,7 +3,7 @@ Evaluation (torch, numpy, scipy, lpips); a table and out_dir/eval_<mode>.json pe
 - recon: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity of a tokenizer (also per rq depth / msvq
   scale) under a standard, LlamaGen's or FVQ's convention, on uint8 pictures (as if saved, like ADM's code);
 - gen: FID, sFID, IS and precision/recall as ADM's evaluator; ref: an ADM-format reference batch of images;
-- entropy / probe: VCQ's entropy cliff (t* of eq. 1-2) and linear probe (§4.4) on code sequences;
+- entropy / probe: VCQ's entropy cliff (t_cliff measured, t_star of eq. 1-2) and linear probe (§4.4);
 - curves: the training curves of several runs (their log.jsonl) and entropy cliffs side by side.
 
     python evaluate.py --mode=gen --samples=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from quantizers import code_usage, code_levels, flat_codes
-from tokenizer import atomic_write, to_uint8, psnr, state_fingerprint
+from tokenizer import atomic_write, to_uint8, psnr
 
 # -----------------------------------------------------------------------------
 # default config; override with config files / --key=value
@@ -35,7 +35,6 @@ inception_weights = ''  # pt_inception-2015-12-05-6726825d.pth; '' = download on
 # gen mode: ADM-format .npz files (arr_0: uint8 N x H x W x 3)
 samples = ''
 ref = ''  # ADM reference batch: its stored mu/sigma (and mu_s/sigma_s) where it has them, arr_0's otherwise
-ref_cache = True  # keep the Inception features of the reference's arr_0 in <ref>.fid_stats.npz
 # ref mode: an ADM-format reference batch of data_dir (image_size, num_images, split as below)
 ref_out = ''  # the .npz to write: mu, sigma, mu_s, sigma_s over all images, arr_0 a random sample of them
 ref_sample_images = 10000  # images in arr_0 (ADM's reference batches: 10,000, for precision/recall)
@@ -53,8 +52,6 @@ metric_convention = 'standard'  # whose tables' PSNR / SSIM / LPIPS: 'standard',
 # entropy mode
 codes = ''  # .npy of integer codes, (N, T) or (N, h, w) (raster order); train_ar.py's codes.npy works too
 entropy_threshold = 0.1  # bits: t_cliff is the first position after which at most this much entropy is left
-codebook_size = 0  # constant K for t* without a ckpt (0 = unknown)
-codebook_sizes = ''  # .npy of K_t (T,) for t* without a ckpt (VCQ codes)
 # probe mode (codes and ckpt as above; a seeded 20% of the images is held out)
 labels = ''  # .npy of integer class labels (N,)
 first_k = 10  # the probe sees the first k tokens
@@ -140,13 +137,9 @@ def manifold_radii(x, k=3, batch_size=10000):
     if len(x) <= k:
         raise ValueError(f"precision/recall with k = {k} needs more than {k} images, got {len(x)}")
     radii = []
-    for rows in x.split(batch_size):
-        nearest = None  # running k+1 smallest distances of each row (the point itself, at 0, is one of them)
-        for cols in x.split(batch_size):
-            d = pairwise_sq_distances(rows, cols)
-            d = d if nearest is None else torch.cat([nearest, d], 1)
-            nearest = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
-        radii.append(nearest[:, k])  # sorted ascending: index k is the k-th neighbour after the point itself
+    for rows in x.split(batch_size):  # a row block against all points, as ADM's ManifoldEstimator
+        d = torch.cat([pairwise_sq_distances(rows, cols) for cols in x.split(batch_size)], 1)  # (b, N)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # the point itself, at 0, is the nearest
     return torch.cat(radii)
 
 
@@ -157,14 +150,12 @@ def precision_recall(ref_features, sample_features, k=3, batch_size=10000, devic
     ref, smp = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device)
                 for f in (ref_features, sample_features))
     ref_r, smp_r = manifold_radii(ref, k, batch_size), manifold_radii(smp, k, batch_size)
-    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
-    smp_in = torch.zeros(len(smp), dtype=torch.bool, device=device)
-    for i in range(0, len(ref), batch_size):
-        for j in range(0, len(smp), batch_size):
-            d = pairwise_sq_distances(ref[i:i + batch_size], smp[j:j + batch_size])  # (r, s)
-            smp_in[j:j + batch_size] |= (d <= ref_r[i:i + batch_size, None]).any(0)
-            ref_in[i:i + batch_size] |= (d <= smp_r[None, j:j + batch_size]).any(1)
-    return smp_in.double().mean().item(), ref_in.double().mean().item()
+    smp_in, ref_in = torch.zeros(len(smp), dtype=torch.bool, device=device), []
+    for rows, rows_r in zip(ref.split(batch_size), ref_r.split(batch_size)):  # a block of reference points
+        d = torch.cat([pairwise_sq_distances(rows, cols) for cols in smp.split(batch_size)], 1)  # (b, M)
+        smp_in |= (d <= rows_r[:, None]).any(0)
+        ref_in.append((d <= smp_r[None]).any(1))
+    return smp_in.double().mean().item(), torch.cat(ref_in).double().mean().item()
 
 # -----------------------------------------------------------------------------
 # reconstruction metrics of uint8-level images, float (B, 3, H, W) in [0, 1]
@@ -213,8 +204,7 @@ def reconstruction_metrics(fake, real, convention='standard'):
         psnr_y = 10 * torch.log10(1.0 / (((luma(fake) - luma(real)) ** 2).flatten(1).mean(1) + 1e-8))
         # piq divides the images by data_range and average-pools those of >= 384 px by round(min(H, W) / 256)
         f = max(1, round(min(fake.shape[-2:]) / 256))
-        if f > 1:
-            fake, real = F.avg_pool2d(fake.double(), f), F.avg_pool2d(real.double(), f)
+        fake, real = F.avg_pool2d(fake.double(), f), F.avg_pool2d(real.double(), f)
         return psnr_y, ssim(fake / 2.0, real / 2.0)
     return psnr(fake, real), ssim(fake, real)  # 'standard': RGB PSNR, Wang et al.'s 11x11 Gaussian SSIM
 
@@ -241,26 +231,22 @@ def conditional_entropies(codes):
 
 
 def entropy_cliff(H, N, threshold=0.1, codebook_sizes=None):
-    """H (T,) bits, N sequences -> the remaining budget R_t = log2 N - sum_{s<t} H_s (t = 1..T), the empirical
-    cliff of H and, where the per-position codebook sizes K_t are known, VCQ's t*."""
+    """H (T,) bits of N sequences -> the remaining budget R_t = log2 N - sum_{s<t} H_s (t = 1..T) and two
+    positions: t_cliff, measured on H (the first t after which at most `threshold` bits are left), and, where
+    the codebook sizes K_t are known, t_star, VCQ's prediction from K_t and N alone (eq. 1-2)."""
     H = np.asarray(H, dtype=np.float64)
     left_after = np.concatenate([np.cumsum(H[::-1])[::-1][1:], [0.0]])  # sum_{s>t} H_s, t = 0..T-1
     result = {'num_sequences': int(N), 'seq_len': len(H), 'log2_N': math.log2(N), 'threshold_bits': threshold,
               'H_bits': H.tolist(),
               'remaining_budget_bits': (math.log2(N) - np.concatenate([[0.0], np.cumsum(H)[:-1]])).tolist(),
-              # the first position after which at most `threshold` bits are left: a per-position rule (the
-              # first H_t below it) would stop at VCQ's 2-entry first codebooks, which carry little entropy
+              # not the first H_t below the threshold: VCQ's 2-entry first codebooks carry little entropy
               't_cliff': int(np.flatnonzero(left_after <= threshold)[0]) + 1}
     if codebook_sizes is not None:
-        result['codebook_sizes'] = np.asarray(codebook_sizes).tolist()
-        # VCQ eq. (1)-(2): t* = the smallest t with sum_{s<=t} log2 K_s >= log2 N, i.e. prod_{s<=t} K_s >= N,
-        # in integers (float log sums miss N = K^t). K = 16384 and N = 1.28M images: the paper's t* = 2
-        product, result['t_star'] = 1, None
-        for t, K in enumerate(result['codebook_sizes'], start=1):
-            product *= int(K)
-            if product >= N:
-                result['t_star'] = t
-                break
+        sizes = result['codebook_sizes'] = np.asarray(codebook_sizes).tolist()
+        # the smallest t with sum_{s<=t} log2 K_s >= log2 N, as prod_{s<=t} K_s >= N in integers (float log
+        # sums miss N = K^t). K = 16384 and N = 1.28M images: the paper's t* = 2
+        result['t_star'] = next((t for t in range(1, len(sizes) + 1)
+                                 if math.prod(int(K) for K in sizes[:t]) >= N), None)
     return result
 
 
@@ -327,32 +313,30 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, steps=200, weight_
 # -----------------------------------------------------------------------------
 # recon mode: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity of a tokenizer on an image set
 
-def recon_dataset(config, train_config):
-    """-> (the images to reconstruct, their data_dir, image size), center-cropped, never augmented."""
-    from tokenizer import make_dataset, split_held_out
-    data_dir = train_config['data_dir'] if config['data_dir'] == 'from_ckpt' else config['data_dir']
-    size = config['image_size'] or train_config['image_size']
-    # an ImageFolder's split is its data_dir; 'train' only picks the built-in set's split
-    dataset = make_dataset(data_dir, size, train=config['split'] == 'train', augment=False)
-    if config['split'] == 'heldout':
-        if data_dir == '' or train_config['eval_data_dir']:
-            raise ValueError("split='heldout' is for a tokenizer that held images out of its own ImageFolder "
-                             "data_dir (train_tokenizer.py with data_dir set and eval_data_dir '')")
-        dataset.samples = split_held_out(dataset.samples, train_config['eval_images'])[1]
-    return torch.utils.data.Subset(dataset, range(min(config['num_images'], len(dataset)))), data_dir, size
-
-
 def run_recon(config):
-    """rFID (reconstructions vs originals), PSNR, SSIM, LPIPS, codebook usage and perplexity."""
-    from tokenizer import load_tokenizer, load_checkpoint, collate, make_lpips
+    """rFID (reconstructions vs originals), PSNR, SSIM, LPIPS, codebook usage and perplexity of a tokenizer on
+    the first num_images images of a dataset, center-cropped, never augmented."""
+    from tokenizer import (load_tokenizer, tokenizer_checkpoint, make_dataset, split_held_out, collate,
+                           make_lpips)
     check_choice(config, 'split', ('val', 'train', 'heldout'))
     convention = check_choice(config, 'metric_convention', ('standard', 'llamagen', 'fvq'))
     if config['ckpt'] == '':
         raise ValueError("recon mode needs --ckpt=<tokenizer checkpoint>")
     dev = resolve_device(config['device'])
     tokenizer = load_tokenizer(config['ckpt']).to(dev).float()
-    train_config = load_checkpoint(config['ckpt'], 'tokenizer', mmap=True)['config']
-    dataset, data_dir, size = recon_dataset(config, train_config)
+    train_config = tokenizer_checkpoint(config['ckpt'])['config']
+    if config['data_dir'] == 'from_ckpt' and 'data_dir' not in train_config:
+        raise ValueError(f"{config['ckpt']} is a released tokenizer: it records no data; give --data_dir")
+    data_dir = train_config['data_dir'] if config['data_dir'] == 'from_ckpt' else config['data_dir']
+    size = config['image_size'] or train_config['image_size']
+    # an ImageFolder's split is its data_dir; 'train' only picks the built-in set's split
+    dataset = make_dataset(data_dir, size, train=config['split'] == 'train', augment=False)
+    if config['split'] == 'heldout':
+        if data_dir == '' or train_config.get('eval_data_dir', 'released'):
+            raise ValueError("split='heldout' is for a tokenizer that held images out of its own ImageFolder "
+                             "data_dir (train_tokenizer.py with data_dir set and eval_data_dir '')")
+        dataset.samples = split_held_out(dataset.samples, train_config['eval_images'])[1]
+    dataset = torch.utils.data.Subset(dataset, range(min(config['num_images'], len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=config['batch_size'],
                                          num_workers=config['num_workers'], collate_fn=collate)
     inception = load_inception(config['inception_weights'], dev) if config['rfid'] else None
@@ -386,54 +370,23 @@ def run_recon(config):
     if not parts:
         raise ValueError(f"no readable images in '{data_dir}'")
     parts = {key: torch.cat(value) for key, value in parts.items()}
-    usage, perplexity = (x.item() for x in code_usage(counts['codebook_usage']))
-    results = {'psnr': parts['psnr'].mean().item(), 'ssim': parts['ssim'].mean().item(),
-               'codebook_usage': usage, 'perplexity': perplexity, 'codebook_size': K,
-               'usage_tokens': int(counts['codebook_usage'].sum()), 'num_images': len(parts['codes']),
-               'num_skipped': skipped, 'image_size': size, 'data_dir': data_dir, 'split': config['split'],
-               'metric_convention': convention}
-    results.update({name: code_usage(c)[0].item() for name, c in counts.items()})
+    results = {name: code_usage(c)[0].item() for name, c in counts.items()}  # codebook_usage[_<level>]
+    results.update(psnr=parts['psnr'].mean().item(), ssim=parts['ssim'].mean().item(),
+                   perplexity=code_usage(counts['codebook_usage'])[1].item(), codebook_size=K,
+                   usage_tokens=int(counts['codebook_usage'].sum()), num_images=len(parts['codes']),
+                   num_skipped=skipped, image_size=size, data_dir=data_dir, split=config['split'],
+                   metric_convention=convention, codes_file=os.path.join(config['out_dir'], 'codes.npy'))
     if inception is not None:
         results['rfid'] = fid_from_features(parts['fake_features'].numpy(), parts['real_features'].numpy())
     if lpips_model is not None:
         results.update(lpips=parts['lpips'].mean().item(), lpips_network=lpips_net)
-    os.makedirs(config['out_dir'], exist_ok=True)
-    results['codes_file'] = os.path.join(config['out_dir'], 'codes.npy')
-    np.save(results['codes_file'], parts['codes'].numpy().astype(np.int32 if K < 2 ** 31 else np.int64))
-    np.save(os.path.join(config['out_dir'], 'labels.npy'), parts['labels'].numpy())
-    print_table(f"recon: {config['ckpt']} on {data_dir or 'the built-in procedural set'} ({config['split']}) "
-                f"at {size}px", results)
+    atomic_write(results['codes_file'], lambda f: np.save(f, parts['codes'].numpy().astype(np.int32)))
+    atomic_write(os.path.join(config['out_dir'], 'labels.npy'), lambda f: np.save(f, parts['labels'].numpy()))
     return results
 
 # -----------------------------------------------------------------------------
-# gen mode: FID, sFID, IS, precision and recall of a sample batch against a reference batch
-
-def stored_statistics(path):
-    """ADM's read_statistics: the mu, sigma (and mu_s, sigma_s) a reference batch stores, over the whole
-    training set in ADM's; those of its 10,000-image arr_0 would bias FID upward."""
-    with np.load(path) as data:
-        return {k: data[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s') if k in data.files}
-
-
-def reference_features(config, images, model, dev):
-    """-> features, mu, sigma, mu_s, sigma_s of the reference batch's arr_0 images, cached next to it
-    (ref_cache) for this network and this version of the file."""
-    stat = os.stat(config['ref'])
-    key = f"{os.path.abspath(config['ref'])}|{stat.st_size}|{stat.st_mtime_ns}|"
-    key += state_fingerprint(model.state_dict())
-    cache_path = config['ref'].removesuffix('.npz') + '.fid_stats.npz'
-    if config['ref_cache'] and os.path.isfile(cache_path):
-        with np.load(cache_path) as cache:
-            if str(cache.get('key')) == key:  # else another network's, file's or nanoVQ's: recomputed
-                print(f"reference features from cache {cache_path}")
-                return {k: cache[k] for k in cache.files if k != 'key'}
-    features, spatial, _ = inception_features(model, images, config['batch_size'], dev, 'reference')
-    statistics = feature_statistics(features) + feature_statistics(spatial)
-    result = dict(zip(('mu', 'sigma', 'mu_s', 'sigma_s'), statistics), features=features)
-    if config['ref_cache']:
-        atomic_write(cache_path, lambda f: np.savez(f, key=key, **result))
-    return result
-
+# gen mode: FID, sFID, IS, precision and recall of a sample batch against a reference batch (ADM's protocol);
+# ref mode: an ADM-format reference batch (statistics over a whole image set + a sample of its images)
 
 def run_gen(config):
     """FID, sFID, IS, precision and recall of a sample batch against a reference batch (ADM's protocol)."""
@@ -445,118 +398,103 @@ def run_gen(config):
                          f"batch's {ref_images.shape[1]}x{ref_images.shape[2]}: FID compares one size")
     dev = resolve_device(config['device'])
     model = load_inception(config['inception_weights'], dev)
-    ref = reference_features(config, ref_images, model, dev)
-    ref_stored = stored_statistics(config['ref'])  # ADM's stored statistics replace those of arr_0
+    # the reference's features every run, as ADM's evaluator computes them (P/R needs arr_0's features)
+    features, spatial, _ = inception_features(model, ref_images, config['batch_size'], dev, 'reference')
+    statistics = feature_statistics(features) + feature_statistics(spatial)
+    ref = dict(zip(('mu', 'sigma', 'mu_s', 'sigma_s'), statistics), features=features)
+    with np.load(config['ref']) as data:  # ADM's read_statistics: the statistics a batch stores (in ADM's,
+        # of the whole training set; those of its 10,000-image arr_0 would bias FID upward) replace arr_0's
+        ref_stored = {k: data[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s') if k in data.files}
     ref.update(ref_stored)
     features, spatial, logits = inception_features(model, samples, config['batch_size'], dev, 'samples')
     is_mean, is_std = inception_score(logits)
     precision, recall = precision_recall(ref['features'], features, device=dev)
-    results = {'fid': fid_to_statistics(features, ref['mu'], ref['sigma']),
-               'sfid': fid_to_statistics(spatial, ref['mu_s'], ref['sigma_s']),
-               'inception_score': is_mean, 'inception_score_std': is_std, 'precision': precision,
-               'recall': recall, 'num_samples': len(features), 'num_ref': len(ref['features']),
-               'ref_statistics': ', '.join(ref_stored) or f"computed from its {len(ref_images)} arr_0 images"}
-    print_table(f"gen: {config['samples']} vs {config['ref']}", results)
-    return results
+    return {'fid': fid_to_statistics(features, ref['mu'], ref['sigma']),
+            'sfid': fid_to_statistics(spatial, ref['mu_s'], ref['sigma_s']),
+            'inception_score': is_mean, 'inception_score_std': is_std, 'precision': precision,
+            'recall': recall, 'num_samples': len(features), 'num_ref': len(ref['features']),
+            'ref_statistics': ', '.join(ref_stored) or f"computed from its {len(ref_images)} arr_0 images"}
 
-# -----------------------------------------------------------------------------
-# ref mode: an ADM-format reference batch (statistics over a whole image set + a sample of its images)
 
 def add_moments(moments, x):
-    """Running first and second moments of feature rows x (B, D), shifted by the first row against the
-    cancellation of E[x x^T] - mu mu^T over a million images."""
+    """Running (n, shift, sum, outer product) of feature rows, plus the rows x (B, D): those of the rows minus
+    the first row seen, against the cancellation of E[x x^T] - mu mu^T over a million images."""
     x = np.asarray(x, dtype=np.float64)
-    if moments is None:
-        moments = {'n': 0, 'shift': x[0].copy(), 'sum': 0.0, 'outer': 0.0}
-    xc = x - moments['shift']
-    moments['n'] += len(x)
-    moments['sum'] = moments['sum'] + xc.sum(0)
-    moments['outer'] = moments['outer'] + xc.T @ xc
-    return moments
+    n, shift, total, outer = moments or (0, x[0], 0.0, 0.0)
+    xc = x - shift  # (B, D)
+    return n + len(x), shift, total + xc.sum(0), outer + xc.T @ xc
 
 
 def moments_statistics(moments):
     """-> mean (D,), covariance (D, D) with N - 1 normalisation, as feature_statistics of all the rows."""
-    n = moments['n']
+    n, shift, total, outer = moments
     if n < 2:
         raise ValueError(f"reference statistics need at least 2 images, got {n}")
-    mean_c = moments['sum'] / n
-    return moments['shift'] + mean_c, (moments['outer'] - n * np.outer(mean_c, mean_c)) / (n - 1)
+    mean = total / n  # of the shifted rows
+    return shift + mean, (outer - n * np.outer(mean, mean)) / (n - 1)
 
 
 def run_ref(config):
     """Writes an ADM-format reference batch of an image set, like ADM's VIRTUAL_imagenet256_labeled.npz: mu /
     sigma (pool3) and mu_s / sigma_s (sFID) over all its images, and arr_0, a random sample of them."""
     from tokenizer import make_dataset, collate
-    if config['ref_out'] == '' or config['data_dir'] == 'from_ckpt' or config['image_size'] <= 0:
+    if (config['ref_out'] == '' or config['data_dir'] == 'from_ckpt' or config['image_size'] <= 0
+            or config['ref_sample_images'] <= 0):
         raise ValueError("ref mode needs --ref_out=<the .npz to write>, --data_dir=<ImageFolder> ('' = the "
-                         "built-in procedural set) and --image_size=<pixels> (the samples' resolution)")
+                         "built-in procedural set), --image_size=<pixels> (the samples' resolution) and "
+                         "--ref_sample_images >= 1")
     size, train = config['image_size'], check_choice(config, 'split', ('val', 'train')) == 'train'
     # ADM's preprocessing: centre crop (BOX-halving, then BICUBIC), no augmentation
     dataset = make_dataset(config['data_dir'], size, train=train, augment=False)
-    n = min(config['num_images'], len(dataset))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(config['seed'])).numpy()
-    chosen = np.zeros(n, dtype=bool)  # the arr_0 sample, in dataset order
-    chosen[order[:config['ref_sample_images']]] = True
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)),
-                                         batch_size=config['batch_size'], num_workers=config['num_workers'],
-                                         collate_fn=list)
+    dataset = torch.utils.data.Subset(dataset, range(min(config['num_images'], len(dataset))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config['batch_size'],
+                                         num_workers=config['num_workers'], collate_fn=collate)
     dev = resolve_device(config['device'])
     model = load_inception(config['inception_weights'], dev)
-    pool, spatial, sample, position, skipped = None, None, [], 0, 0
-    for batch in tqdm(loader, desc='reference'):
-        # the readable images of this batch that belong to the arr_0 sample (collate keeps them in order)
-        picked = np.array([chosen[position + i] for i, item in enumerate(batch) if item is not None], bool)
-        position += len(batch)
-        images, _, n_skipped = collate(batch)
+    pool, spatial, skipped = None, None, 0
+    for images, _, n_skipped in tqdm(loader, desc='reference'):
         skipped += n_skipped
         if len(images) == 0:
             continue
-        images = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
+        images = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (B, S, S, 3), as saved
         features, spatial_features, _ = inception_forward(model, images, dev)
         pool, spatial = add_moments(pool, features), add_moments(spatial, spatial_features)
-        sample.append(images[picked])
     if pool is None:
         raise ValueError(f"no readable images in '{config['data_dir']}'")
     (mu, sigma), (mu_s, sigma_s) = moments_statistics(pool), moments_statistics(spatial)
-    sample = np.concatenate(sample)
-    os.makedirs(os.path.dirname(os.path.abspath(config['ref_out'])), exist_ok=True)
+    # arr_0: a seeded random sample of the readable images, in dataset order (read a second time)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config['seed']))
+    sample = collate([dataset[i] for i in sorted(order[:config['ref_sample_images']].tolist())])[0]
+    sample = to_uint8(sample).permute(0, 2, 3, 1).numpy()  # (n, S, S, 3)
     atomic_write(config['ref_out'], lambda f: np.savez(f, arr_0=sample, mu=mu, sigma=sigma, mu_s=mu_s,
                                                        sigma_s=sigma_s))
-    results = {'ref_out': config['ref_out'], 'num_images': pool['n'], 'num_skipped': skipped,
-               'arr_0_images': len(sample), 'image_size': size, 'data_dir': config['data_dir'],
-               'split': config['split']}
-    print_table(f"ref: {config['data_dir'] or 'the built-in procedural set'} at {size}px", results)
-    return results
+    return {'ref_out': config['ref_out'], 'num_images': pool[0], 'num_skipped': skipped,
+            'arr_0_images': len(sample), 'image_size': size, 'data_dir': config['data_dir'],
+            'split': config['split']}
 
 # -----------------------------------------------------------------------------
-# entropy mode: per-position conditional entropy H_t and the entropy cliff of a set of code sequences
+# entropy and probe modes on code sequences: VCQ's entropy cliff (H_t, t_cliff, t_star), its linear probe
 
 def entropy_codebook_sizes(config, T, meta):
-    """-> (K_t (T,) for VCQ's t*, their source): --ckpt, --codebook_sizes, --codebook_size or a train_ar.py
-    codes folder's meta.json; (None, 'unknown') without any of them."""
+    """-> (K_t (T,) for VCQ's t*, their source): from --ckpt or a train_ar.py codes folder, else None."""
     if config['ckpt'] != '':
         from tokenizer import load_tokenizer
         quantizer = load_tokenizer(config['ckpt']).quantizer
         sizes, source = quantizer.codebook_sizes, config['ckpt']
         sizes = np.full(T, quantizer.codebook_size) if sizes is None else sizes.numpy()
-    elif config['codebook_sizes'] != '':
-        sizes, source = np.load(config['codebook_sizes']), config['codebook_sizes']
-    elif config['codebook_size'] > 0:
-        sizes, source = np.full(T, config['codebook_size']), '--codebook_size'
     elif meta is not None:
         source = os.path.join(os.path.dirname(os.path.abspath(config['codes'])), 'codebook_sizes.npy')
         sizes = np.load(source) if meta['vcq'] else np.full(T, meta['codebook_size'])
     else:
-        return None, 'unknown (pass --ckpt, --codebook_sizes or --codebook_size)'
+        return None, 'unknown (pass --ckpt)'
     if sizes.shape != (T,):
         raise ValueError(f"the codebook sizes from {source} have shape {sizes.shape}; codes: {T} positions")
     return sizes, source
 
 
 def run_entropy(config):
-    """Per-position conditional entropy H_t, remaining budget, VCQ's t* (eq. 1-2) and the empirical entropy
-    cliff of a set of code sequences, one sequence per image."""
+    """Per-position conditional entropy H_t and remaining budget of a set of code sequences (one per image),
+    their measured cliff t_cliff and VCQ's predicted t_star (see entropy_cliff)."""
     if config['codes'] == '':
         raise ValueError("entropy mode needs --codes=<codes .npy, (N, T) or (N, h, w)>")
     c, _, meta = load_codes(config['codes'])
@@ -566,20 +504,12 @@ def run_entropy(config):
         t = int(np.flatnonzero((c >= sizes).any(0))[0])
         raise ValueError(f"codes at position {t + 1} reach {c[:, t].max()} but the codebook there has "
                          f"{int(sizes[t])} codes")
-    H = conditional_entropies(c)
-    results = entropy_cliff(H, N, config['entropy_threshold'], sizes)
+    results = entropy_cliff(conditional_entropies(c), N, config['entropy_threshold'], sizes)
     results['codebook_sizes_source'] = source
-    os.makedirs(config['out_dir'], exist_ok=True)
-    results['png'] = os.path.join(config['out_dir'], 'entropy.png')
-    plot_entropy([(config['codes'], results)], results['png'])
-    print_table(f"entropy: {config['codes']} ({N} sequences of {T} tokens)",
-                {'log2 N': results['log2_N'], **{f"H_{t + 1} (bits)": float(H[t]) for t in range(min(T, 8))},
-                 't* (VCQ eq. 1-2)': results.get('t_star', 'unknown K'), 'K_t from': source,
-                 f"t_cliff (<= {config['entropy_threshold']:g} bits left)": results['t_cliff']})
+    png = os.path.join(config['out_dir'], 'entropy.png')
+    results['png'] = plot_entropy([(config['codes'], results)], png)
     return results
 
-# -----------------------------------------------------------------------------
-# probe mode: VCQ §4.4's linear probe on the code vectors of the first k tokens
 
 def run_probe(config):
     """VCQ §4.4: a linear probe on the code vectors of the first k tokens -> top-1 / 5 of a held-out 20%."""
@@ -599,10 +529,8 @@ def run_probe(config):
     num_classes = int(y.max()) + 1
     top1, top5 = linear_probe(x[train], y[train], x[val], y[val], num_classes, config['probe_steps'],
                               device=resolve_device(config['device']))
-    results = {'top1': top1, 'top5': top5, 'first_k': config['first_k'], 'feature_dim': x.shape[1],
-               'num_train': len(train), 'num_val': len(val), 'num_classes': num_classes}
-    print_table(f"probe: first {config['first_k']} tokens of {config['codes']}", results)
-    return results
+    return {'top1': top1, 'top5': top5, 'first_k': config['first_k'], 'feature_dim': x.shape[1],
+            'num_train': len(train), 'num_val': len(val), 'num_classes': num_classes}
 
 # -----------------------------------------------------------------------------
 # curves mode: training curves of several runs (their log.jsonl) and entropy cliffs on one figure
@@ -622,7 +550,6 @@ def run_curves(config):
     if not logs + entropy_dirs or len(names) != len(logs) + len(entropy_dirs):
         raise ValueError(f"curves mode needs --logs=<run dir>,... and/or --entropy_dirs=<entropy-mode "
                          f"out_dir>,..., and one name per folder in --names (got {len(names)})")
-    os.makedirs(config['out_dir'], exist_ok=True)
     records = {name: read_json(os.path.join(d, 'log.jsonl'), lines=True) for name, d in zip(names, logs)}
     tokenizer_runs = any('rec' in r for rows in records.values() for r in rows)
     results = {'png': []}
@@ -636,9 +563,9 @@ def run_curves(config):
         for name, points in series.items():
             x, y = zip(*points)
             ax.plot(x, [100 * v for v in y] if key == 'usage' else y, label=name)
-        ax.set(xlabel='iteration', ylabel=label, **({'ylim': (0, 102)} if key == 'usage' else {}))
-        ax.legend(fontsize=8)
-        results['png'].append(save_figure(fig, os.path.join(config['out_dir'], f'{file_name}.png')))
+        limits = {'ylim': (0, 102)} if key == 'usage' else {}
+        results['png'].append(save_figure(fig, os.path.join(config['out_dir'], f'{file_name}.png'),
+                                          xlabel='iteration', ylabel=label, **limits))
     for name, rows in records.items():  # the last train and eval values of each run
         final = results[name] = {'iter': rows[-1]['iter'] if rows else 0}
         for split, prefix, keys in (('train', '', ('usage', 'usage_tokens', 'rec', 'loss')),
@@ -647,15 +574,14 @@ def run_curves(config):
             final.update({prefix + k: last[k] for k in keys if k in last})
     cliffs = [(name, read_json(os.path.join(d, 'eval_entropy.json')))
               for name, d in zip(names[len(logs):], entropy_dirs)]
-    table = {name: ', '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items())
-             for name, final in results.items() if name != 'png'}
-    for name, cliff in cliffs:
-        summary = f"N {cliff['num_sequences']}, t* (eq. 2) {cliff.get('t_star')}, t_cliff {cliff['t_cliff']}"
-        table[f'{name} (entropy)'] = f"{summary}, H_1..4 {np.round(cliff['H_bits'][:4], 2)}"
+    for name, cliff in cliffs:  # VCQ's t_star (from K_t and N) beside the t_cliff measured on H_t
+        results[f'{name} (entropy)'] = {'N': cliff['num_sequences'], 't_star': cliff.get('t_star'),
+                                        't_cliff': cliff['t_cliff'],
+                                        'H_1..4': [round(h, 2) for h in cliff['H_bits'][:4]]}
     if cliffs:
         results['png'].append(plot_entropy(cliffs, os.path.join(config['out_dir'], 'entropy_cliff.png')))
-    print_table('final values', table)
     return results
+
 
 # -----------------------------------------------------------------------------
 # plumbing: ADM's .npz files, the FID Inception network's weights and features, tables, plots
@@ -722,22 +648,29 @@ def read_json(path, lines=False):
 
 
 def print_table(title, rows):
+    """One line per result: a float to 6 digits, a long list by its start, a dict (a run in curves mode)."""
     print(f"\n{title}")
     for key, value in rows.items():
+        if isinstance(value, dict):
+            value = ', '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in value.items())
+        elif isinstance(value, list) and len(value) > 8:  # H_t, the remaining budget, K_t
+            value = f"{[round(v, 3) for v in value[:8]]} ... ({len(value)})"
         print(f"  {key:<28} {value:.6g}" if isinstance(value, float) else f"  {key:<28} {value}")
 
 
 def new_figure():
-    import matplotlib
-    matplotlib.use('Agg')  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt.subplots(figsize=(6.4, 4))
+    from matplotlib.figure import Figure  # not pyplot: no display backend, no global figure to close
+    fig = Figure(figsize=(6.4, 4))
+    return fig, fig.subplots()
 
 
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
+def save_figure(fig, path, **axes):
+    """Sets the axes' labels, scales and limits (ax.set's keywords), adds the legend, writes the PNG."""
+    fig.axes[0].set(**axes)
+    fig.axes[0].legend(fontsize=7)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches='tight')
-    plt.close(fig)
     return path
 
 
@@ -752,16 +685,14 @@ def plot_entropy(runs, path):
         if result.get('t_star') is not None:
             ax.axvline(result['t_star'], color=color, linestyle=':', label=f"{name}: t* = {result['t_star']}")
     title = 'entropy cliff: ' + ', '.join(f"{name} N = {result['num_sequences']}" for name, result in runs)
-    ax.set(xscale='log', xlabel='position t', ylabel='bits', title=title)
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    return save_figure(fig, path, xscale='log', xlabel='position t', ylabel='bits', title=title)
+
 
 # -----------------------------------------------------------------------------
 # the FID Inception-v3 of pytorch-fid, a port of TF's 2015 graph: torchvision's layout and parameter names
 # (the weights file loads with strict=True), TF's pooling and BatchNorm eps. A port: no need to read.
 
 class BasicConv2d(nn.Module):
-    """conv (no bias) -> BatchNorm (TF's eps 1e-3) -> ReLU."""
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
@@ -777,7 +708,6 @@ def tf_avg_pool_3x3(x):
 
 
 class InceptionA(nn.Module):
-    """Mixed_5b-5d at 35x35: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
     def __init__(self, in_channels, pool_features):
         super().__init__()
         self.branch1x1 = BasicConv2d(in_channels, 64, 1)
@@ -795,7 +725,6 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
-    """Mixed_6a: 35x35 -> 17x17 by stride-2 convs and a max pool."""
     def __init__(self, in_channels):
         super().__init__()
         self.branch3x3 = BasicConv2d(in_channels, 384, 3, stride=2)
@@ -809,7 +738,6 @@ class InceptionB(nn.Module):
 
 
 class InceptionC(nn.Module):
-    """Mixed_6b-6e at 17x17 with factorised 1x7 / 7x1 convolutions."""
     def __init__(self, in_channels, c7):
         super().__init__()
         row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
@@ -832,7 +760,6 @@ class InceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
-    """Mixed_7a: 17x17 -> 8x8."""
     def __init__(self, in_channels):
         super().__init__()
         self.branch3x3_1 = BasicConv2d(in_channels, 192, 1)
@@ -849,11 +776,9 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-    """Mixed_7b / 7c at 8x8 with split 1x3 / 3x1 branches. TF's Mixed_7c max-pools where Mixed_7b averages;
-    the weights were trained so."""
     def __init__(self, in_channels, max_pool):
         super().__init__()
-        self.max_pool = max_pool
+        self.max_pool = max_pool  # TF's Mixed_7c max-pools where Mixed_7b averages; its weights expect it
         self.branch1x1 = BasicConv2d(in_channels, 320, 1)
         self.branch3x3_1 = BasicConv2d(in_channels, 384, 1)
         self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
@@ -873,8 +798,7 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """images (B, 3, H, W) in [0, 1] -> pool3 features (B, 2048), sFID's spatial features (B, 2023), logits
-    (B, 1008)."""
+    """images (B, 3, H, W) in [0, 1] -> pool3 features (B, 2048), sFID's (B, 2023), IS logits (B, 1008)."""
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
@@ -922,6 +846,7 @@ if __name__ == '__main__':
             'curves': run_curves}
     torch.manual_seed(seed)
     results = runs[check_choice(config, 'mode', runs)](config)
+    print_table(f"evaluate.py --mode={mode}", results)
     path = os.path.join(out_dir, f'eval_{mode}.json')
     atomic_write(path, lambda f: json.dump({'config': config, **results}, f, indent=1), mode='w')
     print(f"wrote {path}")

@@ -44,7 +44,7 @@ class VectorQuantizer(nn.Module):
         self.projector = make_projector(projector, K, D, bridge_group_size, bridge_dim, bridge_zero_init)
         # behind a projector l2_norm is init-time only (the release's --codebook-l2-norm)
         self.normalize_forward = l2_norm and self.projector is None
-        self.recent_codes = RecentCodes(K, max(65536, K + 1, 10 * K))  # (see quantizer_stats)
+        self.recent_codes = RecentCodes(K)
         schedule = codebook_size_schedule(vcq_schedule, vcq_k_min, K, vcq_seq_len) if vcq_schedule else None
         self.register_buffer('codebook_sizes', schedule)  # VCQ's K_t (vcq_seq_len,), or None
 
@@ -101,9 +101,13 @@ def vq_reference(z, codebook, beta=0.25):
 # VQBridge (FVQ section 3.2): compress groups of codes -> ViT blocks -> expand back
 def bridge_group_size_for(K):
     # the release's presets: 16 codes per bridge token at K = 16,384, 64 from 65,536 on; below 16k the
-    # 1,024 bridge tokens are kept (smaller groups), and a K it does not divide gets a divisor below
+    # 1,024 bridge tokens are kept (smaller groups); always a p x p patch that tiles the sqrt K x sqrt K image
+    side = math.isqrt(K)
+    if side * side != K:
+        raise ValueError(f"VQBridge: codebook size K={K} is not a square; the bridge lays the codes out as a "
+                         f"sqrt K x sqrt K image, as FVQ's release: use K={side * side} or {(side + 1) ** 2}")
     preset = 64 if K > 65536 else max(1, K // 1024)
-    return max(g for g in range(1, preset + 1) if K % g == 0)
+    return max(p * p for p in range(1, math.isqrt(preset) + 1) if side % p == 0)
 
 
 def sincos_2d(grid_h, grid_w, dim):
@@ -147,22 +151,26 @@ class BridgeBlock(nn.Module):
 
 
 class VQBridge(nn.Module):
-    """Raw codebook (K, D) -> codes used: groups of codes -> linear (eq. 8) -> ViT blocks (eq. 9) -> linear
-    back (eq. 10-11). As released (yfChang-cv/FVQ): 2D sin-cos group positions; every code starts at 0."""
+    """Raw codebook (K, D) -> codes used: patches of codes -> linear (eq. 8) -> ViT blocks (eq. 9) -> linear
+    back (eq. 10-11). As released (FVQ's qbridge.py): code i is pixel (i // sqrt K, i % sqrt K) of a sqrt K x
+    sqrt K image, a token one p x p patch (group_size = p * p), 2D sin-cos positions; codes start at 0."""
 
     def __init__(self, K, D, group_size, dim=256, depth=2, heads=4, mlp_ratio=2.0, zero_init=True):
         super().__init__()
-        if group_size < 1 or K % group_size != 0:
-            raise ValueError(f"VQBridge: codebook size K={K} is not divisible by the group size "
-                             f"g={group_size} (bridge_group_size); pick a g that divides K")
+        working = bridge_group_size_for(K)  # (an error for a K that is not a square)
+        side, patch = math.isqrt(K), math.isqrt(group_size)
+        if group_size < 1 or patch * patch != group_size or side % patch != 0:
+            raise ValueError(f"VQBridge: the group size g={group_size} (bridge_group_size) is not a p x p "
+                             f"patch that tiles the {side} x {side} image of K={K} codes; use e.g. "
+                             f"bridge_group_size={working}")
         if dim % heads != 0 or dim % 4 != 0:
             raise ValueError(f"VQBridge: bridge_dim={dim} must be divisible by 4 and by {heads} heads")
-        self.K, self.D, self.group_size = K, D, group_size
-        # eq. 8 prints a LayerNorm after this linear; the release has none, and neither has this
+        self.K, self.D, self.group_size, self.side, self.patch = K, D, group_size, side, patch
+        # eq. 8 prints a LayerNorm after this linear; the release has none, and neither has this.
+        # Its input is a patch's codes slot by slot ((p, p, D)); the release's patch conv reads (D, p, p).
         self.compress = nn.Linear(group_size * D, dim)
-        T = K // group_size
-        grid_h = max(h for h in range(1, math.isqrt(T) + 1) if T % h == 0)  # square if T is (release's Ks)
-        self.register_buffer('pos_embed', sincos_2d(grid_h, T // grid_h, dim), persistent=False)  # (T, dim)
+        grid = side // patch  # T = grid * grid bridge tokens
+        self.register_buffer('pos_embed', sincos_2d(grid, grid, dim), persistent=False)  # (T, dim)
         self.condition = nn.Parameter(torch.randn(dim) * 0.02)  # DiT's label embedding with a single class
         self.blocks = nn.ModuleList([BridgeBlock(dim, heads, mlp_ratio) for _ in range(depth)])
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -188,14 +196,17 @@ class VQBridge(nn.Module):
         return fused(VQBridge.map_codes, codes.device)(self, codes)  # compiled on a GPU
 
     def map_codes(self, codes):
-        x = codes.reshape(self.K // self.group_size, self.group_size * self.D)  # (T, g*D), T = K/g
-        x = self.compress(x) + self.pos_embed  # (T, dim)
+        side, p, D = self.side, self.patch, self.D
+        grid = side // p
+        x = codes.reshape(grid, p, grid, p, D).permute(0, 2, 1, 3, 4)  # (grid, grid, p, p, D): patches
+        x = self.compress(x.reshape(grid * grid, p * p * D)) + self.pos_embed  # (T, dim)
         c = F.silu(self.condition)
         for block in self.blocks:
             x = block(x, c)
         shift, scale = self.final_modulation(c).chunk(2)
-        x = self.expand(modulate(self.final_norm(x), shift, scale))  # (T, g*D)
-        return x.reshape(self.K, self.D)
+        x = self.expand(modulate(self.final_norm(x), shift, scale))  # (T, p*p*D)
+        x = x.reshape(grid, grid, p, p, D).permute(0, 2, 1, 3, 4)  # (grid, p, grid, p, D): the image again
+        return x.reshape(self.K, D)
 
 
 def make_projector(projector, K, D, bridge_group_size=0, bridge_dim=256, bridge_zero_init=True):
@@ -234,7 +245,7 @@ class IndexBackpropQuantizer(nn.Module):
         self.beta, self.l2_norm, self.chunk_size = beta, l2_norm, chunk_size
         self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
         self.embedding = nn.Parameter(torch.randn(K, D))  # N(0, 1): SEED-Voken keeps nn.Embedding's init
-        self.recent_codes = RecentCodes(K, max(65536, K + 1, 10 * K))  # (see quantizer_stats)
+        self.recent_codes = RecentCodes(K)
         schedule = codebook_size_schedule(vcq_schedule, vcq_k_min, K, vcq_seq_len) if vcq_schedule else None
         self.register_buffer('codebook_sizes', schedule)  # VCQ's K_t (vcq_seq_len,), or None
 
@@ -362,7 +373,7 @@ class MultiScaleQuantizer(nn.Module):
         margin, S = 1 / 3 / VAR_PHI_CONVS, len(scales)
         ticks = torch.linspace(margin, 1 - margin, VAR_PHI_CONVS, dtype=torch.float64)
         self.phi_of_scale = [int((ticks - si / max(S - 1, 1)).abs().argmin()) for si in range(S)]
-        self.recent_codes = RecentCodes(K, max(65536, K + 1, 10 * K))  # (see quantizer_stats)
+        self.recent_codes = RecentCodes(K)
         self.codebook_sizes = None  # no VCQ over scales
 
     def codebook(self):
@@ -610,10 +621,12 @@ def _code_counts(codes, bins):
 
 
 class RecentCodes(nn.Module):
-    """The codes of the last `size` training tokens, oldest first: a running statistic per rank, not saved."""
+    """The codes of the last `size` training tokens, oldest first: a running statistic per rank, not saved.
+    The default size holds both of quantizer_stats' windows."""
 
-    def __init__(self, K, size):
+    def __init__(self, K, size=0):
         super().__init__()
+        size = size or max(65536, K + 1, 10 * K)
         self.K, self.size = K, size
         # slot value K marks an empty slot; it is counted in an extra last bin that is never read
         self.register_buffer('recent', torch.full((size,), K, dtype=torch.long), persistent=False)

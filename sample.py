@@ -3,6 +3,7 @@ Class-conditional sampling from a train_ar.py checkpoint: KV-cached decoding, te
 classifier-free guidance with the conditional and unconditional halves in one batch (the sampled token is fed
 to both). Writes an ADM-style .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for evaluate.py and a PNG grid.
     python sample.py --ckpt=out-ar/ckpt.pt --cfg_scale=2.0 --num_samples=50000
+    python sample.py --ckpt=c2i_L_256.pt --tokenizer_ckpt=vq_ds16_c2i.pt   (LlamaGen's released GPT and VQ)
     torchrun --standalone --nproc_per_node=8 sample.py --ckpt=out-ar-vcq-b/ckpt.pt \
         --cfg_schedule=codebook_size_aware --cfg_scale=10 --cfg_power=1.5
 CFG schedules (w = cfg_scale, p = cfg_power, T tokens, w_t the scale at position t, logits = u + w_t (c - u)):
@@ -16,13 +17,14 @@ as VCQ says. VCQ's tables (the RAR convention) write "cfg=0" for no guidance; he
 """
 import math
 import os
+import re
 import time
 
 import numpy as np
 import torch
 
 from tokenizer import (load_checkpoint, load_tokenizer, save_image_grid, setup_device, autocast_context,
-                       to_uint8, atomic_write, state_fingerprint, tokenizer_weights)
+                       to_uint8, atomic_write, state_fingerprint, tokenizer_checkpoint, tokenizer_weights)
 
 
 def cfg_weights(schedule, scale, power, seq_len, codebook_sizes=None):
@@ -74,12 +76,10 @@ def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1
     if weights is not None:  # [conditional; unconditional] halves in one batch
         labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
         weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
-    too_big = None
-    if codebook_sizes is not None:
-        # VCQ section 3 (shared codebook): position t quantizes against the first K_t entries only, so codes
-        # >= K_t never occur there and their logits are masked before sampling
-        sizes = torch.as_tensor(codebook_sizes, device=device)
-        too_big = torch.arange(K, device=device)[None, :] >= sizes[:, None]  # (T, K)
+    # VCQ section 3 (shared codebook): position t quantizes against the first K_t entries only, so codes
+    # >= K_t never occur there and their logits are masked before sampling
+    too_big = (None if codebook_sizes is None else  # (T, K)
+               torch.arange(K, device=device) >= torch.as_tensor(codebook_sizes, device=device)[:, None])
     model.setup_kv_cache(len(labels))
     codes = torch.empty(B, T, dtype=torch.long, device=device)
     positions = torch.arange(T, device=device)  # step t's position as a tensor: no recompile, no host sync
@@ -87,9 +87,7 @@ def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1
         if t == 0:  # the class token, eager (a CUDA graph of its own would replay once)
             logits = model.decode_step(labels, None, positions[0])
         else:
-            previous = codes[:, t - 1:t]
-            if weights is not None:
-                previous = torch.cat([previous, previous])  # the sampled token goes to both halves
+            previous = codes[:, t - 1:t].repeat(1 if weights is None else 2, 1)  # to both CFG halves
             logits = (decode_step or model.decode_step)(labels, previous, positions[t])  # (B or 2B, K)
         if weights is not None:
             cond, uncond = logits.float().chunk(2)
@@ -121,9 +119,8 @@ def generate(model, labels, cfg_scale=1.0, cfg_schedule='constant', cfg_power=1.
              top_p=1.0, codebook_sizes=None, generator=None, decode_step=None):
     """codes (B, T) for class labels (B,); cfg_scale 1.0 = no guidance (no unconditional half)."""
     check_sampling_options(cfg_scale, cfg_schedule, cfg_power, temperature, top_k, top_p)
-    weights = None
-    if cfg_scale != 1.0:
-        weights = cfg_weights(cfg_schedule, cfg_scale, cfg_power, model.seq_len, codebook_sizes)
+    weights = (cfg_weights(cfg_schedule, cfg_scale, cfg_power, model.seq_len, codebook_sizes)
+               if cfg_scale != 1.0 else None)
     return sample_tokens(model, labels, weights, temperature, top_k, top_p, codebook_sizes, generator,
                          decode_step)
 
@@ -137,15 +134,38 @@ def sample_images(model, tokenizer, labels, **options):
     return to_uint8(images).permute(0, 2, 3, 1).cpu()
 
 
+def llamagen_checkpoint(path, error):
+    """LlamaGen's released class-conditional GPT (c2i_B_256.pt .. c2i_3B_384.pt, its models/gpt.py) as a
+    train_ar.py checkpoint, in memory: the size from the shapes (head dim 64, GPT-3B's 32 heads of 100), the
+    grid from the image size ending the file name (else 256) over the VQ's 16, no tokenizer. Else: `error`."""
+    try:  # the state_dict, alone (FSDP) or under 'model' (DDP), 'module' (DeepSpeed) or 'state_dict'
+        raw = torch.load(path, map_location='cpu', mmap=True, weights_only=False)
+        state = next((raw[k] for k in ('model', 'module', 'state_dict') if k in raw), raw)
+        (K, C), table = state['tok_embeddings.weight'].shape, state['cls_embedding.embedding_table.weight']
+    except Exception:
+        raise ValueError(f"{error}; nor is it LlamaGen's class-conditional GPT (a state_dict of "
+                         f"tok_embeddings, cls_embedding.embedding_table, layers.N.attention.wqkv, ... alone "
+                         f"or in 'model', 'module' or 'state_dict')") from None
+    image_size = int((re.findall(r'_(\d+)\.\w+$', path) or [256])[0])  # c2i_L_384.pt: 384
+    model_args = dict(codebook_size=K, num_classes=len(table) - 1, grid_h=image_size // 16,
+                      grid_w=image_size // 16, n_embd=C, n_head=32 if C == 3200 else C // 64,
+                      n_layer=1 + max(int(k.split('.')[1]) for k in state if k.startswith('layers.')))
+    model = {k.replace('.wqkv.', '.qkv.').replace('.wo.', '.proj.'): v for k, v in state.items()
+             if k != 'freqs_cis' and not k.startswith('cls_embedding.')}
+    model.update({'class_embedding.weight': table[:-1], 'null_class_embedding': table[-1]})  # last row: null
+    return dict(model=model, model_args=model_args, image_size=image_size, codebook_sizes=None,
+                tokenizer_ckpt='', tokenizer_fingerprint=None)
+
+
 def load_gpt(ckpt_path, device):
     """A GPT in eval mode on `device` and the settings of its train_ar.py checkpoint (everything but the
-    weights, the optimiser state and the RNG states)."""
+    weights, the optimiser state and the RNG states), or of LlamaGen's released GPT (llamagen_checkpoint)."""
     from train_ar import GPT
     # memory-mapped: only the model's weights are read from disk, never the (2x larger) AdamW state
-    checkpoint = load_checkpoint(ckpt_path, 'gpt', mmap=True)
-    if not {'tokenizer_fingerprint', 'image_size'} <= set(checkpoint):
-        raise ValueError(f"{ckpt_path} was written by an older nanoVQ (it does not record its tokenizer's "
-                         f"weights); re-run train_ar.py")
+    try:
+        checkpoint = load_checkpoint(ckpt_path, 'gpt', mmap=True)
+    except ValueError as error:  # not a nanoVQ GPT: LlamaGen's release, or that error
+        checkpoint = llamagen_checkpoint(ckpt_path, error)
     model = GPT(**checkpoint['model_args'])
     model.load_state_dict(checkpoint['model'])
     settings = {k: v for k, v in checkpoint.items() if k not in ('model', 'optimizer', 'rng_states')}
@@ -196,9 +216,11 @@ if __name__ == '__main__':
     # -----------------------------------------------------------------------------
     # the GPT and the tokenizer that decodes its codes
     model, gpt_settings = load_gpt(ckpt, device)
+    if not (tokenizer_ckpt or gpt_settings['tokenizer_ckpt']):  # LlamaGen's VQ: vq_ds16_c2i.pt
+        raise ValueError(f"{ckpt} is LlamaGen's GPT, which records no tokenizer: set tokenizer_ckpt")
     if not tokenizer_ckpt:  # the recorded path must still hold the weights that wrote the GPT's codes
         tokenizer_ckpt, recorded = gpt_settings['tokenizer_ckpt'], gpt_settings['tokenizer_fingerprint']
-        checkpoint = load_checkpoint(tokenizer_ckpt, 'tokenizer', mmap=True)
+        checkpoint = tokenizer_checkpoint(tokenizer_ckpt)
         found = state_fingerprint(tokenizer_weights(checkpoint))
         if found != recorded:
             raise ValueError(f"the tokenizer at {tokenizer_ckpt} is not the one whose codes the GPT was "

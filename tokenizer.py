@@ -141,8 +141,7 @@ class Decoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 1D tokenizer (TiTok, as the VCQ paper's tokenizer): a ViT reads the image patches and L learnable latent
-# tokens; only the L latent outputs are quantized; a ViT decoder reads them with one mask token per patch
+# 1D tokenizer, the VCQ paper's: TiTok's (bytedance/1d-tokenizer modeling/titok.py, modules/blocks.py)
 
 # (width, depth, heads) of the ViT encoder and decoder. VCQ Appendix A: Base = ViT-B encoder + ViT-B decoder,
 # Large = ViT-B encoder + ViT-L decoder
@@ -180,46 +179,63 @@ class ViT(nn.Module):
         return self.norm_post(self.blocks(self.norm_pre(x)))
 
 
+def init_vit_weights(module, width):
+    """TiTok's _init_weights: Linear / conv weights trunc-normal(0.02), biases 0 (LayerNorms keep 1 / 0); qkv
+    keeps xavier-uniform as TiTok's nn.MultiheadAttention in-projection (apply() visits a block after qkv).
+    Presets narrower than TiTok-S (512) scale the std by sqrt(512 / width): at 0.02 the codes collapse."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02 * max(1, (512 / width) ** 0.5))
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, ViTBlock):
+        nn.init.xavier_uniform_(module.qkv.weight)
+
+
 class LatentEncoder1D(nn.Module):
-    """image (B, 3, S, S) -> (B, code_dim, 1, L): patch tokens + L latent tokens through a ViT, the latent
-    outputs projected to code_dim (a 1 x L grid, so every quantizer and VCQ schedule applies unchanged)."""
+    """image (B, 3, S, S) -> (B, code_dim, 1, L) as TiTok's TiTokEncoder: [class, patches] and L latent tokens
+    through a ViT; only the latent outputs go to code_dim (a 1 x L grid, so every quantizer applies)."""
     def __init__(self, image_size, patch_size, width, depth, heads, num_latent_tokens, code_dim, dropout):
         super().__init__()
-        scale = width ** -0.5
+        scale = width ** -0.5  # TiTok's embeddings: scale * randn
         self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)
-        self.patch_pos = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2, width))
-        self.latent_tokens = nn.Parameter(scale * torch.randn(num_latent_tokens, width))  # position included
+        self.class_token = nn.Parameter(scale * torch.randn(1, width))  # in TiTok's code, not in its paper
+        self.patch_pos = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.latent_tokens = nn.Parameter(scale * torch.randn(num_latent_tokens, width))
+        self.latent_pos = nn.Parameter(scale * torch.randn(num_latent_tokens, width))
         self.vit = ViT(width, depth, heads, dropout)
-        self.to_code = nn.Linear(width, code_dim)
+        self.to_code = nn.Linear(width, code_dim)  # TiTok's 1x1 conv_out
+        self.apply(lambda module: init_vit_weights(module, width))
 
     def forward(self, images):
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.patch_pos  # (B, P, width)
-        x = torch.cat([x, self.latent_tokens.expand(len(x), -1, -1)], dim=1)  # (B, P + L, width)
-        z = self.to_code(self.vit(x)[:, self.patch_pos.shape[0]:])  # (B, L, code_dim)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, P, width)
+        x = torch.cat([self.class_token.expand(len(x), -1, -1), x], 1) + self.patch_pos  # (B, 1 + P, width)
+        latent = (self.latent_tokens + self.latent_pos).expand(len(x), -1, -1)  # (B, L, width)
+        z = self.to_code(self.vit(torch.cat([x, latent], dim=1))[:, x.shape[1]:])  # (B, L, code_dim)
         return z.transpose(1, 2)[:, :, None]  # (B, code_dim, 1, L)
 
 
 class LatentDecoder1D(nn.Module):
-    """(B, code_dim, 1, L) -> image (B, 3, S, S): the L codes and one mask token per patch through a ViT, each
-    patch output projected to its p x p pixels (a single-stage pixel decoder, as VCQ trains it)."""
+    """(B, code_dim, 1, L) -> image (B, 3, S, S) as TiTok's single-stage TiTokDecoder: [class, one mask token
+    per patch] and the L codes through a ViT; each patch output to its p x p pixels, then a 3x3 conv."""
     def __init__(self, image_size, patch_size, width, depth, heads, num_latent_tokens, code_dim, dropout):
         super().__init__()
         self.patch_size, self.grid = patch_size, image_size // patch_size
         scale = width ** -0.5
         self.from_code = nn.Linear(code_dim, width)
         self.latent_pos = nn.Parameter(scale * torch.randn(num_latent_tokens, width))
-        self.mask_token = nn.Parameter(scale * torch.randn(width))
-        self.patch_pos = nn.Parameter(scale * torch.randn(self.grid ** 2, width))
+        self.class_token = nn.Parameter(scale * torch.randn(1, width))
+        self.mask_token = nn.Parameter(scale * torch.randn(1, width))
+        self.patch_pos = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
         self.vit = ViT(width, depth, heads, dropout)
-        self.to_pixels = nn.Linear(width, 3 * patch_size ** 2)
+        self.to_pixels = nn.Linear(width, 3 * patch_size ** 2)  # TiTok's 1x1 conv ffn
+        self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
+        self.apply(lambda module: init_vit_weights(module, width))
 
     def forward(self, z_q):
         latent = self.from_code(z_q.flatten(2).transpose(1, 2)) + self.latent_pos  # (B, L, width)
-        patches = (self.mask_token + self.patch_pos).expand(len(latent), -1, -1)  # (B, P, width)
-        x = self.vit(torch.cat([latent, patches], dim=1))[:, latent.shape[1]:]  # (B, P, width)
-        p, g = self.patch_size, self.grid
-        pixels = self.to_pixels(x).reshape(len(x), g, g, 3, p, p)  # (B, g, g, 3, p, p)
-        return pixels.permute(0, 3, 1, 4, 2, 5).reshape(len(x), 3, g * p, g * p)
+        patches = torch.cat([self.class_token, self.mask_token.expand(self.grid ** 2, -1)]) + self.patch_pos
+        x = self.vit(torch.cat([patches.expand(len(latent), -1, -1), latent], 1))[:, 1:1 + self.grid ** 2]
+        pixels = self.to_pixels(x).transpose(1, 2).reshape(len(x), -1, self.grid, self.grid)  # (B, 3pp, g, g)
+        return self.conv_out(F.pixel_shuffle(pixels, self.patch_size))  # (B, 3, S, S)
 
 
 class Tokenizer(nn.Module):
@@ -240,8 +256,7 @@ class Tokenizer(nn.Module):
             self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
         elif tokenizer_type == 'titok':
             if titok_preset not in TITOK_PRESETS:
-                raise ValueError(f"unknown titok_preset '{titok_preset}'; expected one of "
-                                 f"{sorted(TITOK_PRESETS)}")
+                raise ValueError(f"unknown titok_preset '{titok_preset}'; expected {list(TITOK_PRESETS)}")
             if image_size % patch_size != 0:
                 raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
             (enc_width, enc_depth, enc_heads), (dec_width, dec_depth, dec_heads) = TITOK_PRESETS[titok_preset]
@@ -309,8 +324,10 @@ def tokens_per_image(tokenizer_type, image_size, ch_mult, num_latent_tokens):
 
 def load_tokenizer(path, map_location='cpu', ema=True):
     """A Tokenizer in eval mode from a train_tokenizer.py checkpoint, with its EMA weights when it has them
-    (what IBQ's release evaluates with) unless ema=False. Memory-mapped: the optimiser state is never read."""
-    checkpoint = load_checkpoint(path, 'tokenizer', mmap=True)
+    (what IBQ's release evaluates with) unless ema=False. Memory-mapped: the optimiser state is never read.
+    Or a released tokenizer as downloaded (tokenizer_checkpoint): LlamaGen's vq_ds16_c2i.pt / vq_ds8_c2i.pt,
+    FVQ's training checkpoints and fullvq2vqgan_ds16_res2_*_256.pt, SEED-Voken's IBQ imagenet256_*.ckpt."""
+    checkpoint = tokenizer_checkpoint(path, ema)
     model = Tokenizer(**checkpoint['model_args'])
     model.load_state_dict(tokenizer_weights(checkpoint, ema))
     return model.to(map_location).eval()
@@ -318,6 +335,79 @@ def load_tokenizer(path, map_location='cpu', ema=True):
 
 def tokenizer_weights(checkpoint, ema=True):
     return checkpoint['ema'] if ema and checkpoint.get('ema') is not None else checkpoint['model']
+
+
+# -----------------------------------------------------------------------------
+# released tokenizers: nanoVQ's VQGAN up to the names (LlamaGen's, kept by FVQ; taming's, kept by IBQ) and
+# the q, k, v convs; FVQ's DiT bridge (qbridge.py; QBridge-L/4, L/8: width 256, depth 2, 4 heads, mlp 2)
+
+RELEASE_NAMES = (('encoder.conv_blocks.', 'encoder.down.'), ('decoder.conv_blocks.', 'decoder.up.'),
+                 ('.block.', '.res.'), ('mid.block_1.', 'mid.0.'), ('mid.attn_1.', 'mid.1.'),
+                 ('mid.block_2.', 'mid.2.'), ('quantize.embedding.weight', 'quantizer.embedding'),
+                 ('quantize.qbridge.', 'quantizer.projector.'), ('x_embedder.proj.', 'compress.'),
+                 ('attn.qkv.', 'qkv.'), ('attn.proj.', 'proj.'), ('mlp.fc', 'fc'),
+                 ('final_layer.linear.', 'expand.'), ('final_layer.adaLN_modulation.1.', 'final_modulation.'),
+                 ('adaLN_modulation.1.', 'modulation.'))
+IBQ_KEYS = {'encoder.mid.block_1.conv1.weight', 'quantize.embedding.weight', 'model_ema.decay'}
+
+
+def tokenizer_checkpoint(path, ema=True):
+    """load_checkpoint(path, 'tokenizer'), or a released tokenizer (load_tokenizer's) converted to one."""
+    try:
+        return load_checkpoint(path, 'tokenizer', mmap=True)
+    except ValueError as error:
+        not_nanovq = error
+    try:
+        release = torch.load(path, map_location='cpu', mmap=True, weights_only=False)
+    except Exception:
+        raise not_nanovq from None  # damaged, as load_checkpoint said
+    release = release if isinstance(release, dict) else {}
+    weights = release['ema'] if ema and isinstance(release.get('ema'), dict) else release.get('model')
+    lightning = release.get('state_dict')
+    is_ibq = isinstance(lightning, dict) and IBQ_KEYS <= set(lightning)
+    if is_ibq:  # LitEma's copy (names without dots); taming's decoder lists the highest resolution first
+        levels = 1 + max(int(name.split('.')[2]) for name in lightning if name.startswith('decoder.up.'))
+        weights = {}
+        for name in lightning:
+            parts = name.split('.')
+            if parts[:2] == ['decoder', 'up']:
+                parts[2] = str(levels - 1 - int(parts[2]))
+            if parts[0] in ('encoder', 'decoder', 'quant_conv', 'post_quant_conv', 'quantize'):
+                weights['.'.join(parts)] = lightning['model_ema.' + name.replace('.', '') if ema else name]
+    elif not (isinstance(weights, dict) and 'encoder.conv_blocks.0.res.0.conv1.weight' in weights):
+        raise ValueError(f"{not_nanovq}; nor is it a released tokenizer nanoVQ reads: LlamaGen's or FVQ's "
+                         f"VQGAN format ({{'model': state_dict}}, encoder.conv_blocks.*), FVQ's training "
+                         f"checkpoint (quantize.qbridge.*), IBQ's (Lightning, {sorted(IBQ_KEYS)})")
+    state = {}
+    for name, value in weights.items():
+        for old, new in RELEASE_NAMES:
+            name = name.replace(old, new)
+        state[name] = value
+    for name in [name for name in state if name.rsplit('.', 2)[1:2] == ['q']]:  # AttnBlock's one qkv conv
+        stem, _, leaf = name.rsplit('.', 2)
+        state[f'{stem}.qkv.{leaf}'] = torch.cat([state.pop(f'{stem}.{part}.{leaf}') for part in 'qkv'])
+    state.pop('quantize.codebook_used', None)  # LlamaGen's usage window
+    ch, (K, D) = state['encoder.conv_in.weight'].shape[0], state['quantizer.embedding'].shape
+    if 'quantizer.projector.compress.weight' in state:  # FVQ's bridge
+        bridge = 'quantizer.projector.'
+        patch_conv = state[bridge + 'compress.weight']  # (dim, D, p, p): reads a patch of codes as (D, p, p)
+        dim, p = patch_conv.shape[0], patch_conv.shape[-1]
+        state[bridge + 'compress.weight'] = patch_conv.permute(0, 2, 3, 1).reshape(dim, -1)  # reads (p, p, D)
+        # the last class row: --is_uncondition's only one, or the class 1000 convert_fullvq2vq.py uses
+        state[bridge + 'condition'] = state.pop(bridge + 'y_embedder.embedding_table.weight')[-1]
+        del state[bridge + 'pos_embed']  # VQBridge's own sin-cos table (expand: unpatchify's (p, p, D))
+        quantizer, quantizer_args = 'fvq', {'bridge_group_size': p * p, 'bridge_dim': dim}
+    else:  # LlamaGen's VQ (codebook_embed_dim 8) quantizes l2-normalised, its default; FVQ's VQGAN format
+        # (256) raw, as its eval_fid_vqgan.py (codebook_l2_norm False); IBQ by z C^T, raw
+        quantizer, quantizer_args = ('ibq', {}) if is_ibq else ('vq', {'l2_norm': D == 8})
+    ch_mult = tuple(value.shape[0] // ch for name, value in state.items()
+                    if name.startswith('encoder.down.') and name.endswith('.res.0.conv1.weight'))
+    blocks = sum(name.endswith('.conv1.weight') for name in state if name.startswith('encoder.down.0.res.'))
+    model_args = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=blocks, codebook_size=K, code_dim=D,
+                      z_channels=state['encoder.conv_out.weight'].shape[0], quantizer=quantizer,
+                      quantizer_args=quantizer_args)
+    return {'kind': 'tokenizer', 'model': state, 'model_args': model_args, 'config': {'image_size': 256},
+            'iter_num': 0}
 
 
 # -----------------------------------------------------------------------------
@@ -686,6 +776,7 @@ def atomic_save(obj, path):
 
 
 CHECKPOINT_SCRIPTS = {'tokenizer': 'train_tokenizer.py', 'gpt': 'train_ar.py'}
+CHECKPOINT_FORMAT = 2  # raised whenever saved weights change meaning; a file of another format is refused
 
 
 def load_checkpoint(path, kind, map_location='cpu', mmap=False):
@@ -699,9 +790,10 @@ def load_checkpoint(path, kind, map_location='cpu', mmap=False):
         raise ValueError(f"checkpoint '{path}' is damaged (truncated or not a PyTorch checkpoint): "
                          f"{e}") from None
     found = checkpoint.get('kind') if isinstance(checkpoint, dict) else None
-    if found not in CHECKPOINT_SCRIPTS:
-        raise ValueError(f"'{path}' is not a {kind} checkpoint of this nanoVQ (it has no 'kind'): it was "
-                         f"written by an older nanoVQ or not by nanoVQ; re-run {CHECKPOINT_SCRIPTS[kind]}")
+    if found not in CHECKPOINT_SCRIPTS or checkpoint.get('format') != CHECKPOINT_FORMAT:
+        raise ValueError(f"'{path}' is not a {kind} checkpoint of this nanoVQ (format {CHECKPOINT_FORMAT}): "
+                         f"it was written by an older nanoVQ or not by nanoVQ; re-run "
+                         f"{CHECKPOINT_SCRIPTS[kind]}")
     if found != kind:
         raise ValueError(f"'{path}' is a {found} checkpoint (written by {CHECKPOINT_SCRIPTS[found]}), "
                          f"but a {kind} checkpoint (written by {CHECKPOINT_SCRIPTS[kind]}) is expected here")

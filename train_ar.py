@@ -43,24 +43,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_2d_angles(grid_h, grid_w, head_dim, base=10000.0):
-    """Angles (T, head_dim // 2) of the T inputs: the class token at (row 0, col 0), code i at
-    (i // grid_w + 1, i % grid_w + 1); half the rotary pairs turn with the row, half with the column.
-    (LlamaGen zeroes the class token's cos and sin, so that no query attends to it by content.)"""
+    """LlamaGen's precompute_freqs_cis_2d without its class rows: angles (grid_h * grid_w, head_dim // 2) of
+    the codes, code i at (row i // grid_w, col i % grid_w); the first head_dim/4 rotary pairs turn with the
+    row, the rest with the column, pair j at base^(-2j / (head_dim/2)) rad per step (float32, as LlamaGen)."""
     if head_dim % 4 != 0:
         raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
-    quarter = head_dim // 4
-    freqs = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (head_dim/4,) per axis
-    codes = torch.arange(grid_h * grid_w - 1)
-    rows = torch.cat([torch.zeros(1), (codes // grid_w + 1).double()])  # (T,)
-    cols = torch.cat([torch.zeros(1), (codes % grid_w + 1).double()])
-    return torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1).float()  # (T, head_dim/2)
+    freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2).float() / (head_dim // 2))  # (head_dim/4,)
+    codes = torch.arange(grid_h * grid_w)
+    return torch.cat([torch.outer(codes // grid_w, freqs), torch.outer(codes % grid_w, freqs)], dim=1)
 
 
 def rope_1d_angles(seq_len, head_dim, base=10000.0):
-    # angles (T, head_dim // 2) of a 1D tokenizer's sequence: the class token at 0, code i at i + 1
-    half = head_dim // 2
-    freqs = 1.0 / base ** (torch.arange(half, dtype=torch.float64) / half)  # (head_dim/2,)
-    return (torch.arange(seq_len, dtype=torch.float64)[:, None] * freqs).float()  # (T, head_dim/2)
+    # LlamaGen's precompute_freqs_cis without its class rows: angles (seq_len, head_dim // 2), code i at i
+    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2)[:head_dim // 2].float() / head_dim)
+    return torch.outer(torch.arange(seq_len), freqs)
 
 
 def apply_rope(x, cos, sin):
@@ -118,9 +114,9 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. With adaln (IBQ section 4.2, DiT-style reading): the class embedding
-    gives a per-block shift/scale after each RMSNorm and a gate on each residual branch; the modulation layer
-    is zero-initialised, so each block starts as the identity (adaLN-Zero)."""
+    """Pre-norm transformer block. With adaln (IBQ section 4.2, as SEED-Voken's IBQ llama.py, VAR's AdaLN):
+    one linear of the class embedding gives gamma1, gamma2, scale1, scale2, shift1, shift2 (in that order),
+    and x + gamma1 * attention(norm(x) * (1 + scale1) + shift1), then the same for the FFN with the 2s."""
     def __init__(self, n_embd, n_head, dropout, adaln):
         super().__init__()
         self.attention_norm = RMSNorm(n_embd)
@@ -134,9 +130,9 @@ class Block(nn.Module):
             x = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
             return x + self.feed_forward(self.ffn_norm(x))
         # (B, 1, C) each
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond)[:, None].chunk(6, dim=-1)
-        x = x + gate1 * self.attention(modulate(self.attention_norm(x), shift1, scale1), cos, sin, start_pos)
-        return x + gate2 * self.feed_forward(modulate(self.ffn_norm(x), shift2, scale2))
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.adaln(cond)[:, None].chunk(6, dim=-1)
+        x = x + self.attention(modulate(self.attention_norm(x), shift1, scale1), cos, sin, start_pos) * gamma1
+        return x + self.feed_forward(modulate(self.ffn_norm(x), shift2, scale2)) * gamma2
 
 
 class CrossEntropy(torch.autograd.Function):
@@ -164,7 +160,8 @@ class GPT(nn.Module):
     """Class-conditional next-token model over the T = grid_h * grid_w codes of a raster: inputs [class,
     code_0, ..., code_{T-2}] -> logits of code_0 .. code_{T-1}. Class num_classes is the null class."""
     def __init__(self, codebook_size, num_classes, grid_h, grid_w, n_layer=12, n_head=12, n_embd=768,
-                 dropout=0.1, token_dropout=0.1, class_dropout=0.1, adaln=False, rope='2d'):
+                 dropout=0.1, token_dropout=0.1, class_dropout=0.1, adaln=False, adaln_gamma=1e-3,
+                 rope='2d'):
         super().__init__()
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd {n_embd} is not divisible by n_head {n_head}")
@@ -181,10 +178,11 @@ class GPT(nn.Module):
         self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(n_embd, 2 * n_embd)) if adaln else None
         self.output = nn.Linear(n_embd, codebook_size, bias=False)  # untied from tok_embeddings
         angles = (rope_1d_angles(self.seq_len, n_embd // n_head) if rope == '1d'
-                  else rope_2d_angles(grid_h, grid_w, n_embd // n_head))
-        self.register_buffer('rope_cos', angles.cos(), persistent=False)  # (T, head_dim/2)
-        self.register_buffer('rope_sin', angles.sin(), persistent=False)
-        # LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head; adaLN-Zero
+                  else rope_2d_angles(grid_h, grid_w, n_embd // n_head))[:-1]  # the input codes 0..T-2
+        # (T, head_dim/2): LlamaGen's cos = sin = 0 for the class token (rotated q, k = 0), then the codes
+        self.register_buffer('rope_cos', F.pad(angles.cos(), (0, 0, 1, 0)), persistent=False)
+        self.register_buffer('rope_sin', F.pad(angles.sin(), (0, 0, 1, 0)), persistent=False)
+        # LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -192,10 +190,11 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.null_class_embedding, std=0.02)
         nn.init.zeros_(self.output.weight)
-        for adaln in [block.adaln for block in self.layers] + [self.final_adaln]:
-            if adaln is not None:
-                nn.init.zeros_(adaln[1].weight)
-                nn.init.zeros_(adaln[1].bias)
+        if adaln:  # SEED-Voken's (VAR's init_adaln): gamma rows x adaln_gamma, scale / shift rows x 0.5
+            for weight in [block.adaln[1].weight.data for block in self.layers]:
+                weight[:2 * n_embd] *= adaln_gamma  # SEED-Voken's alng: 1e-3 (B, L), 1e-4 (XL), 1e-5 (XXL)
+                weight[2 * n_embd:] *= 0.5
+            self.final_adaln[1].weight.data *= 0.5
 
     def embed_classes(self, labels):
         # labels (B,) in 0..num_classes (num_classes = null); training drops labels to null w.p. class_dropout
@@ -222,8 +221,8 @@ class GPT(nn.Module):
         for block in self.layers:
             x = block(x, cond, cos, sin, start_pos)
         x = self.norm(x)
-        if self.final_adaln is not None:
-            shift, scale = self.final_adaln(cond)[:, None].chunk(2, dim=-1)
+        if self.final_adaln is not None:  # SEED-Voken's AdaLNBeforeHead
+            scale, shift = self.final_adaln(cond)[:, None].chunk(2, dim=-1)
             x = modulate(x, shift, scale)
         logits = self.output(x)  # (B, L', K), bf16 under autocast
         if targets is None:
@@ -259,11 +258,9 @@ class GPT(nn.Module):
         """Training FLOPs (3x the forward) per input token, of the work done: 6 x the per-token matmul
         weights, 6 x the adaLN weights / T (run once per sequence), 12 L C (T + 1) / 2 for QK^T and AV
         (causal kernels skip masked blocks). Embedding look-ups and norms count 0."""
-        adaln = [block.adaln for block in self.layers] + [self.final_adaln]
-        adaln_linears = {id(m[1]) for m in adaln if m is not None}
-        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
-        per_token = sum(m.weight.numel() for m in linears if id(m) not in adaln_linears)
-        per_sequence = sum(m.weight.numel() for m in linears if id(m) in adaln_linears)
+        linears = [(name, m.weight.numel()) for name, m in self.named_modules() if isinstance(m, nn.Linear)]
+        per_sequence = sum(n for name, n in linears if 'adaln' in name)
+        per_token = sum(n for _, n in linears) - per_sequence
         T = self.seq_len
         return 6 * per_token + 6 * per_sequence / T + 12 * self.n_layer * self.n_embd * (T + 1) / 2
 
@@ -328,9 +325,9 @@ if __name__ == '__main__':
     from tqdm import tqdm
 
     from tokenizer import (load_tokenizer, make_dataset, setup_device, autocast_context, atomic_save,
-                           truncate_log, append_log, load_checkpoint, tokenizer_weights, state_fingerprint,
-                           check_out_dir, check_resume_config, gather_rng_states, restore_rng_states,
-                           atomic_write, leave_process_group)
+                           truncate_log, append_log, load_checkpoint, tokenizer_checkpoint, tokenizer_weights,
+                           state_fingerprint, check_out_dir, check_resume_config, gather_rng_states,
+                           restore_rng_states, atomic_write, leave_process_group, CHECKPOINT_FORMAT)
 
     # -----------------------------------------------------------------------------
     # default config: LlamaGen GPT-B on ImageNet 256 codes (config/ar_gpt_b.py); override with config files /
@@ -357,6 +354,7 @@ if __name__ == '__main__':
     n_head = 0
     n_embd = 0
     ar_adaln = False  # IBQ: the class embedding is also the adaLN condition of every block
+    ar_adaln_gamma = 1e-3  # IBQ's init of the adaLN gammas (SEED-Voken's alng: 1e-4 for XL, 1e-5 for XXL)
     # optimisation (FVQ Table 6, generation column; AdamW betas (0.9, 0.95))
     batch_size = 256  # global batch, split across ranks and gradient_accumulation_steps
     gradient_accumulation_steps = 1
@@ -382,6 +380,7 @@ if __name__ == '__main__':
     # -----------------------------------------------------------------------------
 
     ddp = int(os.environ.get('RANK', -1)) != -1
+    barrier = dist.barrier if ddp else lambda: None
     device, rank, local_rank, world_size = setup_device(device)
     master = rank == 0
     if batch_size % (world_size * gradient_accumulation_steps) != 0:
@@ -406,19 +405,19 @@ if __name__ == '__main__':
     # -----------------------------------------------------------------------------
     # codes: every view of every training image, encoded once; reused while the extraction record matches
     codes_dir = codes_dir or os.path.join(out_dir, 'codes')
-    tokenizer_checkpoint = load_checkpoint(tokenizer_ckpt, 'tokenizer', mmap=True)
-    image_size = image_size or tokenizer_checkpoint['config']['image_size']
+    tokenizer_record = tokenizer_checkpoint(tokenizer_ckpt)  # nanoVQ's or a released tokenizer's
+    image_size = image_size or tokenizer_record['config']['image_size']
     V = 10 if ten_crop else 2  # views per image
     # everything that defines the codes; the fingerprint tells the tokenizer that wrote them from one
     # retrained in place (same path, same iteration)
     extraction = dict(tokenizer_ckpt=os.path.abspath(tokenizer_ckpt),
-                      tokenizer_iter=tokenizer_checkpoint['iter_num'],
-                      tokenizer_fingerprint=state_fingerprint(tokenizer_weights(tokenizer_checkpoint)),
+                      tokenizer_iter=tokenizer_record['iter_num'],
+                      tokenizer_fingerprint=state_fingerprint(tokenizer_weights(tokenizer_record)),
                       data_dir=data_dir, num_images=num_images, image_size=image_size,
                       # LlamaGen's extract_codes_c2i.py reads at int(image_size * 1.1) for the ten crops
                       read_size=int(image_size * 1.1) if ten_crop else image_size, views_per_image=V,
                       center_view=4 if ten_crop else 0)  # the plain centre crop: TenCrop's 5th, or the image
-    del tokenizer_checkpoint
+    del tokenizer_record
     meta_path = os.path.join(codes_dir, 'meta.json')
     if not os.path.isfile(meta_path):
         tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()  # as LlamaGen extracts
@@ -437,8 +436,7 @@ if __name__ == '__main__':
             code_dtype = np.uint16 if K <= 65536 else np.int32
             np.lib.format.open_memmap(codes_path, mode='w+', dtype=code_dtype, shape=(N * V, T)).flush()
             np.save(labels_path, np.full(N * V, -1, dtype=np.int64))  # -1 stays on an unreadable image's rows
-        if ddp:
-            dist.barrier()
+        barrier()
         codes_mm, labels_mm = np.load(codes_path, mmap_mode='r+'), np.load(labels_path, mmap_mode='r+')
         my_images = list(range(rank, N, world_size))
         batches = [my_images[i:i + 16] for i in range(0, len(my_images), 16)]
@@ -456,8 +454,7 @@ if __name__ == '__main__':
                 labels_mm[key * V:(key + 1) * V] = label
         codes_mm.flush()
         labels_mm.flush()
-        if ddp:
-            dist.barrier()
+        barrier()
         if master:
             codebook_sizes = tokenizer.quantizer.codebook_sizes  # VCQ: K_t, to the checkpoint and the sampler
             if codebook_sizes is not None:
@@ -468,8 +465,7 @@ if __name__ == '__main__':
             # written last: its presence marks complete codes
             atomic_write(meta_path, lambda f: json.dump(meta, f, indent=1), mode='w')
             print(f"encoded {N} images x {V} views into {codes_dir}")
-        if ddp:
-            dist.barrier()
+        barrier()
         del tokenizer
         if device_type == 'cuda':
             torch.cuda.empty_cache()
@@ -503,18 +499,17 @@ if __name__ == '__main__':
             images = valid_images[order[positions[here] % len(valid_images)]]
             rows[here] = images * V + views[images]
         rows = rows.numpy()
-        codes = torch.from_numpy(codes_mm[rows].astype(np.int64))
-        labels = torch.from_numpy(labels_all[rows])
+        batch = [torch.from_numpy(codes_mm[rows].astype(np.int64)), torch.from_numpy(labels_all[rows])]
         if device_type == 'cuda':
-            codes = codes.pin_memory().to(device, non_blocking=True)
-            labels = labels.pin_memory().to(device, non_blocking=True)
-        return codes, labels
+            batch = [t.pin_memory().to(device, non_blocking=True) for t in batch]
+        return batch  # codes, labels
 
     # -----------------------------------------------------------------------------
     # model, optimiser, resume
     torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     model_args = gpt_model_args(meta['codebook_size'], meta['dataset_classes'], meta['grid_h'],
                                 meta['grid_w'], ar_model, n_layer, n_head, n_embd, adaln=ar_adaln,
+                                adaln_gamma=ar_adaln_gamma,
                                 rope='1d' if meta['tokenizer_type'] == 'titok' else '2d')
     model = GPT(**model_args).to(device)
     decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and 'adaln' not in name]
@@ -570,7 +565,7 @@ if __name__ == '__main__':
         if iter_num > start_iter and (iter_num % ckpt_interval == 0 or iter_num == max_iters):
             all_rng_states = gather_rng_states(device_type, ddp, world_size)
             if master:
-                atomic_save({'kind': 'gpt', 'model': raw_model.state_dict(),
+                atomic_save({'kind': 'gpt', 'format': CHECKPOINT_FORMAT, 'model': raw_model.state_dict(),
                              'optimizer': optimizer.state_dict(), 'model_args': model_args, 'config': config,
                              'iter_num': iter_num,
                              'rng_states': all_rng_states, 'tokenizer_ckpt': os.path.abspath(tokenizer_ckpt),

@@ -20,7 +20,8 @@ from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, 
                        diff_augment, make_dataset, split_held_out, collate, ShardedBatchSampler, setup_device,
                        autocast_context, atomic_save, save_image_grid, truncate_log, append_log, psnr,
                        to_uint8, load_checkpoint, check_out_dir, check_resume_config, gather_rng_states,
-                       restore_rng_states, leave_process_group, tokens_per_image, compile_blocks)
+                       restore_rng_states, leave_process_group, tokens_per_image, compile_blocks,
+                       CHECKPOINT_FORMAT)
 
 # -----------------------------------------------------------------------------
 # default config: LlamaGen VQ-16 on ImageNet 256 (config/vq_16k.py); override with config files / --key=value
@@ -255,8 +256,8 @@ def save_checkpoint():
         dist.all_gather(all_lecam_ema, lecam_ema)
     if master:
         states = {k: v.state_dict() if v is not None else None for k, v in stateful.items()}
-        atomic_save({'kind': 'tokenizer', **states, 'model_args': model_args, 'config': config,
-                     'iter_num': iter_num, 'skipped_images': skipped_images,
+        atomic_save({'kind': 'tokenizer', 'format': CHECKPOINT_FORMAT, **states, 'model_args': model_args,
+                     'config': config, 'iter_num': iter_num, 'skipped_images': skipped_images,
                      'lecam_ema': torch.stack(all_lecam_ema).cpu(), 'rng_states': all_states}, ckpt_path)
         print(f"saved checkpoint to {ckpt_path} at iter {iter_num}", flush=True)
 

@@ -4,8 +4,8 @@
 # Recipe: the release's tokenizer/tokenizer_image/vq_train_qbridge_lr_rqvae.py defaults (no launch script for
 # Table 4 is released): batch 128, lr 1e-4, Adam (0.9, 0.95), grad clip 1.0, 10 epochs, warmup_ep 1 (0.1),
 # lrT 0.3, QB_type QBridge-S/4 (16 codes per bridge token, hidden 4 heads x 16 = 64), RQ-VAE's losses on every
-# partial sum. Assumed: 32x = the release's VQ-32 (ch_mult (1, 1, 2, 2, 4, 4)); the release's RQ bridge runs
-# over the codebook laid out as a 2D grid, this one is FVQ section 3.2's grouped VQBridge (as config/fvq_16k.py).
+# partial sum. Assumed: 32x = the release's VQ-32 (ch_mult (1, 1, 2, 2, 4, 4)). The bridge runs over the
+# codebook laid out as a 2D grid, as the release's and config/fvq_16k.py's.
 # Run: torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/fvq_rqvae_16k.py
 exec(open('config/rqvae_16k.py').read())  # the same tokenizer, data and steps; the quantizer's codebook and the lr
 out_dir = 'out-fvq-rqvae-16k'

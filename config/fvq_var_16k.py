@@ -5,8 +5,8 @@
 # Table 4 is released): batch 128, lr 1e-4, Adam (0.9, 0.95), grad clip 1.0, 40 epochs, warmup_ep 0, lrT 0.3
 # with linear decay (sche_type 'lin'), QB_type QBridge-S/4 (16 codes per bridge token, hidden 64); VAR's
 # quantizer (quant_resi 0.5, 4 shared phi, loss averaged over the scales). Assumed: encoder output channels =
-# code dim as the release's VQVAE (its 3x3 quant_conv is this repo's 1x1); the release's bridge runs over the
-# codebook laid out as a 2D grid, this one is FVQ section 3.2's grouped VQBridge (as config/fvq_16k.py).
+# code dim as the release's VQVAE (its 3x3 quant_conv is this repo's 1x1). The bridge runs over the codebook
+# laid out as a 2D grid, as the release's and config/fvq_16k.py's.
 # Run: torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/fvq_var_16k.py
 exec(open('config/var_4k.py').read())  # the same tokenizer, data and steps; the codebook and the lr differ
 out_dir = 'out-fvq-var-16k'

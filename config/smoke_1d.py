@@ -1,4 +1,4 @@
-# Smoke run of VCQ's own system (no paper row; VCQ §4.1's setup at toy size): a tiny 1D (TiTok-style)
+# Smoke run of VCQ's own system (no paper row; VCQ §4.1's setup at toy size): a tiny 1D (TiTok)
 # tokenizer, a ViT over 4x4 patches of 32x32 built-in procedural images (no download) with L = 32 latent
 # tokens, quantized by FVQ with VCQ's cosine schedule (K_t from 2 to 256 along the 32 tokens), CPU.
 # Trains on 2 CPU cores in under 3 minutes; then train_ar.py config/ar_smoke_1d.py and sample.py run on it.

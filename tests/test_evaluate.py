@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+from tokenizer import CHECKPOINT_FORMAT
 import torch.nn as nn
 
 from conftest import ROOT, make_image_folder
@@ -441,10 +443,10 @@ def test_npz_images_rejects_other_files(tmp_path):
         npz_images(str(tmp_path / 'missing.npz'))
 
 
-def test_gen_mode_follows_adm_and_caches_the_reference_features(tmp_path, linear_inception, monkeypatch):
+def test_gen_mode_follows_adm(tmp_path, linear_inception):
     """FID / sFID of the samples' features against the reference's arr_0 statistics (exact, few features),
     ADM's stored mu/sigma (mu_s/sigma_s) instead where the reference batch has them, IS of the logits and
-    precision/recall against arr_0; the reference features cached for this network and file only."""
+    precision/recall against arr_0."""
     ref_images, sample_images = random_images(6, seed=1), random_images(5, seed=2)
     ref = save_npz(tmp_path / 'ref.npz', arr_0=ref_images)
     samples = save_npz(tmp_path / 'samples.npz', arr_0=sample_images)
@@ -457,25 +459,18 @@ def test_gen_mode_follows_adm_and_caches_the_reference_features(tmp_path, linear
     assert first['inception_score'] == pytest.approx(inception_score(logits)[0], rel=1e-12)
     assert (first['precision'], first['recall']) == precision_recall(ref_features, features)
     assert first['ref_statistics'] == 'computed from its 6 arr_0 images' and first['num_samples'] == 5
-    with np.load(tmp_path / 'ref.fid_stats.npz') as cached:
-        assert np.array_equal(cached['features'], ref_features)
-    computed = []  # the desc argument of each inception_features call
-    monkeypatch.setattr(evaluate, 'inception_features',
-                        lambda *args: computed.append(args[4]) or inception_features(*args))
-    assert evaluate.run_gen(config) == first and computed == ['samples']  # the reference's: from the cache
-    with torch.no_grad():  # another network: the cache does not match, the features are recomputed
+    with torch.no_grad():  # features scaled by 2: FID by 4
         linear_inception.proj.mul_(2)
     assert evaluate.run_gen(config)['fid'] == pytest.approx(4 * first['fid'], rel=1e-6)
-    assert computed == ['samples', 'reference', 'samples']
     # a reference batch with stored statistics (ADM's: over the whole training set): FID and sFID use them
     mu, sigma = feature_statistics(2 * ref_features)
     stored = save_npz(tmp_path / 'stored.npz', arr_0=ref_images, mu=mu + 0.5, sigma=2 * sigma, mu_s=mu[:48],
                       sigma_s=sigma[:48, :48])
-    moved = evaluate.run_gen({**config, 'ref': stored, 'ref_cache': False})
+    moved = evaluate.run_gen({**config, 'ref': stored})
     assert moved['ref_statistics'] == 'mu, sigma, mu_s, sigma_s'
     assert moved['fid'] == pytest.approx(fid_to_statistics(2 * features, mu + 0.5, 2 * sigma), rel=1e-9)
     assert moved['sfid'] == pytest.approx(fid_to_statistics(2 * spatial, mu[:48], sigma[:48, :48]), rel=1e-9)
-    assert moved['precision'] == first['precision'] and not (tmp_path / 'stored.fid_stats.npz').exists()
+    assert moved['precision'] == first['precision']
 
 
 def test_gen_mode_clear_errors(tmp_path):
@@ -508,7 +503,7 @@ def test_ref_mode_writes_an_adm_reference_batch_of_an_image_folder(tmp_path, lin
     rows = [int(np.flatnonzero((images == image).all(axis=(1, 2, 3)))[0]) for image in arr_0]
     assert arr_0.shape == (4, 32, 32, 3) and rows == sorted(set(rows))
     samples = save_npz(tmp_path / 'samples.npz', arr_0=images[:4])
-    gen = evaluate.run_gen(default_config(samples=samples, ref=config['ref_out'], ref_cache=False))
+    gen = evaluate.run_gen(default_config(samples=samples, ref=config['ref_out']))
     assert gen['ref_statistics'] == 'mu, sigma, mu_s, sigma_s' and gen['num_ref'] == 4
     with pytest.raises(ValueError, match='ref mode needs --ref_out'):
         evaluate.run_ref({**config, 'data_dir': 'from_ckpt'})
@@ -522,12 +517,21 @@ def test_cli_unknown_mode(monkeypatch):
         run_in_process(monkeypatch, ['--mode=nope'])
 
 
+def save_codes_folder(folder, codes, codebook_sizes):
+    """A train_ar.py codes folder: codes.npy, labels.npy, meta.json and (VCQ) codebook_sizes.npy."""
+    np.save(folder / 'codes.npy', codes)
+    np.save(folder / 'labels.npy', np.zeros(len(codes), dtype=np.int64))
+    np.save(folder / 'codebook_sizes.npy', codebook_sizes)
+    (folder / 'meta.json').write_text(json.dumps({'dataset_images': len(codes), 'views_per_image': 1,
+                                                  'center_view': 0, 'vcq': True, 'codebook_size': 0}))
+    return str(folder / 'codes.npy')
+
+
 def test_cli_entropy_mode_and_its_errors(tmp_path, monkeypatch):
     codes = np.random.default_rng(0).integers(0, 16, (512, 4, 4))  # (N, h, w): raster order
     codes[:, 2:] = codes[:, :1, :1]  # rows 3-4 copy the first token
-    np.save(tmp_path / 'codes.npy', codes)
-    run_in_process(monkeypatch, ['--mode=entropy', f'--codes={tmp_path / "codes.npy"}', '--codebook_size=16',
-                                 f'--out_dir={tmp_path}'])
+    path = save_codes_folder(tmp_path, codes, np.full(16, 16))
+    run_in_process(monkeypatch, ['--mode=entropy', f'--codes={path}', f'--out_dir={tmp_path}'])
     result = read_json(tmp_path / 'eval_entropy.json')
     H = np.array(result['H_bits'])
     np.testing.assert_allclose(H, conditional_entropies(codes.reshape(512, 16)))
@@ -541,31 +545,23 @@ def test_cli_entropy_mode_and_its_errors(tmp_path, monkeypatch):
     for bad in ('codes.npz', 'float.npy'):
         with pytest.raises(ValueError, match='not a .npy of non-negative integer codes'):
             evaluate.run_entropy({**config, 'codes': str(tmp_path / bad)})
+    save_codes_folder(tmp_path, codes, np.full(16, 8))
     with pytest.raises(ValueError, match='position 1 reach 15 but the codebook there has 8 codes'):
-        evaluate.run_entropy({**config, 'codebook_size': 8})
+        evaluate.run_entropy(config)
 
 
-def test_entropy_mode_takes_vcq_codebook_sizes_from_a_file(tmp_path):
+def test_entropy_mode_takes_vcq_codebook_sizes_from_the_codes_folder(tmp_path):
     sizes = np.array([2, 2, 4, 8, 16, 16])
-    np.save(tmp_path / 'codes.npy', np.random.default_rng(0).integers(0, sizes, (1000, 6)))
-    np.save(tmp_path / 'sizes.npy', sizes)
-    config = default_config(codes=str(tmp_path / 'codes.npy'), codebook_sizes=str(tmp_path / 'sizes.npy'),
-                            out_dir=str(tmp_path))
+    path = save_codes_folder(tmp_path, np.random.default_rng(0).integers(0, sizes, (1000, 6)), sizes)
+    config = default_config(codes=path, out_dir=str(tmp_path))
     result = evaluate.run_entropy(config)
     assert result['codebook_sizes'] == sizes.tolist() and result['t_star'] == 5  # 1+1+2+3+4 = 11 >= 9.97 bits
-    np.save(tmp_path / 'short.npy', sizes[:4])
+    np.save(tmp_path / 'codebook_sizes.npy', sizes[:4])
     with pytest.raises(ValueError, match=r'have shape \(4,\); codes: 6 positions'):
-        evaluate.run_entropy({**config, 'codebook_sizes': str(tmp_path / 'short.npy')})
-    np.save(tmp_path / 'small.npy', np.full(6, 2))
+        evaluate.run_entropy(config)
+    np.save(tmp_path / 'codebook_sizes.npy', np.full(6, 2))
     with pytest.raises(ValueError, match='position 3 reach 3 but the codebook there has 2 codes'):
-        evaluate.run_entropy({**config, 'codebook_sizes': str(tmp_path / 'small.npy')})
-    # a train_ar.py codes folder of a VCQ tokenizer holds its K_t
-    np.save(tmp_path / 'labels.npy', np.zeros(1000, dtype=np.int64))
-    np.save(tmp_path / 'codebook_sizes.npy', sizes)
-    (tmp_path / 'meta.json').write_text(json.dumps({'dataset_images': 1000, 'views_per_image': 1,
-                                                    'center_view': 0, 'vcq': True, 'codebook_size': 16}))
-    result = evaluate.run_entropy({**config, 'codebook_sizes': ''})
-    assert result['codebook_sizes'] == sizes.tolist() and result['t_star'] == 5
+        evaluate.run_entropy(config)
 
 
 TINY_TOKENIZER = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, quantizer='vq',
@@ -576,7 +572,8 @@ def save_tokenizer(path, model_args=TINY_TOKENIZER, **config):
     """A random tokenizer checkpoint as train_tokenizer.py writes it (32 px; here 16x16 codes, K = 64)."""
     from tokenizer import Tokenizer
     torch.manual_seed(0)
-    torch.save({'kind': 'tokenizer', 'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args,
+    torch.save({'kind': 'tokenizer', 'format': CHECKPOINT_FORMAT,
+                'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args,
                 'config': {'image_size': 32, 'data_dir': '', **config}}, path)
     return str(path)
 
@@ -735,7 +732,7 @@ def test_recon_mode_on_multi_code_tokenizers_reports_usage_per_level(kind, optio
 # curves mode
 
 
-def test_curves_mode_plots_training_logs_and_entropy_cliffs(tmp_path, monkeypatch, capsys):
+def test_curves_mode_plots_training_logs_and_entropy_cliffs(tmp_path, monkeypatch):
     """A tokenizer run's log.jsonl (config/smoke.py, 4 steps), a GPT run's and two entropy-mode results ->
     one PNG per metric (the loss only without tokenizer runs), the cliffs on one figure, the final values."""
     run_in_process(monkeypatch, ['config/smoke.py', f'--out_dir={tmp_path / "tok"}', '--max_iters=4',
@@ -745,9 +742,10 @@ def test_curves_mode_plots_training_logs_and_entropy_cliffs(tmp_path, monkeypatc
     with open(tmp_path / 'gpt' / 'log.jsonl', 'w') as f:
         f.writelines(json.dumps({'iter': i, 'split': 'train', 'loss': 5.0 - i}) + '\n' for i in (1, 2))
     for name, K in (('const', 16), ('vcq', 4)):
-        np.save(tmp_path / f'{name}.npy', np.random.default_rng(0).integers(0, K, (256, 8)))
-        run_in_process(monkeypatch, ['--mode=entropy', f'--codes={tmp_path / name}.npy',
-                                     f'--codebook_size={K}', f'--out_dir={tmp_path / name}'])
+        os.makedirs(tmp_path / name / 'codes')
+        codes = np.random.default_rng(0).integers(0, K, (256, 8))
+        codes = save_codes_folder(tmp_path / name / 'codes', codes, np.full(8, K))
+        run_in_process(monkeypatch, ['--mode=entropy', f'--codes={codes}', f'--out_dir={tmp_path / name}'])
     plots = tmp_path / 'plots'
     run_in_process(monkeypatch, ['--mode=curves', f'--logs={tmp_path / "tok"},{tmp_path / "gpt"}',
                                  '--names=TOK,GPT,const,VCQ', f'--out_dir={plots}',
@@ -758,7 +756,9 @@ def test_curves_mode_plots_training_logs_and_entropy_cliffs(tmp_path, monkeypatc
     result = read_json(plots / 'eval_curves.json')
     assert result['TOK']['iter'] == 4 and 0 < result['TOK']['usage'] <= 1 and 'eval_psnr' in result['TOK']
     assert result['GPT'] == {'iter': 2, 'loss': 3.0}
-    assert 't* (eq. 2) 2' in capsys.readouterr().out  # const: 4 + 4 bits >= log2 256
+    assert result['const (entropy)']['t_star'] == 2  # const: 4 + 4 bits >= log2 256
+    assert result['VCQ (entropy)']['t_star'] == 4  # 2 bits per position
+    assert result['const (entropy)']['t_cliff'] == 3 and result['VCQ (entropy)']['t_cliff'] == 6  # measured
     evaluate.run_curves(default_config(logs=str(tmp_path / 'gpt'), out_dir=str(plots)))
     assert (plots / 'loss.png').stat().st_size > 1000
     with pytest.raises(ValueError, match='curves mode needs --logs'):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -151,8 +152,8 @@ def test_fvq_l2_norm_is_init_time_only_and_gradients_stay_finite():
     """The release's --codebook-l2-norm normalises the raw codes once; the mapped codes and z are never
     normalised in the forward (behind the zero-initialised bridge that would divide by ~0)."""
     torch.manual_seed(0)
-    q = Q.make_quantizer('fvq', 512, 256, l2_norm=True)
-    assert torch.allclose(q.embedding.norm(dim=1), torch.ones(512), atol=1e-6)
+    q = Q.make_quantizer('fvq', 576, 256, l2_norm=True)
+    assert torch.allclose(q.embedding.norm(dim=1), torch.ones(576), atol=1e-6)
     assert torch.count_nonzero(q.codebook()) == 0  # the mapped codes at step 0: not normalised
     z = torch.randn(4, 256, 8, 8, requires_grad=True)
     z_q, loss, _ = q(z)
@@ -319,7 +320,7 @@ class RecordShapes(TorchDispatchMode):
 @pytest.mark.parametrize('kind', ['vq', 'ibq', 'fvq'])
 def test_no_tokens_by_codes_matrix_beyond_chunk(kind):
     torch.manual_seed(0)
-    K, D, chunk_size = 320, 16, 64  # 600 tokens; K*D and N*D are both smaller than chunk_size*K
+    K, D, chunk_size = 400, 16, 64  # 600 tokens; K*D and N*D are both smaller than chunk_size*K
     extra = {'bridge_group_size': 16, 'bridge_dim': 32} if kind == 'fvq' else {}
     q = Q.make_quantizer(kind, K, D, chunk_size=chunk_size, **extra)
     z = torch.randn(1, D, 20, 30, requires_grad=True)
@@ -366,13 +367,36 @@ def test_vqbridge_shapes_and_groups():
     assert torch.count_nonzero(q.codebook()) == 0  # zero-initialised final layer, as DiT / the release
     assert Q.bridge_group_size_for(16384) == 16 and Q.bridge_group_size_for(65536) == 64  # QBridge-L/4, L/8
     assert Q.bridge_group_size_for(262144) == 64 and Q.bridge_group_size_for(256) == 1
-    assert Q.bridge_group_size_for(10000) == 8  # 9 = 10000 // 1024 does not divide it: a divisor below
+    assert Q.bridge_group_size_for(4096) == 4 and Q.bridge_group_size_for(1024) == 1
+    assert Q.bridge_group_size_for(10000) == 4  # 9 = 3 x 3 does not tile the 100 x 100 image: 2 x 2
     for projector in ('linear', 'mlp5'):
         assert Q.make_quantizer('fvq', 100, 8, projector=projector).codebook().shape == (100, 8)
-    with pytest.raises(ValueError, match=r'K=100.*g=16'):
+    with pytest.raises(ValueError, match=r'g=16.*bridge_group_size=1'):  # 4 x 4 does not tile 10 x 10
         Q.make_quantizer('fvq', 100, 8, bridge_group_size=16)
-    with pytest.raises(ValueError, match='projector'):
-        Q.make_quantizer('fvq', 100, 8, projector='mlp3')
+    with pytest.raises(ValueError, match=r'K=128 is not a square.*K=121'):
+        Q.make_quantizer('fvq', 128, 8)
+
+
+@pytest.mark.parametrize('K,group_size', [(64, 4), (256, 16), (1024, 1)])
+def test_vqbridge_tokens_are_the_release_patches(K, group_size):
+    """The release's layout (yfChang-cv/FVQ): codebook (K, D) -> image (D, sqrt K, sqrt K) -> p x p patches in
+    raster order; bridge token t holds the codes of patch t, and expanding puts them back (a round trip)."""
+    torch.manual_seed(0)
+    D, side, p = 4, math.isqrt(K), math.isqrt(group_size)
+    bridge = Q.VQBridge(K, D, group_size, dim=group_size * D, heads=1)
+    bridge.compress, bridge.expand, bridge.final_norm = nn.Identity(), nn.Identity(), nn.Identity()
+    bridge.blocks, bridge.pos_embed = nn.ModuleList(), torch.zeros_like(bridge.pos_embed)  # bridge = identity
+    seen = {}
+    bridge.compress.register_forward_hook(lambda module, inputs, output: seen.update(tokens=output))
+    codes = torch.randn(K, D)
+    image = codes.T.reshape(D, side, side)
+    grid = side // p
+    patches = torch.stack([image[:, r * p:(r + 1) * p, c * p:(c + 1) * p].permute(1, 2, 0).reshape(-1)
+                           for r in range(grid) for c in range(grid)])  # (T, p*p*D), slot by slot
+    with torch.no_grad():
+        mapped = bridge.map_codes(codes)
+    torch.testing.assert_close(seen['tokens'], patches, rtol=0, atol=0)
+    torch.testing.assert_close(mapped, codes, rtol=0, atol=0)
 
 
 def test_fvq_bridge_runs_once_per_forward_and_trains():

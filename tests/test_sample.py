@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from tokenizer import CHECKPOINT_FORMAT
+
 from conftest import ROOT
 from quantizers import codebook_size_schedule
 from sample import cfg_weights, sample_from_logits, sample_tokens, generate, sample_images, load_gpt
-from test_train_ar import save_tiny_tokenizer, tiny_gpt, TINY_TOKENIZER
+from test_train_ar import save_tiny_tokenizer, tiny_gpt, TINY_TOKENIZER, llamagen_forward, llamagen_freqs_cis
 from tokenizer import Tokenizer, atomic_save, to_uint8
 
 
@@ -130,7 +132,8 @@ def test_load_gpt_maps_the_checkpoint_and_drops_the_optimiser(tmp_path, monkeypa
     model_args = dict(codebook_size=64, num_classes=10, grid_h=4, grid_w=4, n_layer=2, n_head=2, n_embd=32,
                       adaln=True)
     path = str(tmp_path / 'ckpt.pt')
-    settings = {'kind': 'gpt', 'model_args': model_args, 'config': {'seed': 3}, 'tokenizer_ckpt': 'tok.pt',
+    settings = {'kind': 'gpt', 'format': CHECKPOINT_FORMAT,
+                'model_args': model_args, 'config': {'seed': 3}, 'tokenizer_ckpt': 'tok.pt',
                 'tokenizer_fingerprint': '0123', 'image_size': 8, 'codebook_sizes': None}
     atomic_save({**settings, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                  'rng_states': [torch.get_rng_state()]}, path)
@@ -143,9 +146,9 @@ def test_load_gpt_maps_the_checkpoint_and_drops_the_optimiser(tmp_path, monkeypa
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert loaded_settings == settings
-    # a checkpoint that does not record its tokenizer's weights is refused, naming the step to re-run
-    atomic_save({k: v for k, v in settings.items() if k != 'tokenizer_fingerprint'}, path)
-    with pytest.raises(ValueError, match='re-run train_ar.py'):
+    # a checkpoint of another format (an older nanoVQ's) is refused, naming the step to re-run
+    atomic_save({**settings, 'format': CHECKPOINT_FORMAT - 1}, path)
+    with pytest.raises(ValueError, match='older nanoVQ.*re-run train_ar.py'):
         load_gpt(path, 'cpu')
 
 
@@ -161,7 +164,8 @@ def test_sample_script_decodes_with_the_gpt_s_tokenizer(tmp_path, monkeypatch):
         fingerprint = state_fingerprint(tokenizer_weights(load_checkpoint(tok, 'tokenizer')))
         model_args = dict(codebook_size=64, num_classes=10, grid_h=4, grid_w=4, n_layer=2, n_head=2,
                           n_embd=32)
-        atomic_save({'kind': 'gpt', 'model': model.state_dict(), 'image_size': image_size, 'config': {},
+        atomic_save({'kind': 'gpt', 'format': CHECKPOINT_FORMAT,
+                     'model': model.state_dict(), 'image_size': image_size, 'config': {},
                      'model_args': model_args, 'tokenizer_ckpt': tok, 'codebook_sizes': None,
                      'tokenizer_iter': 0, 'tokenizer_fingerprint': fingerprint}, gpt)
 
@@ -187,6 +191,87 @@ def test_sample_script_decodes_with_the_gpt_s_tokenizer(tmp_path, monkeypatch):
     save_gpt(image_size=16)
     with pytest.raises(ValueError, match=r'at 16px are \(64, \(8, 8\)\), the GPT.s \(64, \(4, 4\)\)'):
         sample(f'--tokenizer_ckpt={tok}')
+
+
+def save_llamagen_gpt(path, container='model', K=64, classes=10, C=128, n_layer=2, seed=0):
+    """A random GPT in LlamaGen's layout (autoregressive/models/gpt.py's state_dict names and shapes; width
+    128: 2 heads of 64) saved as its release is: torch.save of {'model': state_dict} (DDP), {'module': ...}
+    (DeepSpeed), {'state_dict': ...} or the bare state_dict (FSDP, container None)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = 512  # LlamaGen's find_multiple(int(2 * 4 * 128 / 3), 256)
+    shapes = {'tok_embeddings.weight': (K, C), 'cls_embedding.embedding_table.weight': (classes + 1, C),
+              'norm.weight': (C,), 'output.weight': (K, C)}
+    for i in range(n_layer):
+        shapes.update({f'layers.{i}.attention.wqkv.weight': (3 * C, C),
+                       f'layers.{i}.attention.wo.weight': (C, C),
+                       f'layers.{i}.feed_forward.w1.weight': (hidden, C),
+                       f'layers.{i}.feed_forward.w3.weight': (hidden, C),
+                       f'layers.{i}.feed_forward.w2.weight': (C, hidden),
+                       f'layers.{i}.attention_norm.weight': (C,), f'layers.{i}.ffn_norm.weight': (C,)})
+    state = {k: 1 + 0.1 * torch.randn(shape, generator=g) if len(shape) == 1 else
+             0.1 * torch.randn(shape, generator=g) for k, shape in shapes.items()}
+    torch.save(state if container is None else {container: state}, str(path))
+    return state
+
+
+@pytest.mark.parametrize('container', ['model', 'module', 'state_dict', None])
+def test_load_gpt_reads_llamagen_s_release(container, tmp_path):
+    """A LlamaGen c2i checkpoint loads, converted in memory: its size from the shapes, the grid from the file
+    name's image size over 16 (c2i_T_64.pt: 4 x 4), the class table's last row the null class; its logits are
+    LlamaGen's forward computed from the raw state_dict."""
+    path = tmp_path / 'c2i_T_64.pt'
+    state = save_llamagen_gpt(path, container)
+    model, settings = load_gpt(str(path), 'cpu')
+    assert (model.n_layer, model.n_head, model.n_embd) == (2, 2, 128)
+    assert (model.codebook_size, model.num_classes) == (64, 10)
+    assert (model.grid_h, model.grid_w, settings['image_size'], settings['tokenizer_ckpt']) == (4, 4, 64, '')
+    assert not model.training and settings['codebook_sizes'] is None
+    labels, codes = torch.tensor([0, 7, 10]), torch.randint(0, 64, (3, 15))  # 10: LlamaGen's null class
+    with torch.no_grad():
+        logits = model(labels, codes)
+    reference = llamagen_forward(state, labels, codes, 2, llamagen_freqs_cis(4, 4, 64))
+    torch.testing.assert_close(logits, reference.float(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(model.null_class_embedding, state['cls_embedding.embedding_table.weight'][-1])
+    save_llamagen_gpt(tmp_path / 'gpt.pt', container)  # no image size in the name: 256px, a 16 x 16 grid
+    assert load_gpt(str(tmp_path / 'gpt.pt'), 'cpu')[0].seq_len == 256
+
+
+def test_load_gpt_names_both_layouts_for_another_file(tmp_path):
+    path = str(tmp_path / 'other.pt')
+    torch.save({'model': {'weight': torch.zeros(2)}}, path)
+    with pytest.raises(ValueError, match=r"not a gpt checkpoint of this nanoVQ.*nor is it LlamaGen's class-"
+                                         r"conditional GPT .*cls_embedding.embedding_table"):
+        load_gpt(path, 'cpu')
+
+
+def test_sample_script_samples_a_llamagen_gpt(tmp_path, monkeypatch):
+    """sample.py with a LlamaGen-layout GPT and a tokenizer whose grid matches (16x downsampling: 64px -> 4 x
+    4 codes, K = 64) writes a valid .npz; without tokenizer_ckpt, or with a tokenizer of another grid, it
+    stops with an error naming what to set or what differs."""
+    gpt = tmp_path / 'c2i_T_64.pt'
+    save_llamagen_gpt(gpt)
+    model_args = dict(TINY_TOKENIZER, ch_mult=(1, 1, 1, 1, 1), quantizer_args=None)
+    torch.manual_seed(0)
+    atomic_save({'kind': 'tokenizer', 'format': CHECKPOINT_FORMAT,
+                 'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args,
+                 'iter_num': 0, 'config': {'image_size': 64, 'data_dir': ''}}, str(tmp_path / 'tok.pt'))
+
+    def sample(*args):
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setattr(sys, 'argv', ['sample.py', f'--ckpt={gpt}', f'--out_dir={tmp_path / "s"}',
+                                          '--device=cpu', '--num_samples=3', '--batch_size=2',
+                                          '--cfg_scale=4.0', '--grid_per_class=1', '--grid_classes=(0, 9)',
+                                          *args])
+        runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
+
+    with pytest.raises(ValueError, match="records no tokenizer: set tokenizer_ckpt"):
+        sample()
+    sample(f'--tokenizer_ckpt={tmp_path / "tok.pt"}')
+    with np.load(tmp_path / 's' / 'samples.npz') as f:
+        assert f['arr_0'].shape == (3, 64, 64, 3) and f['arr_0'].dtype == np.uint8
+        np.testing.assert_array_equal(f['arr_1'], np.arange(3) % 10)
+    with pytest.raises(ValueError, match=r"at 64px are \(64, \(32, 32\)\), the GPT.s \(64, \(4, 4\)\)"):
+        sample(f'--tokenizer_ckpt={save_tiny_tokenizer(tmp_path / "tok2.pt", image_size=64)}')
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+
+from tokenizer import CHECKPOINT_FORMAT
 from PIL import Image
 
 from conftest import ROOT, graph_counter
@@ -53,7 +55,8 @@ def test_checkpoint_round_trip(tmp_path):
     model_args = dict(ch_mult=(1, 2), **TINY)
     model = Tokenizer(**model_args)
     path = str(tmp_path / 'ckpt.pt')
-    atomic_save({'kind': 'tokenizer', 'model': model.state_dict(), 'model_args': model_args, 'config': {}},
+    atomic_save({'kind': 'tokenizer', 'format': CHECKPOINT_FORMAT,
+                 'model': model.state_dict(), 'model_args': model_args, 'config': {}},
                 path)
     assert os.listdir(tmp_path) == ['ckpt.pt']  # the temp file was renamed away
     loaded = load_tokenizer(path)
@@ -62,10 +65,14 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded.encode(images), model.eval().encode(images))
     with pytest.raises(FileNotFoundError, match='does not exist'):
         load_tokenizer(str(tmp_path / 'nope.pt'))
-    # a checkpoint without 'kind' (another program's, or an older nanoVQ's): re-run the step that writes it
+    # a checkpoint without 'kind' (another program's), or of another format (an older nanoVQ's): re-run the
+    # step that writes it
     torch.save({'model': model.state_dict(), 'model_args': model_args}, tmp_path / 'other.pt')
-    with pytest.raises(ValueError, match="not a tokenizer checkpoint.*re-run train_tokenizer.py"):
-        load_tokenizer(str(tmp_path / 'other.pt'))
+    torch.save({'kind': 'tokenizer', 'format': CHECKPOINT_FORMAT - 1, 'model': model.state_dict(),
+                'model_args': model_args}, tmp_path / 'older.pt')
+    for name in ('other.pt', 'older.pt'):
+        with pytest.raises(ValueError, match="not a tokenizer checkpoint.*older nanoVQ.*re-run train_tok"):
+            load_tokenizer(str(tmp_path / name))
 
 
 def test_load_tokenizer_maps_the_checkpoint_and_takes_the_ema(tmp_path, monkeypatch):
@@ -76,7 +83,8 @@ def test_load_tokenizer_maps_the_checkpoint_and_takes_the_ema(tmp_path, monkeypa
     model.encoder.conv_in.weight.sum().backward()
     optimizer.step()
     path = str(tmp_path / 'ckpt.pt')
-    atomic_save({'kind': 'tokenizer', 'model': model.state_dict(), 'ema': ema.state_dict(),
+    atomic_save({'kind': 'tokenizer', 'format': CHECKPOINT_FORMAT,
+                 'model': model.state_dict(), 'ema': ema.state_dict(),
                  'optimizer': optimizer.state_dict(), 'model_args': model_args, 'config': {}}, path)
     calls = []
     torch_load = torch.load
@@ -148,7 +156,8 @@ def test_checkpoint_errors_name_the_file(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model_args = dict(ch_mult=(1, 2), **TINY)
     path = str(tmp_path / 'ckpt.pt')
-    atomic_save({'kind': 'tokenizer', 'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args,
+    atomic_save({'kind': 'tokenizer', 'format': CHECKPOINT_FORMAT,
+                 'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args,
                  'config': {}}, path)
     with open(path, 'rb') as f:
         data = f.read()
@@ -369,16 +378,54 @@ def test_titok_presets_shapes_and_parameter_counts():
         Tokenizer(tokenizer_type='vit')
 
 
+def test_titok_class_tokens_positions_pixel_head_and_init():
+    """TiTok's layout: [class, 16 patches, 12 latents] in the encoder, only the latent outputs coded;
+    [class, 16 mask tokens, 12 codes] in the decoder, the patch outputs depth-to-space then a 3x3 conv."""
+    torch.manual_seed(0)
+    model = Tokenizer(**TINY_1D, quantizer='vq', codebook_size=64, code_dim=8)  # width 64, 4 x 4 patches
+    encoder, decoder = model.encoder, model.decoder
+    for part in (encoder, decoder):
+        assert part.class_token.shape == (1, 64) and part.patch_pos.shape == (1 + 16, 64)
+        assert part.latent_pos.shape == (12, 64)
+    # TiTok's init: Linear / conv weights trunc-normal(0.02), biases 0; qkv xavier-uniform; embeddings randn/8
+    from tokenizer import LatentEncoder1D
+    titok_s = LatentEncoder1D(16, 8, 512, 1, 8, 4, 12, 0.0)  # width 512, as TiTok-S
+    assert abs(titok_s.vit.blocks[0].mlp[0].weight.std().item() - 0.02) < 2e-4
+    tiny_std = 0.02 * (512 / 64) ** 0.5  # a preset narrower than TiTok's (at 0.02 its codes collapse)
+    assert abs(encoder.vit.blocks[0].mlp[0].weight.std().item() - tiny_std) < 2e-3  # 64 -> 256
+    assert abs(encoder.patch_embed.weight.std().item() - tiny_std) < 2e-3
+    assert (encoder.patch_embed.bias == 0).all() and (decoder.to_pixels.bias == 0).all()
+    assert (decoder.conv_out.bias == 0).all()
+    assert abs(encoder.vit.blocks[1].qkv.weight.std().item() - (2 / (64 + 3 * 64)) ** 0.5) < 0.005
+    assert abs(encoder.latent_tokens.std().item() - 64 ** -0.5) < 0.015
+    vit_outputs = {}
+    for part in (encoder, decoder):
+        part.vit.register_forward_hook(lambda module, args, out, part=part: vit_outputs.update({part: out}))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = encoder(images)
+    assert z.shape == (2, 8, 1, 12) and vit_outputs[encoder].shape == (2, 1 + 16 + 12, 64)
+    latent_codes = encoder.to_code(vit_outputs[encoder][:, 1 + 16:])  # the class and patch outputs unused
+    assert torch.allclose(z, latent_codes.transpose(1, 2)[:, :, None])
+    with torch.no_grad():  # the 3x3 conv as identity: the image is each patch output's pixels in place
+        decoder.conv_out.weight.zero_()
+        decoder.conv_out.weight[[0, 1, 2], [0, 1, 2], 1, 1] = 1
+    recon = decoder(z)
+    assert recon.shape == (2, 3, 32, 32) and vit_outputs[decoder].shape == (2, 1 + 16 + 12, 64)
+    patch_outputs = vit_outputs[decoder][:, 1:1 + 16]  # (B, 16, 64), the class and code outputs unused
+    pixels = decoder.to_pixels(patch_outputs).reshape(2, 4, 4, 3, 8, 8)  # (B, row, column, 3, p, p)
+    assert torch.allclose(recon, pixels.permute(0, 3, 1, 4, 2, 5).reshape(2, 3, 32, 32), atol=1e-6)
+
+
 @pytest.mark.parametrize('quantizer', ['vq', 'ibq', 'fvq'])
 def test_vcq_on_1d_latent_tokens_never_uses_a_code_beyond_k_t(quantizer):
     torch.manual_seed(0)
     # (a random bridge output layer: zero-initialised, every mapped code starts at 0 and ties pick code 0)
     extra = {'bridge_dim': 32, 'bridge_zero_init': False} if quantizer == 'fvq' else {}
     model = Tokenizer(**dict(TINY_1D, image_size=16, patch_size=4, num_latent_tokens=24), quantizer=quantizer,
-                      codebook_size=128, code_dim=8,
+                      codebook_size=144, code_dim=8,  # square K: the FVQ bridge lays codes out as an image
                       quantizer_args={'vcq_schedule': 'cosine', 'vcq_k_min': 2, 'vcq_seq_len': 24, **extra})
     sizes = model.quantizer.codebook_sizes  # (24,) K_t along the latent tokens
-    assert sizes[0] == 2 and sizes[-1] == 128
+    assert sizes[0] == 2 and sizes[-1] == 144
     codes = model.encode(torch.rand(64, 3, 16, 16) * 2 - 1)  # (64, 24)
     assert (codes < sizes[None, :]).all()
     assert (codes[:, -1] >= 2).any()  # the late positions do use their larger codebooks

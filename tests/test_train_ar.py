@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import runpy
 import sys
@@ -6,6 +7,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+from tokenizer import CHECKPOINT_FORMAT
+import torch.nn.functional as F
 
 from conftest import ROOT, graph_counter
 from tokenizer import Tokenizer, atomic_save
@@ -22,7 +26,8 @@ def save_tiny_tokenizer(path, quantizer_args=None, image_size=32, seed=0):
     torch.manual_seed(seed)
     model_args = dict(TINY_TOKENIZER, quantizer_args=quantizer_args)
     model = Tokenizer(**model_args)
-    atomic_save({'kind': 'tokenizer', 'model': model.state_dict(), 'model_args': model_args, 'iter_num': 0,
+    atomic_save({'kind': 'tokenizer', 'format': CHECKPOINT_FORMAT,
+                 'model': model.state_dict(), 'model_args': model_args, 'iter_num': 0,
                  'config': {'image_size': image_size, 'data_dir': ''}}, str(path))
     return str(path)
 
@@ -134,20 +139,115 @@ def test_causal_mask():
     assert not torch.allclose(logits[:, 8], logits2[:, 8])
 
 
-def test_class_token_has_a_real_position():
-    angles = rope_2d_angles(3, 4, 16)  # (12, 8): 4 row frequencies then 4 column frequencies
-    # the class token at (0, 0): no rotation
-    assert angles.shape == (12, 8) and torch.equal(angles[0], torch.zeros(8))
-    freqs = angles[1, :4]  # code 0 sits at (1, 1)
-    r, c = divmod(6, 4)  # code 6 = input 7
-    torch.testing.assert_close(angles[7, :4], (r + 1) * freqs)
-    torch.testing.assert_close(angles[7, 4:], (c + 1) * freqs)
-    model = tiny_gpt()  # the class token's output depends on its own key: it is not zeroed as in LlamaGen
-    block = model.layers[0].attention
-    x = torch.randn(1, 1, 32)
-    q, k, _ = block.qkv(x).reshape(1, 1, 3, 2, 16).permute(2, 0, 3, 1, 4)
-    from train_ar import apply_rope
-    assert torch.equal(apply_rope(k, model.rope_cos[:1], model.rope_sin[:1]), k) and k.abs().sum() > 0
+def llamagen_freqs_cis(grid_h, grid_w, head_dim, rope='2d'):
+    """LlamaGen's RoPE table as complex numbers (1 + T, head_dim // 2): a zero row for the class token (cos =
+    sin = 0), then precompute_freqs_cis_2d's grid, code (r, c) at (r, c) with the row's frequencies first, or
+    precompute_freqs_cis's code i at i; its frequencies, float32, as LlamaGen's."""
+    if rope == '2d':
+        half = head_dim // 2
+        freqs = 1.0 / (10000 ** (torch.arange(0, half, 2)[: (half // 2)].float() / half))
+        rows = torch.outer(torch.arange(grid_h), freqs)[:, None, :].expand(-1, grid_w, -1)
+        cols = torch.outer(torch.arange(grid_w), freqs)[None, :, :].expand(grid_h, -1, -1)
+        angles = torch.cat([rows, cols], dim=-1).flatten(0, 1)  # (grid_h * grid_w, head_dim // 2)
+    else:
+        freqs = 1.0 / (10000 ** (torch.arange(0, head_dim, 2)[: (head_dim // 2)].float() / head_dim))
+        angles = torch.outer(torch.arange(grid_h * grid_w), freqs)
+    return torch.cat([torch.zeros(1, head_dim // 2), torch.cos(angles)]) + 1j * torch.cat(
+        [torch.zeros(1, head_dim // 2), torch.sin(angles)])
+
+
+def llamagen_forward(state, labels, codes, n_head, freqs_cis):
+    """LlamaGen's c2i GPT forward in eval mode (autoregressive/models/gpt.py), written out from its state_dict
+    in float64: RMSNorm, wqkv, RoPE as the complex rotation of adjacent channel pairs by freqs_cis, causal
+    attention, SwiGLU w2(silu(w1 x) * w3 x), norm, output -> logits (B, L + 1, K) of [class, codes (B, L)]."""
+    state = {k: v.double() for k, v in state.items()}
+    C = state['tok_embeddings.weight'].shape[1]
+    head_dim, n_layer = C // n_head, 1 + max(int(k.split('.')[1]) for k in state if k.startswith('layers.'))
+
+    def rms_norm(x, name):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * state[name + '.weight']
+
+    def rotate(t):  # (B, L, H, head_dim): the adjacent pairs (2i, 2i + 1) as complex numbers, turned
+        pairs = torch.view_as_complex(t.reshape(*t.shape[:-1], -1, 2).contiguous())
+        return torch.view_as_real(pairs * freqs_cis[:t.shape[1], None].to(torch.complex128)).flatten(-2)
+
+    x = torch.cat([state['cls_embedding.embedding_table.weight'][labels][:, None],
+                   state['tok_embeddings.weight'][codes]], dim=1)  # (B, L + 1, C)
+    B, L = x.shape[:2]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for i in range(n_layer):
+        layer = lambda name: state[f'layers.{i}.{name}.weight']
+        h = rms_norm(x, f'layers.{i}.attention_norm')
+        q, k, v = (h @ layer('attention.wqkv').T).reshape(B, L, 3, n_head, head_dim).unbind(2)
+        q, k, v = rotate(q).transpose(1, 2), rotate(k).transpose(1, 2), v.transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(head_dim)).masked_fill(~causal, float('-inf'))
+        x = x + (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, C) @ layer('attention.wo').T
+        h = rms_norm(x, f'layers.{i}.ffn_norm')
+        x = x + (F.silu(h @ layer('feed_forward.w1').T) * (h @ layer('feed_forward.w3').T)) @ layer(
+            'feed_forward.w2').T
+    return rms_norm(x, 'norm') @ state['output.weight'].T
+
+
+def llamagen_state_dict(model):
+    # a nanoVQ GPT's weights under LlamaGen's names: wqkv, wo, the class table with the null class as last row
+    state = {k.replace('.qkv.', '.wqkv.').replace('.proj.', '.wo.'): v for k, v in model.state_dict().items()}
+    classes, null = state.pop('class_embedding.weight'), state.pop('null_class_embedding')
+    return {**state, 'cls_embedding.embedding_table.weight': torch.cat([classes, null[None]])}
+
+
+@pytest.mark.parametrize('rope', ['2d', '1d'])
+def test_gpt_forward_is_llamagen_s(rope):
+    """GPT's RoPE table is LlamaGen's (the class token's rows cos = sin = 0, code (r, c) at (r, c); 1D: code i
+    at i), and its logits are LlamaGen's forward. The old table (class token at position 0, codes one further)
+    fails both: its table differs, and the class token's identity rotation changes the logits (a shift of the
+    codes alone is invisible to attention: it only sees differences of the codes' positions)."""
+    model = tiny_gpt(rope=rope, seed=1)
+    freqs_cis = llamagen_freqs_cis(model.grid_h, model.grid_w, 16, rope)  # (17, 8): head dim 16
+    assert torch.equal(model.rope_cos, freqs_cis.real[:16])
+    assert torch.equal(model.rope_sin, freqs_cis.imag[:16])
+    if rope == '2d':  # code 6 at (1, 2): rows then columns, LlamaGen's frequencies 10000^(-2j / 8)
+        freqs = 10000 ** -(torch.arange(4) / 4)
+        torch.testing.assert_close(rope_2d_angles(4, 4, 16)[6], torch.cat([1 * freqs, 2 * freqs]))
+    labels, codes = torch.tensor([0, 4, 10]), torch.randint(0, 64, (3, 15))  # 10 = the null class
+    with torch.no_grad():
+        logits = model(labels, codes)
+    state = llamagen_state_dict(model)
+    torch.testing.assert_close(logits, llamagen_forward(state, labels, codes, 2, freqs_cis).float(),
+                               rtol=1e-5, atol=1e-5)
+    old = torch.cat([torch.ones(1, 8), freqs_cis[1:]])  # the old class row: position 0, no rotation
+    assert (logits - llamagen_forward(state, labels, codes, 2, old).float()).abs().max() > 1e-2
+
+
+def test_ibq_adaln_is_seed_voken_s():
+    """IBQ's adaLN as SEED-Voken's llama.py: per block one linear -> gamma1, gamma2, scale1, scale2, shift1,
+    shift2; x + gamma1 * attention(norm(x) * (1 + scale1) + shift1), then the FFN's; a final adaLN (scale,
+    shift) after the last norm; init N(0, 0.02) with the gamma rows x adaln_gamma, scale / shift x 0.5."""
+    torch.manual_seed(0)
+    C = 32
+    model = GPT(64, 10, 4, 4, n_layer=2, n_head=2, n_embd=C, adaln=True, adaln_gamma=1e-3).eval()
+    block = model.layers[0]
+    weight, bias = block.adaln[1].weight, block.adaln[1].bias
+    assert weight.shape == (6 * C, C) and not bias.any() and not model.final_adaln[1].bias.any()
+    assert 1.5e-5 < weight[:2 * C].std() < 2.5e-5 and 0.8e-2 < weight[2 * C:].std() < 1.2e-2
+    assert 0.8e-2 < model.final_adaln[1].weight.std() < 1.2e-2
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, cond = torch.randn(2, 16, C), model.embed_classes(torch.tensor([1, 10]))
+    gamma1, gamma2, scale1, scale2, shift1, shift2 = (
+        torch.nn.functional.linear(torch.nn.functional.silu(cond), weight, bias)[:, None].chunk(6, dim=-1))
+    cos, sin = model.rope_cos, model.rope_sin
+    h = x + block.attention(block.attention_norm(x) * (1 + scale1) + shift1, cos, sin) * gamma1
+    expected = h + block.feed_forward(block.ffn_norm(h) * (1 + scale2) + shift2) * gamma2
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, cond, cos, sin), expected)
+        scale, shift = model.final_adaln(cond)[:, None].chunk(2, dim=-1)
+        labels, codes = torch.tensor([1, 10]), torch.randint(0, 64, (2, 15))
+        features = model.tok_embeddings(codes)
+        hidden = torch.cat([cond[:, None], features], 1)
+        for b in model.layers:
+            hidden = b(hidden, cond, cos, sin)
+        expected = model.output(model.norm(hidden) * (1 + scale) + shift)
+        torch.testing.assert_close(model(labels, codes), expected)
 
 
 def test_class_dropout_uses_null_class():
@@ -171,8 +271,8 @@ def test_kv_cache_greedy_equals_full_recompute(adaln, rope, cfg_scale):
     full recompute of the whole prefix picks, with and without adaLN and CFG, on a grid (2D RoPE) and on a 1D
     tokenizer's sequence (1D RoPE)."""
     model = tiny_gpt(adaln=adaln, rope=rope)
-    if rope == '1d':  # rotary pair 0 turns 1 rad per position
-        assert torch.equal(model.rope_cos[:, 0], torch.cos(torch.arange(16.0)))
+    if rope == '1d':  # rotary pair 0 turns 1 rad per position: the class token's row 0, code i at i
+        assert torch.equal(model.rope_cos[:, 0], torch.cat([torch.zeros(1), torch.cos(torch.arange(15.0))]))
     labels = torch.tensor([0, 3, 9])
     cached = generate(model, labels, cfg_scale=cfg_scale, top_k=1)
     codes = torch.empty(3, 0, dtype=torch.long)
@@ -419,7 +519,7 @@ def test_codes_of_a_retrained_tokenizer_are_not_reused(tmp_path, monkeypatch):
 def test_a_checkpoint_of_the_other_kind_is_named(tmp_path, monkeypatch):
     tok = save_tiny_tokenizer(tmp_path / 'tok.pt')
     gpt = str(tmp_path / 'gpt.pt')
-    atomic_save({'kind': 'gpt', 'model': {}, 'model_args': {}}, gpt)
+    atomic_save({'kind': 'gpt', 'format': CHECKPOINT_FORMAT, 'model': {}, 'model_args': {}}, gpt)
     with pytest.raises(ValueError, match="is a gpt checkpoint"):
         run_in_process(monkeypatch, 'train_ar.py', f'--tokenizer_ckpt={gpt}', f'--out_dir={tmp_path / "x"}',
                        *TINY_RUN)
@@ -458,7 +558,7 @@ def test_whole_chain_tokenizer_codes_gpt_samples(tmp_path, monkeypatch, capsys):
         run_in_process(monkeypatch, 'evaluate.py', '--mode=gen', f'--samples={out / "samples.npz"}',
                        f'--ref={out / "samples.npz"}',
                        f'--inception_weights={tmp_path / "inception_random.pth"}',
-                       f'--out_dir={tmp_path / "eval"}', '--device=cpu', '--ref_cache=False')
+                       f'--out_dir={tmp_path / "eval"}', '--device=cpu')
         results = json.load(open(tmp_path / 'eval' / 'eval_gen.json'))
         assert results['num_samples'] == 5 and np.isfinite(results['fid'])
 
@@ -500,7 +600,8 @@ def test_1d_tokenizer_chain_tokenizer_codes_gpt_samples_entropy(tmp_path, monkey
 def test_multi_code_tokenizers_are_refused_by_name(tmp_path, monkeypatch):
     """rq / msvq tokenizers (FVQ Table 4) give several codes per position; the GPT models one."""
     model_args = dict(TINY_TOKENIZER, quantizer='msvq', quantizer_args={'msvq_scales': (1, 4, 16)})
-    atomic_save({'kind': 'tokenizer', 'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args,
+    atomic_save({'kind': 'tokenizer', 'format': CHECKPOINT_FORMAT,
+                 'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args,
                  'iter_num': 0, 'config': {'image_size': 32, 'data_dir': ''}}, str(tmp_path / 'tok.pt'))
     with pytest.raises(ValueError, match="multi-code tokenizer"):
         run_in_process(monkeypatch, 'train_ar.py', f'--tokenizer_ckpt={tmp_path / "tok.pt"}',

@@ -212,9 +212,9 @@ def test_weight_ema_update_and_loading(tmp_path, monkeypatch):
     error = train_fails(monkeypatch, *tiny(tmp_path, '--max_iters=2', *args, '--init_from=resume'))
     assert 'ema_decay (checkpoint 0.9, now 0.0)' in error
     error = train_fails(monkeypatch, *tiny(tmp_path, '--max_iters=2', *args, '--ema_decay=0.9',
-                                           '--init_from=resume', '--ch=16', '--codebook_size=32'))
+                                           '--init_from=resume', '--ch=16', '--codebook_size=36'))
     assert ('differing model keys: ch (checkpoint 32, config 16), codebook_size (checkpoint 64, '
-            'config 32)') in error
+            'config 36)') in error
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path, monkeypatch):
