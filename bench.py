@@ -60,20 +60,18 @@ torch.manual_seed(seed)
 
 def time_steps(step, per_step, unit):
     """-> seconds per step over `steps` calls after 1 + warmup_steps untimed ones, and the printed figures."""
-    t0 = time.perf_counter()
-    step()
-    sync()
-    first_step_s = time.perf_counter() - t0
-    for _ in range(warmup_steps):
-        step()
-    sync()
+    def seconds_for(calls):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        sync()
+        return time.perf_counter() - t0
+
+    first_step_s = seconds_for(1)
+    seconds_for(warmup_steps)
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - t0) / steps
+    seconds = seconds_for(steps) / steps
     peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB" if device_type == 'cuda' else 'n/a'
     return seconds, (f"{per_step / seconds:.2f} {unit}, {1000 * seconds:.2f} ms/iter, peak {peak}, "
                      f"first step {first_step_s:.3g} s")
@@ -97,7 +95,6 @@ def naive_quantize(quantizer, z):
 
 # -----------------------------------------------------------------------------
 # the benchmarks
-
 if what == 'quantizer':
     options = {k: globals()[k] for k in quantizer_options(kind) if k in config_keys}  # here: projector
     quantizer = make_quantizer(kind, codebook_size, dim, **options).to(device)

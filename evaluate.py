@@ -11,6 +11,7 @@ Evaluation (torch, numpy, scipy, lpips); a table and out_dir/eval_<mode>.json pe
 import os
 import json
 import math
+import pickle
 import warnings
 
 import numpy as np
@@ -18,10 +19,12 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure  # not pyplot: no display backend, no global figure to close
 from tqdm import tqdm
 
 from quantizers import code_usage, code_levels, flat_codes
-from tokenizer import atomic_write, to_uint8, psnr
+from tokenizer import (atomic_write, to_uint8, psnr, load_tokenizer, tokenizer_checkpoint, make_dataset,
+                       split_held_out, collate, make_lpips)
 
 # -----------------------------------------------------------------------------
 # default config; override with config files / --key=value
@@ -94,8 +97,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 def fid_to_statistics(features, mu, sigma):
     """FID between features (N, D) and statistics (mu, sigma). For N <= D, S1 = A^T A (A: centred features /
-    sqrt(N - 1)), so tr sqrt(S1 S2) is exactly the sum of the square roots of the eigenvalues of the N x N
-    A S2 A^T, without a D x D sqrtm; otherwise ADM's formula."""
+    sqrt(N - 1)): tr sqrt(S1 S2) = the sum of sqrt(eigenvalues) of the N x N A S2 A^T, no D x D sqrtm."""
     features, mu, sigma = (np.asarray(a, dtype=np.float64) for a in (features, mu, sigma))
     N, D = features.shape
     if N > D:
@@ -131,7 +133,6 @@ def pairwise_sq_distances(a, b):
     return ((a * a).sum(1)[:, None] - 2 * a @ b.t() + (b * b).sum(1)[None, :]).clamp_min_(0)
 
 
-@torch.no_grad()
 def manifold_radii(x, k=3, batch_size=10000):
     """x (N, D) -> (N,) squared distance of each point to its k-th nearest other point."""
     if len(x) <= k:
@@ -143,7 +144,6 @@ def manifold_radii(x, k=3, batch_size=10000):
     return torch.cat(radii)
 
 
-@torch.no_grad()
 def precision_recall(ref_features, sample_features, k=3, batch_size=10000, device='cpu'):
     """Improved precision / recall (Kynkaanniemi et al. 2019) as ADM: precision = the fraction of samples
     inside some reference point's k-NN ball, recall = the fraction of reference points inside a sample's."""
@@ -168,17 +168,13 @@ def blur_valid(t, window):
 
 
 def ssim(x, y, data_range=1.0, gaussian=True, window_size=11, sample_covariance=False):
-    """Per-image SSIM (Wang et al. 2004) -> (B,), averaged where the window fits and over channels. Default:
-    skimage's structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False); with
-    gaussian=False a uniform window_size^2 window (skimage's default, 7)."""
+    """Per-image SSIM (Wang et al. 2004) -> (B,), as skimage's structural_similarity(gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False); gaussian=False: a uniform window (skimage's default, 7 x 7)."""
     x, y = x.double(), y.double()
-    window = torch.ones(window_size, dtype=torch.float64, device=x.device)
-    if gaussian:
-        r = torch.arange(window_size, dtype=torch.float64, device=x.device) - (window_size - 1) / 2
-        window = torch.exp(-r ** 2 / (2 * 1.5 ** 2))  # sigma 1.5
+    r = torch.arange(window_size, dtype=torch.float64, device=x.device) - (window_size - 1) / 2
+    window = torch.exp(-r ** 2 / (2 * 1.5 ** 2)) if gaussian else torch.ones_like(r)  # Gaussian: sigma 1.5
     window = window / window.sum()  # (window_size,)
-    # skimage's use_sample_covariance: the window's variances with n - 1 instead of n
-    cov_norm = window_size ** 2 / (window_size ** 2 - 1) if sample_covariance else 1.0
+    cov_norm = window_size ** 2 / (window_size ** 2 - 1) if sample_covariance else 1.0  # n / (n - 1)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mu_x, mu_y = blur_valid(x, window), blur_valid(y, window)
     var_x = cov_norm * (blur_valid(x * x, window) - mu_x ** 2)
@@ -188,12 +184,6 @@ def ssim(x, y, data_range=1.0, gaussian=True, window_size=11, sample_covariance=
     return s.mean(dim=(1, 2, 3))
 
 
-def luma(x):
-    """(B, 3, H, W) RGB in [0, 1] -> (B, 1, H, W) ITU-R BT.601 Y in [16/255, 235/255] (pyiqa's rgb2ycbcr)."""
-    weights = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64, device=x.device)
-    return ((x.double().permute(0, 2, 3, 1) @ weights + 16.0) / 255.0)[:, None]
-
-
 def reconstruction_metrics(fake, real, convention='standard'):
     """Per-image PSNR and SSIM (B,) under the convention of a paper's table (LPIPS: see run_recon)."""
     if convention == 'llamagen':  # LlamaGen's reconstruction_vq_ddp.py: skimage PSNR, and skimage SSIM's
@@ -201,7 +191,10 @@ def reconstruction_metrics(fake, real, convention='standard'):
         return psnr(fake, real), ssim(fake, real, data_range=2.0, gaussian=False, window_size=7,
                                       sample_covariance=True)
     if convention == 'fvq':  # FVQ's eval_fid_usage_lpips.py: pyiqa PSNR on BT.601 Y, piq.ssim(data_range=2.)
-        psnr_y = 10 * torch.log10(1.0 / (((luma(fake) - luma(real)) ** 2).flatten(1).mean(1) + 1e-8))
+        # BT.601 Y in [16/255, 235/255] (pyiqa's rgb2ycbcr), (B, H, W)
+        weights = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64, device=fake.device)
+        fake_y, real_y = ((t.double().permute(0, 2, 3, 1) @ weights + 16.0) / 255.0 for t in (fake, real))
+        psnr_y = 10 * torch.log10(1.0 / (((fake_y - real_y) ** 2).flatten(1).mean(1) + 1e-8))
         # piq divides the images by data_range and average-pools those of >= 384 px by round(min(H, W) / 256)
         f = max(1, round(min(fake.shape[-2:]) / 256))
         fake, real = F.avg_pool2d(fake.double(), f), F.avg_pool2d(real.double(), f)
@@ -314,15 +307,13 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, steps=200, weight_
 # recon mode: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity of a tokenizer on an image set
 
 def run_recon(config):
-    """rFID (reconstructions vs originals), PSNR, SSIM, LPIPS, codebook usage and perplexity of a tokenizer on
-    the first num_images images of a dataset, center-cropped, never augmented."""
-    from tokenizer import (load_tokenizer, tokenizer_checkpoint, make_dataset, split_held_out, collate,
-                           make_lpips)
+    """rFID of reconstructions vs originals and the rest on the first num_images images, never augmented."""
+    dev = resolve_device(config['device'])
+    inception = load_inception(config['inception_weights'], dev) if config['rfid'] else None
     check_choice(config, 'split', ('val', 'train', 'heldout'))
     convention = check_choice(config, 'metric_convention', ('standard', 'llamagen', 'fvq'))
     if config['ckpt'] == '':
         raise ValueError("recon mode needs --ckpt=<tokenizer checkpoint>")
-    dev = resolve_device(config['device'])
     tokenizer = load_tokenizer(config['ckpt']).to(dev).float()
     train_config = tokenizer_checkpoint(config['ckpt'])['config']
     if config['data_dir'] == 'from_ckpt' and 'data_dir' not in train_config:
@@ -339,7 +330,6 @@ def run_recon(config):
     dataset = torch.utils.data.Subset(dataset, range(min(config['num_images'], len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=config['batch_size'],
                                          num_workers=config['num_workers'], collate_fn=collate)
-    inception = load_inception(config['inception_weights'], dev) if config['rfid'] else None
     lpips_net = 'alex' if convention == 'fvq' else 'vgg'  # FVQ's tables: pyiqa's LPIPS v0.1 AlexNet
     lpips_model = make_lpips(config['lpips_random_backbone'], lpips_net).to(dev) if config['lpips'] else None
     K = tokenizer.quantizer.codebook_size
@@ -370,7 +360,7 @@ def run_recon(config):
     if not parts:
         raise ValueError(f"no readable images in '{data_dir}'")
     parts = {key: torch.cat(value) for key, value in parts.items()}
-    results = {name: code_usage(c)[0].item() for name, c in counts.items()}  # codebook_usage[_<level>]
+    results = {name: 100 * code_usage(c)[0].item() for name, c in counts.items()}  # codebook_usage[_<level>]
     results.update(psnr=parts['psnr'].mean().item(), ssim=parts['ssim'].mean().item(),
                    perplexity=code_usage(counts['codebook_usage'])[1].item(), codebook_size=K,
                    usage_tokens=int(counts['codebook_usage'].sum()), num_images=len(parts['codes']),
@@ -385,34 +375,31 @@ def run_recon(config):
     return results
 
 # -----------------------------------------------------------------------------
-# gen mode: FID, sFID, IS, precision and recall of a sample batch against a reference batch (ADM's protocol);
-# ref mode: an ADM-format reference batch (statistics over a whole image set + a sample of its images)
+# gen and ref modes: ADM's protocol (FID, sFID, IS, precision / recall) and its reference batches
 
 def run_gen(config):
     """FID, sFID, IS, precision and recall of a sample batch against a reference batch (ADM's protocol)."""
+    dev = resolve_device(config['device'])
+    model = load_inception(config['inception_weights'], dev)
     if config['samples'] == '' or config['ref'] == '':
         raise ValueError("gen mode needs --samples=<samples .npz> and --ref=<reference batch .npz>")
     samples, ref_images = npz_images(config['samples']), npz_images(config['ref'])
     if samples.shape[1:] != ref_images.shape[1:]:
         raise ValueError(f"the samples are {samples.shape[1]}x{samples.shape[2]} images, the reference "
                          f"batch's {ref_images.shape[1]}x{ref_images.shape[2]}: FID compares one size")
-    dev = resolve_device(config['device'])
-    model = load_inception(config['inception_weights'], dev)
     # the reference's features every run, as ADM's evaluator computes them (P/R needs arr_0's features)
-    features, spatial, _ = inception_features(model, ref_images, config['batch_size'], dev, 'reference')
-    statistics = feature_statistics(features) + feature_statistics(spatial)
-    ref = dict(zip(('mu', 'sigma', 'mu_s', 'sigma_s'), statistics), features=features)
-    with np.load(config['ref']) as data:  # ADM's read_statistics: the statistics a batch stores (in ADM's,
-        # of the whole training set; those of its 10,000-image arr_0 would bias FID upward) replace arr_0's
+    ref_features, spatial, _ = inception_features(model, ref_images, config['batch_size'], dev, 'reference')
+    with np.load(config['ref']) as data:  # ADM's: its stored statistics (the training set's) replace arr_0's
         ref_stored = {k: data[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s') if k in data.files}
-    ref.update(ref_stored)
+    statistics = feature_statistics(ref_features) + feature_statistics(spatial)
+    ref = {**dict(zip(('mu', 'sigma', 'mu_s', 'sigma_s'), statistics)), **ref_stored}
     features, spatial, logits = inception_features(model, samples, config['batch_size'], dev, 'samples')
     is_mean, is_std = inception_score(logits)
-    precision, recall = precision_recall(ref['features'], features, device=dev)
+    precision, recall = precision_recall(ref_features, features, device=dev)
     return {'fid': fid_to_statistics(features, ref['mu'], ref['sigma']),
             'sfid': fid_to_statistics(spatial, ref['mu_s'], ref['sigma_s']),
             'inception_score': is_mean, 'inception_score_std': is_std, 'precision': precision,
-            'recall': recall, 'num_samples': len(features), 'num_ref': len(ref['features']),
+            'recall': recall, 'num_samples': len(features), 'num_ref': len(ref_features),
             'ref_statistics': ', '.join(ref_stored) or f"computed from its {len(ref_images)} arr_0 images"}
 
 
@@ -437,20 +424,18 @@ def moments_statistics(moments):
 def run_ref(config):
     """Writes an ADM-format reference batch of an image set, like ADM's VIRTUAL_imagenet256_labeled.npz: mu /
     sigma (pool3) and mu_s / sigma_s (sFID) over all its images, and arr_0, a random sample of them."""
-    from tokenizer import make_dataset, collate
+    dev = resolve_device(config['device'])
+    model = load_inception(config['inception_weights'], dev)
     if (config['ref_out'] == '' or config['data_dir'] == 'from_ckpt' or config['image_size'] <= 0
             or config['ref_sample_images'] <= 0):
-        raise ValueError("ref mode needs --ref_out=<the .npz to write>, --data_dir=<ImageFolder> ('' = the "
-                         "built-in procedural set), --image_size=<pixels> (the samples' resolution) and "
-                         "--ref_sample_images >= 1")
+        raise ValueError("ref mode needs --ref_out=<the .npz to write>, --data_dir=<ImageFolder; '' = the "
+                         "built-in set>, --image_size=<the samples' pixels> and --ref_sample_images >= 1")
     size, train = config['image_size'], check_choice(config, 'split', ('val', 'train')) == 'train'
     # ADM's preprocessing: centre crop (BOX-halving, then BICUBIC), no augmentation
     dataset = make_dataset(config['data_dir'], size, train=train, augment=False)
     dataset = torch.utils.data.Subset(dataset, range(min(config['num_images'], len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=config['batch_size'],
                                          num_workers=config['num_workers'], collate_fn=collate)
-    dev = resolve_device(config['device'])
-    model = load_inception(config['inception_weights'], dev)
     pool, spatial, skipped = None, None, 0
     for images, _, n_skipped in tqdm(loader, desc='reference'):
         skipped += n_skipped
@@ -468,38 +453,28 @@ def run_ref(config):
     sample = to_uint8(sample).permute(0, 2, 3, 1).numpy()  # (n, S, S, 3)
     atomic_write(config['ref_out'], lambda f: np.savez(f, arr_0=sample, mu=mu, sigma=sigma, mu_s=mu_s,
                                                        sigma_s=sigma_s))
-    return {'ref_out': config['ref_out'], 'num_images': pool[0], 'num_skipped': skipped,
-            'arr_0_images': len(sample), 'image_size': size, 'data_dir': config['data_dir'],
-            'split': config['split']}
+    return {'ref_out': config['ref_out'], 'num_images': pool[0], 'num_skipped': skipped, 'image_size': size,
+            'arr_0_images': len(sample), 'data_dir': config['data_dir'], 'split': config['split']}
 
 # -----------------------------------------------------------------------------
 # entropy and probe modes on code sequences: VCQ's entropy cliff (H_t, t_cliff, t_star), its linear probe
 
-def entropy_codebook_sizes(config, T, meta):
-    """-> (K_t (T,) for VCQ's t*, their source): from --ckpt or a train_ar.py codes folder, else None."""
+def run_entropy(config):
+    """H_t, the budget left, t_cliff and VCQ's t_star of code sequences, one per image (see entropy_cliff)."""
+    if config['codes'] == '':
+        raise ValueError("entropy mode needs --codes=<codes .npy, (N, T) or (N, h, w)>")
+    c, _, meta = load_codes(config['codes'])
+    N, T = c.shape
+    sizes, source = None, 'unknown (pass --ckpt)'  # K_t (T,) for t*: --ckpt's or a train_ar.py codes folder's
     if config['ckpt'] != '':
-        from tokenizer import load_tokenizer
         quantizer = load_tokenizer(config['ckpt']).quantizer
         sizes, source = quantizer.codebook_sizes, config['ckpt']
         sizes = np.full(T, quantizer.codebook_size) if sizes is None else sizes.numpy()
     elif meta is not None:
         source = os.path.join(os.path.dirname(os.path.abspath(config['codes'])), 'codebook_sizes.npy')
         sizes = np.load(source) if meta['vcq'] else np.full(T, meta['codebook_size'])
-    else:
-        return None, 'unknown (pass --ckpt)'
-    if sizes.shape != (T,):
+    if sizes is not None and sizes.shape != (T,):
         raise ValueError(f"the codebook sizes from {source} have shape {sizes.shape}; codes: {T} positions")
-    return sizes, source
-
-
-def run_entropy(config):
-    """Per-position conditional entropy H_t and remaining budget of a set of code sequences (one per image),
-    their measured cliff t_cliff and VCQ's predicted t_star (see entropy_cliff)."""
-    if config['codes'] == '':
-        raise ValueError("entropy mode needs --codes=<codes .npy, (N, T) or (N, h, w)>")
-    c, _, meta = load_codes(config['codes'])
-    N, T = c.shape
-    sizes, source = entropy_codebook_sizes(config, T, meta)
     if sizes is not None and (c >= sizes).any():
         t = int(np.flatnonzero((c >= sizes).any(0))[0])
         raise ValueError(f"codes at position {t + 1} reach {c[:, t].max()} but the codebook there has "
@@ -507,13 +482,12 @@ def run_entropy(config):
     results = entropy_cliff(conditional_entropies(c), N, config['entropy_threshold'], sizes)
     results['codebook_sizes_source'] = source
     png = os.path.join(config['out_dir'], 'entropy.png')
-    results['png'] = plot_entropy([(config['codes'], results)], png)
+    results['png'] = plot_entropy([(os.path.basename(os.path.abspath(config['out_dir'])), results)], png)
     return results
 
 
 def run_probe(config):
     """VCQ §4.4: a linear probe on the code vectors of the first k tokens -> top-1 / 5 of a held-out 20%."""
-    from tokenizer import load_tokenizer
     if config['codes'] == '' or config['labels'] == '' or config['ckpt'] == '':
         raise ValueError("probe mode needs --codes=<codes .npy>, --labels=<labels .npy> and "
                          "--ckpt=<tokenizer checkpoint> (the code vectors)")
@@ -524,6 +498,8 @@ def run_probe(config):
     with torch.no_grad():
         codebook = load_tokenizer(config['ckpt']).quantizer.codebook().float()  # (K, D)
     x, y = probe_features(c, codebook, config['first_k']), torch.as_tensor(y, dtype=torch.long)
+    if len(y.unique()) < 2:
+        warnings.warn(f"the labels in {config['labels']} hold one class: a top-1 of 1 says nothing")
     order = torch.randperm(len(c), generator=torch.Generator().manual_seed(config['seed']))
     val, train = order[:math.ceil(0.2 * len(c))], order[math.ceil(0.2 * len(c)):]
     num_classes = int(y.max()) + 1
@@ -535,37 +511,46 @@ def run_probe(config):
 # -----------------------------------------------------------------------------
 # curves mode: training curves of several runs (their log.jsonl) and entropy cliffs on one figure
 
-CURVES = [('usage', 'codebook usage (%)', 'train', 'usage'),  # (file name, y label, log split, key)
-          ('psnr', 'held-out PSNR (dB)', 'eval', 'psnr'),
-          ('rec_loss', 'reconstruction loss', 'train', 'rec'),
-          ('loss', 'training loss', 'train', 'loss')]  # GPT runs only (tokenizer runs log 'rec')
+CURVES = [('usage', 'codebook usage (%)', 'train', 'usage', (0, 102)),  # (file name, y label, log split, key,
+          ('psnr', 'held-out PSNR (dB)', 'eval', 'psnr', None),  # y limits or None: automatic)
+          ('rec_loss', 'reconstruction loss', 'train', 'rec', None),
+          ('loss', 'GPT training loss', 'train', 'loss', None)]  # GPT runs only (a tokenizer's is its total)
+SETTING_KEYS = ('quantizer', 'vcq_schedule', 'codebook_size', 'code_dim', 'image_size', 'ar_model', 'n_layer',
+                'max_iters')  # a run's setting in the plots' titles: those its config sets (not to 0 or '')
+
+
+def run_setting(rows):
+    """'key=value' of the config record train_tokenizer.py / train_ar.py log first, and the device, or []."""
+    for r in rows:
+        if r.get('split') == 'config':
+            return [f"{k}={r['config'][k]}" for k in SETTING_KEYS if r['config'].get(k)] + [r['device']]
+    return []
 
 
 def run_curves(config):
-    """Codebook usage, held-out PSNR and reconstruction loss (GPTs: the loss) against iteration of several
-    runs, one PNG each, their final values, and the entropy cliffs of several entropy-mode runs."""
+    """A PNG per curve in CURVES that a run logs, titled with the settings the runs share; final values."""
     logs, entropy_dirs = ([d for d in config[key].split(',') if d] for key in ('logs', 'entropy_dirs'))
     names = ([n for n in config['names'].split(',') if n]
-             or [os.path.basename(os.path.normpath(d)) for d in logs + entropy_dirs])
+             or [os.path.basename(os.path.abspath(d)) for d in logs + entropy_dirs])
     if not logs + entropy_dirs or len(names) != len(logs) + len(entropy_dirs):
         raise ValueError(f"curves mode needs --logs=<run dir>,... and/or --entropy_dirs=<entropy-mode "
                          f"out_dir>,..., and one name per folder in --names (got {len(names)})")
     records = {name: read_json(os.path.join(d, 'log.jsonl'), lines=True) for name, d in zip(names, logs)}
-    tokenizer_runs = any('rec' in r for rows in records.values() for r in rows)
+    settings = {name: run_setting(rows) for name, rows in records.items()}
+    gpt_runs = [name for name, rows in records.items() if not any('rec' in r for r in rows)]
     results = {'png': []}
-    for file_name, label, split, key in CURVES:
+    for file_name, label, split, key, ylim in CURVES:
         series = {name: [(r['iter'], r[key]) for r in rows if r.get('split') == split and key in r]
-                  for name, rows in records.items()}
+                  for name, rows in records.items() if key != 'loss' or name in gpt_runs}
         series = {name: points for name, points in series.items() if points}
-        if not series or (key == 'loss' and tokenizer_runs):
+        if not series:
             continue
-        fig, ax = new_figure()
-        for name, points in series.items():
-            x, y = zip(*points)
-            ax.plot(x, [100 * v for v in y] if key == 'usage' else y, label=name)
-        limits = {'ylim': (0, 102)} if key == 'usage' else {}
-        results['png'].append(save_figure(fig, os.path.join(config['out_dir'], f'{file_name}.png'),
-                                          xlabel='iteration', ylabel=label, **limits))
+        shared = [s for s in settings[next(iter(series))] if all(s in settings[n] for n in series)]
+        ax = Figure(figsize=(6.4, 4)).subplots()
+        for name, points in series.items():  # the legend: the run and what differs
+            ax.plot(*zip(*points), label=', '.join([name] + [s for s in settings[name] if s not in shared]))
+        results['png'].append(save_figure(ax, os.path.join(config['out_dir'], f'{file_name}.png'), ylim=ylim,
+                                          xlabel='iteration', ylabel=label, title=', '.join(shared)))
     for name, rows in records.items():  # the last train and eval values of each run
         final = results[name] = {'iter': rows[-1]['iter'] if rows else 0}
         for split, prefix, keys in (('train', '', ('usage', 'usage_tokens', 'rec', 'loss')),
@@ -590,26 +575,31 @@ def npz_images(path):
     """arr_0 of an ADM-format .npz: uint8 images (N, H, W, 3), read whole (as sample.py writes them)."""
     data = np.load(path)
     images = data.get('arr_0') if isinstance(data, np.lib.npyio.NpzFile) else None
-    valid = images is not None and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3
-    if not valid or len(images) == 0:
+    if images is None or images.dtype != np.uint8 or images.shape[3:] != (3,) or len(images) == 0:
         raise ValueError(f"'{path}' has no arr_0 of uint8 images N x H x W x 3 (ADM's .npz format)")
     return images
 
 
-FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
-                   'pt_inception-2015-12-05-6726825d.pth')
+FID_WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'  # the name of pytorch-fid's weights file
+FID_WEIGHTS_URL = f'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS}'
 
 
-def load_inception(weights_path, device):
-    """The FID Inception in eval mode with pytorch-fid's weights; '' = downloaded once into torch hub's cache
-    (offline: get FID_WEIGHTS_URL by hand and pass its path as --inception_weights)."""
-    if weights_path == '':
-        state_dict = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location='cpu',
-                                                        weights_only=True)
-    else:
-        state_dict = torch.load(weights_path, map_location='cpu', weights_only=True)
+def load_inception(path, device):
+    """The FID Inception in eval mode with pytorch-fid's weights; '' = torch hub's cache, downloaded once."""
+    if path == '':
+        path = os.path.join(torch.hub.get_dir(), 'checkpoints', FID_WEIGHTS)  # as load_state_dict_from_url
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(FID_WEIGHTS_URL, path)  # removes its partial file
+            except OSError as e:  # offline: a URLError
+                raise FileNotFoundError(f"no FID Inception weights ({e}): get {FID_WEIGHTS_URL} and put it "
+                                        f"at {path}, or pass --inception_weights=<its path>") from None
     model = FIDInceptionV3()
-    model.load_state_dict(state_dict)  # strict: pytorch-fid's file, nothing else
+    try:
+        model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))  # strict
+    except (RuntimeError, TypeError, EOFError, pickle.UnpicklingError):
+        raise ValueError(f"{path} is not the FID Inception weights file ({FID_WEIGHTS})") from None
     return model.to(device).eval()
 
 
@@ -659,33 +649,28 @@ def print_table(title, rows):
         print(f"  {key:<28} {value:.6g}" if isinstance(value, float) else f"  {key:<28} {value}")
 
 
-def new_figure():
-    from matplotlib.figure import Figure  # not pyplot: no display backend, no global figure to close
-    fig = Figure(figsize=(6.4, 4))
-    return fig, fig.subplots()
-
-
-def save_figure(fig, path, **axes):
-    """Sets the axes' labels, scales and limits (ax.set's keywords), adds the legend, writes the PNG."""
-    fig.axes[0].set(**axes)
-    fig.axes[0].legend(fontsize=7)
+def save_figure(ax, path, **axes):
+    """Sets the axes (ax.set's keywords), the legend beside them, not over the curves; writes the PNG."""
+    ax.set(**axes)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches='tight')
+    ax.figure.savefig(path, dpi=100, bbox_inches='tight')
     return path
 
 
 def plot_entropy(runs, path):
-    """runs: [(name, entropy_cliff result)] -> one PNG of H_t and the remaining budget (VCQ Fig. 2a), with
-    each run's t* of eq. (2) where its codebook sizes are known."""
-    fig, ax = new_figure()
+    """runs: [(name, entropy_cliff result)] -> one PNG of H_t, the budget left and t* (VCQ Fig. 2a, eq. 2)."""
+    ax = Figure(figsize=(6.4, 4)).subplots()
     for i, (name, result) in enumerate(runs):
         t, color = np.arange(1, result['seq_len'] + 1), f'C{i}'
-        ax.plot(t, result['H_bits'], color=color, label=f'{name}: H(x_t | x_<t)')
-        ax.plot(t, result['remaining_budget_bits'], color=color, linestyle='--', label=f'{name}: budget left')
+        ax.plot(t, result['H_bits'], color=color, label=name + r': $H(x_t \mid x_{<t})$')
+        ax.plot(t, result['remaining_budget_bits'], color=color, linestyle='--',
+                label=name + r': budget left, $\log_2 N - \Sigma_{s<t} H_s$ (eq. 2)')
         if result.get('t_star') is not None:
             ax.axvline(result['t_star'], color=color, linestyle=':', label=f"{name}: t* = {result['t_star']}")
     title = 'entropy cliff: ' + ', '.join(f"{name} N = {result['num_sequences']}" for name, result in runs)
-    return save_figure(fig, path, xscale='log', xlabel='position t', ylabel='bits', title=title)
+    return save_figure(ax, path, xscale='log', xlabel='position t', ylabel='bits', title=title)
 
 
 # -----------------------------------------------------------------------------
@@ -816,8 +801,7 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)  # ImageNet-2012's classes and the extra ones of the 2015 TF graph
 
     def forward(self, images):
-        x = F.interpolate(images, size=(299, 299), mode='bilinear', align_corners=False)
-        x = 2 * x - 1  # the TF graph's input range
+        x = 2 * F.interpolate(images, size=(299, 299), mode='bilinear', align_corners=False) - 1  # TF's range
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
@@ -831,8 +815,7 @@ class FIDInceptionV3(nn.Module):
         x = self.Mixed_7a(self.Mixed_6e(x))  # (B, 1280, 8, 8)
         x = self.Mixed_7c(self.Mixed_7b(x))  # (B, 2048, 8, 8)
         features = x.mean(dim=(2, 3))  # (B, 2048) pool3
-        # The Inception Score of improved-GAN / ADM / torch-fidelity ('logits_unbiased') takes the softmax of
-        # pool3 @ W, without the fc bias: keep that convention so IS values are comparable with the papers'.
+        # IS as improved-GAN / ADM / torch-fidelity ('logits_unbiased'): softmax of pool3 @ W, no fc bias
         logits = features @ self.fc.weight.t()  # (B, 1008)
         return features, spatial, logits
 

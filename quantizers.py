@@ -9,6 +9,7 @@ Every quantizer is an nn.Module that provides
 A new kind is one such class plus one line in QUANTIZERS (and a trainer default for each new option):
 make_quantizer(kind, K, D, **options) builds it; its options are its constructor's keyword-only arguments.
 The arithmetic runs in float32 with autocast off: bf16 distances cannot separate 262k codes.
+Codes are picked with index_select: its backward adds in index order, so CPU runs repeat.
 """
 import inspect
 import math
@@ -21,11 +22,6 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # plain VQ (LlamaGen) and residual VQ (RQ-VAE); FVQ is either behind a projector over the codebook
-def pick(codebook, indices):
-    # rows (N, D) of codebook (K, D); index_select's backward adds in index order: CPU runs repeat
-    return codebook.index_select(0, indices)
-
-
 class VectorQuantizer(nn.Module):
     """Nearest-code VQ, straight-through, loss |z_q - sg z|^2 + beta |sg z_q - z|^2. l2_norm: unit codes at
     init, and without a projector unit z and codes in every forward (LlamaGen). rq_depth: RQ-VAE's depth."""
@@ -71,10 +67,9 @@ class VectorQuantizer(nn.Module):
             residual, indices, partial_sums = z_flat.detach(), [], []
             for depth in range(self.rq_depth):
                 depth_indices = nearest_codes(residual, codebook.detach(), self.chunk_size, sizes)  # (N,)
-                code = (F.normalize(pick(self.embedding, depth_indices), dim=-1) if self.normalize_forward
-                        else pick(codebook, depth_indices))  # (N, D)
-                if depth + 1 < self.rq_depth:
-                    residual = residual - code.detach()
+                code = (F.normalize(self.embedding.index_select(0, depth_indices), dim=-1)
+                        if self.normalize_forward else codebook.index_select(0, depth_indices))  # (N, D)
+                residual = residual - code.detach()
                 z_q = code if depth == 0 else z_q + code
                 indices.append(depth_indices)
                 partial_sums.append(z_q)
@@ -146,8 +141,7 @@ class BridgeBlock(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(T, dim)
         x = x + gate_attn * self.proj(h)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        x = x + gate_mlp * self.fc2(F.gelu(self.fc1(h), approximate='tanh'))
-        return x
+        return x + gate_mlp * self.fc2(F.gelu(self.fc1(h), approximate='tanh'))
 
 
 class VQBridge(nn.Module):
@@ -301,7 +295,7 @@ def ibq_formula(z, codebook, sizes, temperature):
 
 def ibq_loss(z, codebook, z_q, indices, beta):
     # the double quantization loss (eq. 12) as SEED-Voken computes it, z_q' = onehot C -> loss, terms
-    z_q_hard = pick(codebook, indices)  # (N, D) z_q' of eq. 11
+    z_q_hard = codebook.index_select(0, indices)  # (N, D) z_q' of eq. 11
     terms = dict(soft_loss=F.mse_loss(z_q, z), codebook_loss=F.mse_loss(z_q_hard, z.detach()),
                  commit_loss=F.mse_loss(z, z_q_hard.detach()))
     # beta on the codebook term |sg z - z_q'|^2 (SEED-Voken); eq. 12 prints it on the commitment term
@@ -399,22 +393,21 @@ class MultiScaleQuantizer(nn.Module):
             codebook = self.codebook()
             search_codes = F.normalize(codebook.detach(), dim=-1) if self.l2_norm else codebook.detach()
             z = z.float()
-            residual, f_hat, indices, codebook_losses, commit_losses = z.detach(), 0, [], [], []
+            residual, f_hat, indices, partial_sums = z.detach(), 0, [], []
             for si, side in enumerate(self.scales):
                 rest = residual if side == H else F.interpolate(residual, size=(side, side), mode='area')
                 rest = rest.permute(0, 2, 3, 1).reshape(B * side * side, D)  # (B*s*s, D)
                 if self.l2_norm:
                     rest = F.normalize(rest, dim=-1)
                 scale_indices = nearest_codes(rest, search_codes, self.chunk_size)  # (B*s*s,)
-                codes = pick(codebook, scale_indices).reshape(B, side, side, D).permute(0, 3, 1, 2)
+                codes = codebook.index_select(0, scale_indices).reshape(B, side, side, D).permute(0, 3, 1, 2)
                 h = self._upsampled(codes, si, H, W)  # (B, D, H, W)
                 f_hat = f_hat + h
                 residual = residual - h.detach()
                 indices.append(scale_indices.reshape(B, side, side))
-                codebook_losses.append(F.mse_loss(f_hat, z.detach()))
-                commit_losses.append(F.mse_loss(f_hat.detach(), z))
-            codebook_loss = torch.stack(codebook_losses).mean()
-            commit_loss = torch.stack(commit_losses).mean()
+                partial_sums.append(f_hat)
+            codebook_loss = torch.stack([F.mse_loss(f, z.detach()) for f in partial_sums]).mean()
+            commit_loss = torch.stack([F.mse_loss(f.detach(), z) for f in partial_sums]).mean()
             loss = codebook_loss + self.beta * commit_loss
             z_q = z + (f_hat - z).detach()  # straight-through
         # usage and perplexity over all scales' tokens; info['indices'] is the list per scale (VAR's order)
@@ -654,11 +647,11 @@ def _info(module, indices, B, H, W, **losses):
 
 def quantizer_stats(quantizer, indices):
     # 0-d tensors, read once per log interval; perplexity: of `indices` (any flat_codes layout).
-    # usage: distinct codes among the last 10 K training tokens (1 - e^-10 of the K for uniform codes);
-    # window_usage: among the last max(65536, K + 1), the release's (at most 1 - 1/e once K >= 65,536)
+    # usage (in %): distinct codes among the last 10 K training tokens (1 - e^-10 of the K for uniform
+    # codes); window_usage: among the last max(65536, K + 1), the release's (at most 1 - 1/e once K >= 65,536)
     recent, K = quantizer.recent_codes, quantizer.codebook_size
-    stats = {'usage': recent.usage(10 * K), 'usage_tokens': recent.tokens_seen.clamp(max=10 * K),
-             'window_usage': recent.usage(max(65536, K + 1)),
+    stats = {'usage': 100 * recent.usage(10 * K), 'usage_tokens': recent.tokens_seen.clamp(max=10 * K),
+             'window_usage': 100 * recent.usage(max(65536, K + 1)),
              'perplexity': code_usage(_code_counts(flat_codes(indices), K))[1]}
     if isinstance(getattr(quantizer, 'projector', None), VQBridge):
         stats['bridge_live_slots'] = quantizer.projector.live_slots()
@@ -685,7 +678,6 @@ def quantizer_options(kind):
 
 
 def make_quantizer(kind, codebook_size, dim, **options):
-    # the quantizer `kind` of codebook_size codes of dim channels; options: quantizer_options(kind)
     valid = quantizer_options(kind)
     unknown = [name for name in options if name not in valid]
     if unknown:

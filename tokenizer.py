@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from quantizers import make_quantizer
 
@@ -887,14 +887,24 @@ def psnr(x, y):
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def save_image_grid(images, path, nrow):
-    """images (N, 3, H, W) in [-1, 1] -> one PNG, nrow images per row."""
+def save_image_grid(images, path, nrow, row_labels=()):
+    """images (N, 3, H, W) in [-1, 1] -> one PNG, nrow images per row, each enlarged (nearest) to at least
+    128 px so that small images read at page size; row_labels name the rows in a left margin."""
     images = to_uint8(images).cpu()
+    scale = max(1, 128 // images.shape[-1])
+    images = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
     N, _, H, W = images.shape
-    ncol = math.ceil(N / nrow)
-    grid = torch.zeros(3, ncol * H, nrow * W, dtype=torch.uint8)
-    for i in range(N):
-        r, c = divmod(i, nrow)
-        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = images[i]
+    rows = math.ceil(N / nrow)
+    images = torch.cat([images, images.new_zeros(rows * nrow - N, 3, H, W)])  # black tiles end the last row
+    grid = images.view(rows, nrow, 3, H, W).permute(0, 3, 1, 4, 2).reshape(rows * H, nrow * W, 3)
+    picture = Image.fromarray(grid.numpy())
+    if row_labels:
+        font = ImageFont.load_default(size=max(12, H // 6))
+        margin = max(int(font.getlength(label)) for label in row_labels) + 16
+        labelled = Image.new('RGB', (margin + picture.width, picture.height), 'white')
+        labelled.paste(picture, (margin, 0))
+        for r, label in enumerate(row_labels):
+            ImageDraw.Draw(labelled).text((8, r * H + H // 2), label, fill='black', font=font, anchor='lm')
+        picture = labelled
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    picture.save(path)

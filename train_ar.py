@@ -558,6 +558,8 @@ if __name__ == '__main__':
     # training loop
     if master:
         os.makedirs(out_dir, exist_ok=True)  # only now: a config or data error leaves no empty out_dir behind
+        if iter_num == 0:  # the run's setting, for the titles of evaluate.py's plots
+            append_log(log_path, {'iter': 0, 'split': 'config', 'config': config, 'device': device})
     flops_per_iter = raw_model.flops_per_token() * raw_model.seq_len * batch_size
     peak_flops = peak_bf16_flops(device) * world_size
     t0, start_iter = time.time(), iter_num

@@ -93,7 +93,8 @@ device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'bfloat16'  # autocast dtype on GPU ('bfloat16' or 'float32'); the CPU always runs float32
 compile = False  # True: the tokenizer block by block (tokenizer.compile_blocks), the discriminator whole
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if k[0] != '_' and isinstance(v, (int, float, str, tuple))]
+config_keys = [k for k, v in globals().items()
+               if k.islower() and k[0] != '_' and isinstance(v, (int, float, str, tuple))]  # not CONSTANTS
 default_config = {k: globals()[k] for k in config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
@@ -218,7 +219,8 @@ if master:
 
 @torch.no_grad()
 def evaluate():
-    """Logs the held-out PSNR, rec loss and usage (EMA weights if any); saves inputs (odd rows) vs outputs."""
+    """Logs the held-out PSNR, rec loss and usage (EMA weights if any); saves a row of inputs over a row of
+    their reconstructions."""
     eval_model = ema_model if ema_model is not None else raw_model
     eval_model.eval()
     keys = list(range(min(eval_images, len(eval_set))))
@@ -240,12 +242,14 @@ def evaluate():
     if not psnrs:
         raise ValueError(f"none of the {len(keys)} held-out images could be read (see the warnings above)")
     indices = torch.cat(indices)
-    save_image_grid(shown, os.path.join(out_dir, f'recon_{iter_num:07d}.png'), nrow=len(shown) // 2)
-    usage = code_usage(torch.bincount(indices, minlength=codebook_size))[0].item()
+    save_image_grid(shown, os.path.join(out_dir, f'recon_{iter_num:07d}.png'), nrow=len(shown) // 2,
+                    row_labels=('input', 'reconstruction'))
+    usage = 100 * code_usage(torch.bincount(indices, minlength=codebook_size))[0].item()  # %
     result = {'psnr': torch.cat(psnrs).mean().item(), 'rec': torch.cat(rec).mean().item(), 'usage': usage,
               'usage_tokens': indices.numel(), 'images': sum(len(p) for p in psnrs)}
     append_log(log_path, {'iter': iter_num, 'split': 'eval', **result})
-    print(f"eval iter {iter_num}: " + ", ".join(f"{k} {v:.5g}" for k, v in result.items()))
+    print(f"eval iter {iter_num}: psnr {result['psnr']:.2f} dB, rec {result['rec']:.5f}, usage {usage:.2f}% "
+          f"({indices.numel()} tokens of {result['images']} held-out images)")
 
 
 def save_checkpoint():
@@ -311,6 +315,8 @@ def get_lr(it):
 
 if master:
     os.makedirs(out_dir, exist_ok=True)  # only now: a config or data error leaves no empty out_dir behind
+    if iter_num == 0:  # the run's setting, for the titles of evaluate.py's plots
+        append_log(log_path, {'iter': 0, 'split': 'config', 'config': config, 'device': device})
 if use_disc:
     raw_disc.requires_grad_(False)  # only discriminator_step trains D
 t0, start_iter = time.time(), iter_num
@@ -385,8 +391,8 @@ while True:
                   'skipped_images': skipped_images}
         append_log(log_path, {'iter': iter_num, 'split': 'train', **record})
         losses = ', '.join(f"{k} {v.item():.5f}" for k, v in stats.items())
-        print(f"iter {iter_num}: {losses}, usage {100 * record['usage']:.2f}%, window usage "
-              f"{100 * record['window_usage']:.2f}%, {batch_size / dt:.1f} img/s, {1000 * dt:.1f} ms/iter",
+        print(f"iter {iter_num}: {losses}, usage {record['usage']:.2f}%, window usage "
+              f"{record['window_usage']:.2f}%, {batch_size / dt:.1f} img/s, {1000 * dt:.1f} ms/iter",
               flush=True)
 
 if ddp:

@@ -2,7 +2,7 @@
 # row 2, usage 0.29% at 40 epochs.
 # Targets the effect, not the number: same data, model, steps and optimiser in every study_* config (the
 # others include this file); only the quantizer differs. 128x128 real images, K = 16,384 x 256-d codes (FVQ
-# Table 3 rows 2 and 6); on one H100 about 1.5 minutes alone (~80 ms/iter), 5 minutes with the four arms side
+# Table 3 rows 2 and 6); on one H100 about 1.5 minutes alone, 5 minutes with the four arms side
 # by side.
 # Run: python train_tokenizer.py config/study_vq.py
 out_dir = 'out-study-vq'

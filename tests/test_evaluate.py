@@ -2,8 +2,10 @@ import ast
 import json
 import math
 import os
+import re
 import runpy
 import sys
+import urllib.error
 
 import numpy as np
 import pytest
@@ -92,8 +94,28 @@ def test_inception_outputs_with_random_weights(tmp_path):
     single = inception_forward(model, images[1:], 'cpu')[0]
     np.testing.assert_allclose(single[0], features[1], rtol=1e-4, atol=1e-5)
     torch.save({'fc.weight': torch.zeros(1008, 2048)}, tmp_path / 'bad.pth')
-    with pytest.raises(RuntimeError, match='Missing key'):  # strict: pytorch-fid's file and nothing else
-        load_inception(str(tmp_path / 'bad.pth'), 'cpu')
+    np.save(tmp_path / 'array.npy', np.zeros(3))
+    for other in ('bad.pth', 'array.npy', save_tokenizer(tmp_path / 'ckpt.pt')):  # pytorch-fid's file only
+        with pytest.raises(ValueError, match='is not the FID Inception weights file'):
+            load_inception(str(tmp_path / other), 'cpu')
+
+
+@pytest.mark.parametrize('mode', ['gen', 'ref', 'recon'])
+def test_inception_modes_stop_first_offline_without_the_weights(mode, tmp_path, monkeypatch):
+    """Nothing in torch hub's cache and no network: each mode that needs the Inception weights stops with
+    where to get and put them before it reads its inputs, and leaves no file behind."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('no network')
+    hub = tmp_path / 'hub'
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(hub))
+    monkeypatch.setattr(torch.hub, 'urlopen', offline)  # inside torch.hub.download_url_to_file
+    args = {'gen': ['--samples=missing.npz', '--ref=missing.npz'],  # the check comes before these are read
+            'ref': ['--data_dir=', '--image_size=32', f'--ref_out={tmp_path / "ref.npz"}'],
+            'recon': ['--ckpt=missing.pt']}[mode]
+    cached = re.escape(str(hub / 'checkpoints' / evaluate.FID_WEIGHTS))
+    with pytest.raises(FileNotFoundError, match=re.escape(evaluate.FID_WEIGHTS_URL) + '.*' + cached):
+        run_in_process(monkeypatch, [f'--mode={mode}', f'--out_dir={tmp_path / "out"}', *args])
+    assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')] == ['hub', 'hub/checkpoints']
 
 
 class LinearInception(nn.Module):
@@ -473,7 +495,7 @@ def test_gen_mode_follows_adm(tmp_path, linear_inception):
     assert moved['precision'] == first['precision']
 
 
-def test_gen_mode_clear_errors(tmp_path):
+def test_gen_mode_clear_errors(tmp_path, linear_inception):
     ref = save_npz(tmp_path / 'ref.npz', arr_0=random_images(4, 8))
     small = save_npz(tmp_path / 'small.npz', arr_0=random_images(4, 4))
     with pytest.raises(ValueError, match='needs --samples'):
@@ -645,6 +667,11 @@ def test_cli_probe_mode_and_its_errors(tmp_path, monkeypatch):
         evaluate.run_probe({**config, 'labels': str(tmp_path / 'short.npy'), 'ckpt': ckpt})
     with pytest.raises(ValueError, match='first_k = 17'):
         evaluate.run_probe({**config, 'ckpt': ckpt, 'first_k': 17})
+    np.save(tmp_path / 'one_class.npy', np.zeros(300, dtype=np.int64))
+    with pytest.warns(UserWarning, match='one class'):  # top-1 = 1 means nothing
+        probe = evaluate.run_probe({**config, 'labels': str(tmp_path / 'one_class.npy'), 'ckpt': ckpt,
+                                    'probe_steps': 5})
+    assert probe['top1'] == 1.0
 
 # -----------------------------------------------------------------------------
 # recon mode
@@ -670,7 +697,7 @@ def test_recon_mode_rfid_psnr_usage_and_codes(tmp_path, linear_inception):
     codes = np.load(tmp_path / 'codes.npy')
     assert np.array_equal(codes, indices.flatten(1).numpy())
     assert np.load(tmp_path / 'labels.npy').shape == (5,)
-    assert result['codebook_usage'] == len(np.unique(codes)) / 64 and result['usage_tokens'] == 5 * 256
+    assert result['codebook_usage'] == 100 * len(np.unique(codes)) / 64 and result['usage_tokens'] == 5 * 256
     standard = evaluate.run_recon({**config, 'metric_convention': 'standard', 'rfid': False, 'lpips': False})
     assert standard['psnr'] == pytest.approx(psnr(fake, real).mean().item(), rel=1e-12)
     assert 'rfid' not in standard and 'lpips' not in standard
@@ -696,7 +723,7 @@ def test_cli_recon_mode_without_weights_on_the_held_out_split(tmp_path, monkeypa
         fake = to_uint8(load_tokenizer(ckpt).decode(load_tokenizer(ckpt).encode(images))) / 255.0
     assert result['psnr'] == pytest.approx(psnr(fake, to_uint8(images) / 255.0).mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="unknown split 'test'"):
-        evaluate.run_recon(default_config(ckpt=ckpt, split='test'))
+        evaluate.run_recon(default_config(ckpt=ckpt, split='test', rfid=False))
 
 
 TINY_1D = dict(tokenizer_type='titok', titok_preset='tiny', image_size=32, patch_size=8, num_latent_tokens=12,
@@ -725,8 +752,8 @@ def test_recon_mode_on_multi_code_tokenizers_reports_usage_per_level(kind, optio
     assert np.array_equal(codes, flat_codes(indices).numpy()) and codes.shape == (3, per_image)
     level_codes = ([indices[..., d] for d in range(3)] if kind != 'msvq' else indices)
     for level, c in zip(levels, level_codes):
-        assert result[f'codebook_usage_{level}'] == len(np.unique(c.numpy())) / 64
-    assert result['codebook_usage'] == len(np.unique(codes)) / 64
+        assert result[f'codebook_usage_{level}'] == 100 * len(np.unique(c.numpy())) / 64  # in %
+    assert result['codebook_usage'] == 100 * len(np.unique(codes)) / 64
 
 # -----------------------------------------------------------------------------
 # curves mode
@@ -734,12 +761,14 @@ def test_recon_mode_on_multi_code_tokenizers_reports_usage_per_level(kind, optio
 
 def test_curves_mode_plots_training_logs_and_entropy_cliffs(tmp_path, monkeypatch):
     """A tokenizer run's log.jsonl (config/smoke.py, 4 steps), a GPT run's and two entropy-mode results ->
-    one PNG per metric (the loss only without tokenizer runs), the cliffs on one figure, the final values."""
+    one PNG per metric (the loss of the GPT run alone), the cliffs on one figure, the final values."""
     run_in_process(monkeypatch, ['config/smoke.py', f'--out_dir={tmp_path / "tok"}', '--max_iters=4',
                                  '--log_interval=2', '--eval_interval=4', '--eval_images=4', '--batch_size=4',
                                  '--base_batch_size=4'], script='train_tokenizer.py')
     os.makedirs(tmp_path / 'gpt')
     with open(tmp_path / 'gpt' / 'log.jsonl', 'w') as f:
+        f.write(json.dumps({'iter': 0, 'split': 'config', 'device': 'cpu',
+                            'config': {'ar_model': 'B', 'n_layer': 2, 'max_iters': 2}}) + '\n')
         f.writelines(json.dumps({'iter': i, 'split': 'train', 'loss': 5.0 - i}) + '\n' for i in (1, 2))
     for name, K in (('const', 16), ('vcq', 4)):
         os.makedirs(tmp_path / name / 'codes')
@@ -750,16 +779,31 @@ def test_curves_mode_plots_training_logs_and_entropy_cliffs(tmp_path, monkeypatc
     run_in_process(monkeypatch, ['--mode=curves', f'--logs={tmp_path / "tok"},{tmp_path / "gpt"}',
                                  '--names=TOK,GPT,const,VCQ', f'--out_dir={plots}',
                                  f'--entropy_dirs={tmp_path / "const"},{tmp_path / "vcq"}'])
-    for png in ('usage', 'psnr', 'rec_loss', 'entropy_cliff'):
+    for png in ('usage', 'psnr', 'rec_loss', 'loss', 'entropy_cliff'):
         assert (plots / f'{png}.png').stat().st_size > 1000, png
-    assert not (plots / 'loss.png').exists()  # tokenizer runs: usage, PSNR, rec; the loss is for GPTs
     result = read_json(plots / 'eval_curves.json')
-    assert result['TOK']['iter'] == 4 and 0 < result['TOK']['usage'] <= 1 and 'eval_psnr' in result['TOK']
+    log = evaluate.read_json(tmp_path / 'tok' / 'log.jsonl', lines=True)
+    train = [r for r in log if r['split'] == 'train']
+    assert result['TOK']['iter'] == 4 and result['TOK']['usage'] == train[-1]['usage']
+    assert 0 < train[-1]['usage'] <= 100 and 'eval_psnr' in result['TOK']  # usage in %
     assert result['GPT'] == {'iter': 2, 'loss': 3.0}
     assert result['const (entropy)']['t_star'] == 2  # const: 4 + 4 bits >= log2 256
     assert result['VCQ (entropy)']['t_star'] == 4  # 2 bits per position
     assert result['const (entropy)']['t_cliff'] == 3 and result['VCQ (entropy)']['t_cliff'] == 6  # measured
-    evaluate.run_curves(default_config(logs=str(tmp_path / 'gpt'), out_dir=str(plots)))
-    assert (plots / 'loss.png').stat().st_size > 1000
+    figures, save_figure = {}, evaluate.save_figure
+
+    def keep_axes(ax, path, **axes):  # the figures themselves: whose curves, in what units, where the legend
+        figures[os.path.basename(path)] = ax
+        return save_figure(ax, path, **axes)
+    monkeypatch.setattr(evaluate, 'save_figure', keep_axes)
+    evaluate.run_curves(default_config(logs=f"{tmp_path / 'tok'},{tmp_path / 'gpt'}", out_dir=str(plots),
+                                       entropy_dirs=str(tmp_path / 'const')))
+    loss_lines = figures['loss.png'].get_lines()  # the GPT run's loss, not the tokenizer's total
+    assert len(loss_lines) == 1 and loss_lines[0].get_ydata().tolist() == [4.0, 3.0]
+    assert figures['usage.png'].get_lines()[0].get_ydata().tolist() == [r['usage'] for r in train]
+    for name, ax in figures.items():
+        assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1, name  # beside the axes
+        assert all('/' not in line.get_label() for line in ax.get_lines()), name  # run names, not paths
+    assert 'max_iters=4' in figures['usage.png'].get_title()  # the tokenizer's setting
     with pytest.raises(ValueError, match='curves mode needs --logs'):
         evaluate.run_curves(default_config(out_dir=str(plots)))

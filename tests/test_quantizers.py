@@ -505,8 +505,8 @@ def test_info_usage_and_perplexity():
     tokens = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]).repeat(4, 1)
     _, _, info = q(grid(tokens, 4, 4))
     stats = Q.quantizer_stats(q, info['indices'])
-    assert torch.is_tensor(stats['usage']) and stats['usage'].item() == pytest.approx(0.5)
-    assert stats['usage_tokens'].item() == 16 and stats['window_usage'].item() == pytest.approx(0.5)
+    assert torch.is_tensor(stats['usage']) and stats['usage'].item() == pytest.approx(50.0)
+    assert stats['usage_tokens'].item() == 16 and stats['window_usage'].item() == pytest.approx(50.0)
     assert stats['perplexity'].item() == pytest.approx(4.0, rel=1e-5) and 'bridge_live_slots' not in stats
     assert info['indices'].dtype == torch.long and info['indices'].shape == (1, 4, 4)
     assert set(info) == {'indices', 'codebook_loss', 'commit_loss'} and info['commit_loss'].ndim == 0
@@ -514,7 +514,7 @@ def test_info_usage_and_perplexity():
     q.eval()  # eval forwards (held-out evaluation, code extraction) read the counts but do not write them
     _, _, info = q(grid(torch.tensor([[7.0, 0.0]]).repeat(16, 1), 4, 4))
     stats = Q.quantizer_stats(q, info['indices'])
-    assert torch.equal(q.recent_codes.recent, window) and stats['usage'].item() == pytest.approx(0.5)
+    assert torch.equal(q.recent_codes.recent, window) and stats['usage'].item() == pytest.approx(50.0)
     assert stats['perplexity'].item() == pytest.approx(1.0)  # the perplexity is the given batch's
     fvq = Q.make_quantizer('fvq', 64, 4)
     _, _, info = fvq(torch.randn(1, 4, 4, 4))

@@ -327,11 +327,19 @@ def test_sharded_sampler_ranks_partition_the_global_batch():
 
 
 def test_save_image_grid(tmp_path):
+    """Images smaller than 128 px are enlarged (nearest) by an integer factor; row labels take a white left
+    margin and leave the pictures as they are."""
     images = torch.linspace(-1, 1, 6 * 3 * 4 * 4).reshape(6, 3, 4, 4)
     save_image_grid(images, str(tmp_path / 'grid.png'), nrow=3)
     grid = np.asarray(Image.open(tmp_path / 'grid.png'))
-    assert grid.shape == (8, 12, 3)
-    assert grid[0, 0, 0] == 0 and grid[-1, -1, -1] == 255
+    assert grid.shape == (2 * 128, 3 * 128, 3)  # 4 px x 32
+    enlarged = to_uint8(images).repeat_interleave(32, 2).repeat_interleave(32, 3).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(grid[128:, 256:], enlarged[5]) and np.array_equal(grid[:128, :128], enlarged[0])
+    save_image_grid(images, str(tmp_path / 'labelled.png'), nrow=3, row_labels=('input', 'reconstruction'))
+    labelled = np.asarray(Image.open(tmp_path / 'labelled.png'))
+    margin = labelled.shape[1] - grid.shape[1]
+    assert margin > 0 and np.array_equal(labelled[:, margin:], grid)
+    assert labelled[:5, :margin].min() == 255 and labelled[:, :margin].min() < 128  # white, with dark text
 
 
 def test_uint8_levels_and_psnr():
