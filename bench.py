@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from quantizers import make_quantizer, quantizer_options, ibq_reference, vq_reference
 from tokenizer import (setup_device, autocast_context, Tokenizer, PatchDiscriminator, make_lpips,
-                       disc_loss_fn, gen_loss_fn, compile_blocks, tokens_per_image)
+                       disc_loss_fn, gen_loss_fn, compile_blocks, tokens_per_image, check_config)
 
 # -----------------------------------------------------------------------------
 what = 'quantizer'  # 'tokenizer', 'quantizer', 'ar' or 'sample'
@@ -43,13 +43,11 @@ config_keys = [k for k, v in globals().items()
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
-if what not in ('tokenizer', 'quantizer', 'ar', 'sample'):
-    raise ValueError(f"unknown --what='{what}'")  # checked before any timing
-if baseline not in ('', 'naive') or (baseline and kind in ('rq', 'msvq')):
-    raise ValueError(f"--baseline='{baseline}' for kind '{kind}': expected '' or 'naive' "
-                     f"(one code per token: not rq or msvq)")
-if steps < 1 or warmup_steps < 0:
-    raise ValueError(f"steps must be >= 1 and warmup_steps >= 0, got {steps} and {warmup_steps}")
+check_config(globals(), [('what', what in ('tokenizer', 'quantizer', 'ar', 'sample'), "one of tokenizer, "
+                          "quantizer, ar, sample"), ('steps', steps >= 1, ">= 1"),
+                          ('warmup_steps', warmup_steps >= 0, ">= 0"),
+                          ('baseline', baseline == '' or baseline == 'naive' and kind not in ('rq', 'msvq'),
+                           "'' or 'naive' (a quantizer of one code per token: not rq or msvq)")])
 device = setup_device(device)[0]  # resolves 'auto'; TF32 on CUDA as in the training scripts
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 fused = device_type == 'cuda'  # the optimizers' one-kernel step, as in the training scripts

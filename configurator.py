@@ -1,12 +1,11 @@
 """
 nanoGPT's "poor man's configurator". A script defines its config as module-level globals and the list
-`config_keys` of their names, then runs
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-Each positional argument is a config file: plain Python, run with the current values in scope (so
-`max_iters = max_iters // 2` works); its _private names and imports are not keys. Each --key=value overrides
-one key, parsed with ast.literal_eval (the text as written for a string key, or when it is no literal).
-An unknown key, or a value whose type differs from the default's, is an error naming the key.
-Leaves `config_sources` {key: the file or 'command line' that set it} and prints the keys that changed.
+`config_keys` of their names, then exec()s this file. Each positional argument is a config file: plain
+Python, run with the current values in scope (`max_iters = max_iters // 2` works); its _private names and
+imports are not keys. Each --key=value overrides one key, parsed with ast.literal_eval (the text as written
+for a string key, or when it is no literal). An unknown key, or a value whose type differs from the
+default's, is an error naming the key. Leaves `config_sources` {key: the file or 'command line' that set it}
+and prints the keys that changed.
 """
 
 

@@ -1,10 +1,6 @@
 """
-Evaluation (torch, numpy, scipy, lpips); a table and out_dir/eval_<mode>.json per mode:
-- recon: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity of a tokenizer (also per rq depth / msvq
-  scale) under a standard, LlamaGen's or FVQ's convention, on uint8 pictures (as if saved, like ADM's code);
-- gen: FID, sFID, IS and precision/recall as ADM's evaluator; ref: an ADM-format reference batch of images;
-- entropy / probe: VCQ's entropy cliff (t_cliff measured, t_star of eq. 1-2) and linear probe (§4.4);
-- curves: the training curves of several runs (their log.jsonl) and entropy cliffs side by side.
+Evaluation, per mode (run_<mode>: recon, gen, ref, entropy, probe, curves): a table, out_dir/eval_<mode>.json.
+gen / ref as ADM's evaluator; recon: a standard, LlamaGen's or FVQ's convention, on uint8 pictures as saved.
 
     python evaluate.py --mode=gen --samples=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz
 """
@@ -46,8 +42,7 @@ ckpt = ''  # tokenizer checkpoint (recon: the model; entropy: K_t for t*; probe:
 data_dir = 'from_ckpt'  # 'from_ckpt' = the tokenizer's training data_dir; '' = the built-in procedural set
 image_size = 0  # 0 = the checkpoint's image_size (ref mode: required)
 num_images = 50000  # the first num_images images of the dataset (center-cropped, no augmentation)
-split = 'val'  # 'val': data_dir as it is (the built-in set's held-out split); 'train': the built-in set's
-#               training split; 'heldout': the eval_images images train_tokenizer.py held out of its data_dir
+split = 'val'  # 'val', 'train': the built-in set's (an ImageFolder: whole); 'heldout': train_tokenizer.py's
 rfid = True  # False: no Inception network (no weights needed)
 lpips = True  # False: no LPIPS (no VGG / AlexNet weights needed)
 lpips_random_backbone = False  # True: random trunk, nothing downloaded (tests, offline), not real LPIPS
@@ -67,9 +62,9 @@ names = ''  # comma-separated legend names (default: the folder names), logs fir
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict))]
 
+
 # -----------------------------------------------------------------------------
 # FID, Inception Score, precision / recall (ADM's evaluator: guided-diffusion evaluations/evaluator.py)
-
 def feature_statistics(features):
     """features (N, D) -> mean (D,), covariance (D, D) with N - 1 normalisation, float64 (as ADM)."""
     features = np.asarray(features, dtype=np.float64)
@@ -157,9 +152,9 @@ def precision_recall(ref_features, sample_features, k=3, batch_size=10000, devic
         ref_in.append((d <= smp_r[None]).any(1))
     return smp_in.double().mean().item(), torch.cat(ref_in).double().mean().item()
 
+
 # -----------------------------------------------------------------------------
 # reconstruction metrics of uint8-level images, float (B, 3, H, W) in [0, 1]
-
 def blur_valid(t, window):
     """Separable 'valid' filter per channel: (B, C, H, W), window (n,) -> (B, C, H - n + 1, W - n + 1)."""
     C, n = t.shape[1], window.shape[0]
@@ -201,9 +196,9 @@ def reconstruction_metrics(fake, real, convention='standard'):
         return psnr_y, ssim(fake / 2.0, real / 2.0)
     return psnr(fake, real), ssim(fake, real)  # 'standard': RGB PSNR, Wang et al.'s 11x11 Gaussian SSIM
 
+
 # -----------------------------------------------------------------------------
 # code sequences: per-position conditional entropy (VCQ's entropy cliff), linear probe (VCQ §4.4)
-
 def conditional_entropies(codes):
     """codes (N, T) -> H_t = H(x_t | x_<t) in bits, t = 1..T, of the N sequences' empirical distribution.
     The prefixes x_<t are numbered incrementally: (prefix id, token) pairs -> np.unique -> next prefix id."""
@@ -224,9 +219,8 @@ def conditional_entropies(codes):
 
 
 def entropy_cliff(H, N, threshold=0.1, codebook_sizes=None):
-    """H (T,) bits of N sequences -> the remaining budget R_t = log2 N - sum_{s<t} H_s (t = 1..T) and two
-    positions: t_cliff, measured on H (the first t after which at most `threshold` bits are left), and, where
-    the codebook sizes K_t are known, t_star, VCQ's prediction from K_t and N alone (eq. 1-2)."""
+    """H (T,) bits of N sequences -> the budget left R_t = log2 N - sum_{s<t} H_s (t = 1..T), t_cliff measured
+    on H (the first t after which <= `threshold` bits are left) and, given K_t, VCQ's t_star (eq. 1-2)."""
     H = np.asarray(H, dtype=np.float64)
     left_after = np.concatenate([np.cumsum(H[::-1])[::-1][1:], [0.0]])  # sum_{s>t} H_s, t = 0..T-1
     result = {'num_sequences': int(N), 'seq_len': len(H), 'log2_N': math.log2(N), 'threshold_bits': threshold,
@@ -244,9 +238,8 @@ def entropy_cliff(H, N, threshold=0.1, codebook_sizes=None):
 
 
 def load_codes(path, labels_path=''):
-    """-> int64 codes (N, T) in raster order from a .npy (N, T) or (N, h, w), labels (N,) or None, and the
-    meta.json of a train_ar.py codes folder or None. Its rows hold every augmented view of each image and rows
-    of label -1 for unreadable images: N and the probe's split count images, so keep the centre views."""
+    """-> int64 codes (N, T), raster order, of a .npy (N, T) or (N, h, w), labels (N,) or None, meta or None.
+    Of a train_ar.py codes folder (all augmented views; label -1: unreadable): the readable centre views."""
     c = np.load(path)
     if not (isinstance(c, np.ndarray) and np.issubdtype(c.dtype, np.integer) and c.ndim in (2, 3)
             and c.min() >= 0):
@@ -303,9 +296,9 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, steps=200, weight_
         hits = linear(val_x).topk(min(5, num_classes), dim=1).indices == val_y[:, None]  # (N_val, 5)
         return hits[:, 0].float().mean().item(), hits.any(1).float().mean().item()
 
+
 # -----------------------------------------------------------------------------
 # recon mode: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity of a tokenizer on an image set
-
 def run_recon(config):
     """rFID of reconstructions vs originals and the rest on the first num_images images, never augmented."""
     dev = resolve_device(config['device'])
@@ -374,9 +367,9 @@ def run_recon(config):
     atomic_write(os.path.join(config['out_dir'], 'labels.npy'), lambda f: np.save(f, parts['labels'].numpy()))
     return results
 
+
 # -----------------------------------------------------------------------------
 # gen and ref modes: ADM's protocol (FID, sFID, IS, precision / recall) and its reference batches
-
 def run_gen(config):
     """FID, sFID, IS, precision and recall of a sample batch against a reference batch (ADM's protocol)."""
     dev = resolve_device(config['device'])
@@ -390,9 +383,9 @@ def run_gen(config):
     # the reference's features every run, as ADM's evaluator computes them (P/R needs arr_0's features)
     ref_features, spatial, _ = inception_features(model, ref_images, config['batch_size'], dev, 'reference')
     with np.load(config['ref']) as data:  # ADM's: its stored statistics (the training set's) replace arr_0's
-        ref_stored = {k: data[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s') if k in data.files}
+        ref_stored = {k: data[k] for k in REF_STATISTICS if k in data.files}
     statistics = feature_statistics(ref_features) + feature_statistics(spatial)
-    ref = {**dict(zip(('mu', 'sigma', 'mu_s', 'sigma_s'), statistics)), **ref_stored}
+    ref = {**dict(zip(REF_STATISTICS, statistics)), **ref_stored}
     features, spatial, logits = inception_features(model, samples, config['batch_size'], dev, 'samples')
     is_mean, is_std = inception_score(logits)
     precision, recall = precision_recall(ref_features, features, device=dev)
@@ -422,8 +415,7 @@ def moments_statistics(moments):
 
 
 def run_ref(config):
-    """Writes an ADM-format reference batch of an image set, like ADM's VIRTUAL_imagenet256_labeled.npz: mu /
-    sigma (pool3) and mu_s / sigma_s (sFID) over all its images, and arr_0, a random sample of them."""
+    """Writes an ADM-format reference batch of an image set (see ref_out), as ADM's VIRTUAL_*.npz files."""
     dev = resolve_device(config['device'])
     model = load_inception(config['inception_weights'], dev)
     if (config['ref_out'] == '' or config['data_dir'] == 'from_ckpt' or config['image_size'] <= 0
@@ -446,19 +438,18 @@ def run_ref(config):
         pool, spatial = add_moments(pool, features), add_moments(spatial, spatial_features)
     if pool is None:
         raise ValueError(f"no readable images in '{config['data_dir']}'")
-    (mu, sigma), (mu_s, sigma_s) = moments_statistics(pool), moments_statistics(spatial)
+    statistics = dict(zip(REF_STATISTICS, moments_statistics(pool) + moments_statistics(spatial)))
     # arr_0: a seeded random sample of the readable images, in dataset order (read a second time)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config['seed']))
     sample = collate([dataset[i] for i in sorted(order[:config['ref_sample_images']].tolist())])[0]
     sample = to_uint8(sample).permute(0, 2, 3, 1).numpy()  # (n, S, S, 3)
-    atomic_write(config['ref_out'], lambda f: np.savez(f, arr_0=sample, mu=mu, sigma=sigma, mu_s=mu_s,
-                                                       sigma_s=sigma_s))
+    atomic_write(config['ref_out'], lambda f: np.savez(f, arr_0=sample, **statistics))
     return {'ref_out': config['ref_out'], 'num_images': pool[0], 'num_skipped': skipped, 'image_size': size,
             'arr_0_images': len(sample), 'data_dir': config['data_dir'], 'split': config['split']}
 
+
 # -----------------------------------------------------------------------------
 # entropy and probe modes on code sequences: VCQ's entropy cliff (H_t, t_cliff, t_star), its linear probe
-
 def run_entropy(config):
     """H_t, the budget left, t_cliff and VCQ's t_star of code sequences, one per image (see entropy_cliff)."""
     if config['codes'] == '':
@@ -508,9 +499,9 @@ def run_probe(config):
     return {'top1': top1, 'top5': top5, 'first_k': config['first_k'], 'feature_dim': x.shape[1],
             'num_train': len(train), 'num_val': len(val), 'num_classes': num_classes}
 
+
 # -----------------------------------------------------------------------------
 # curves mode: training curves of several runs (their log.jsonl) and entropy cliffs on one figure
-
 CURVES = [('usage', 'codebook usage (%)', 'train', 'usage', (0, 102)),  # (file name, y label, log split, key,
           ('psnr', 'held-out PSNR (dB)', 'eval', 'psnr', None),  # y limits or None: automatic)
           ('rec_loss', 'reconstruction loss', 'train', 'rec', None),
@@ -570,7 +561,6 @@ def run_curves(config):
 
 # -----------------------------------------------------------------------------
 # plumbing: ADM's .npz files, the FID Inception network's weights and features, tables, plots
-
 def npz_images(path):
     """arr_0 of an ADM-format .npz: uint8 images (N, H, W, 3), read whole (as sample.py writes them)."""
     data = np.load(path)
@@ -582,6 +572,7 @@ def npz_images(path):
 
 FID_WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'  # the name of pytorch-fid's weights file
 FID_WEIGHTS_URL = f'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS}'
+REF_STATISTICS = ('mu', 'sigma', 'mu_s', 'sigma_s')  # of an ADM reference batch: pool3's and sFID's
 
 
 def load_inception(path, device):
@@ -676,7 +667,6 @@ def plot_entropy(runs, path):
 # -----------------------------------------------------------------------------
 # the FID Inception-v3 of pytorch-fid, a port of TF's 2015 graph: torchvision's layout and parameter names
 # (the weights file loads with strict=True), TF's pooling and BatchNorm eps. A port: no need to read.
-
 class BasicConv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
         super().__init__()
@@ -819,9 +809,8 @@ class FIDInceptionV3(nn.Module):
         logits = features @ self.fc.weight.t()  # (B, 1008)
         return features, spatial, logits
 
-# -----------------------------------------------------------------------------
-# command line: python evaluate.py [config files] --key=value ...
 
+# -----------------------------------------------------------------------------
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     config = {k: globals()[k] for k in config_keys}

@@ -1,13 +1,12 @@
 """
-The vector quantizers of nanoVQ in paper order: plain and residual VQ, FVQ's VQBridge, IBQ, VCQ's codebook
-sizes, VAR's multi-scale VQ and the FVQ export; then their fast paths, then the plumbing.
-Every quantizer is an nn.Module that provides
+The vector quantizers of nanoVQ (VQ, RQ, FVQ's VQBridge, IBQ, VCQ's codebook sizes, VAR's multi-scale VQ),
+each an nn.Module with
   forward(z (B, D, H, W)) -> z_q (B, D, H, W), loss (0-d), info {'indices': the codes, 0-d loss terms}
   lookup(indices) -> z_q;  codebook() -> the (K, D) codes used
   codebook_size (K), dim (D), codebook_sizes (VCQ's K_t (T,), or None),
   recent_codes (a RecentCodes: training forwards record their codes in it, for the usage statistics).
-A new kind is one such class plus one line in QUANTIZERS (and a trainer default for each new option):
-make_quantizer(kind, K, D, **options) builds it; its options are its constructor's keyword-only arguments.
+make_quantizer(kind, K, D, **options) builds one of QUANTIZERS; the options: its constructor's keyword-only
+arguments (a new kind: such a class, one line in QUANTIZERS and a trainer default for each new option).
 The arithmetic runs in float32 with autocast off: bf16 distances cannot separate 262k codes.
 Codes are picked with index_select: its backward adds in index order, so CPU runs repeat.
 """
@@ -220,10 +219,6 @@ def make_projector(projector, K, D, bridge_group_size=0, bridge_dim=256, bridge_
 
 # -----------------------------------------------------------------------------
 # IBQ (IBQ section 3.2): straight-through on the one-hot index over softmax(z C^T), for every code
-
-# under a bf16 (fp16) autocast the chunked path's backward multiplies dL/dlogits with the codes and
-# tokens in that dtype, as the release trains (16-mixed); the logits stay float32. False: float32
-IBQ_BACKWARD_AUTOCAST = True
 _ENTROPY_EPS = 1e-5  # as in MAGVIT-v2 / SEED-Voken compute_entropy_loss
 
 
@@ -251,8 +246,10 @@ class IndexBackpropQuantizer(nn.Module):
 
     def forward(self, z):
         B, D, H, W = z.shape
-        backward_dtype = (torch.get_autocast_dtype(z.device.type) if IBQ_BACKWARD_AUTOCAST
-                          and torch.is_autocast_enabled(z.device.type) else torch.float32)
+        # under a bf16 (fp16) autocast the chunked backward multiplies dL/dlogits with the codes and tokens in
+        # that dtype, as the release trains (16-mixed); the logits stay float32
+        backward_dtype = (torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type)
+                          else torch.float32)
         with torch.autocast(device_type=z.device.type, enabled=False):
             codebook = self.codebook().float()  # (K, D)
             z_flat = z.float().permute(0, 2, 3, 1).reshape(B * H * W, D)  # (N, D), raster order per image
@@ -592,9 +589,8 @@ def code_usage(counts):
 
 def flat_codes(indices):
     # codes as one sequence (B, T): raster order, rq's depths position by position, msvq's coarse first
-    if isinstance(indices, (list, tuple)):
-        return torch.cat([i.flatten(1) for i in indices], 1)
-    return indices.flatten(1)
+    levels = indices if isinstance(indices, (list, tuple)) else [indices]
+    return torch.cat([i.flatten(1) for i in levels], 1)
 
 
 def code_levels(indices):
@@ -614,7 +610,7 @@ def _code_counts(codes, bins):
 
 
 class RecentCodes(nn.Module):
-    """The codes of the last `size` training tokens, oldest first: a running statistic per rank, not saved.
+    """The codes of the last `size` training tokens, oldest first: per rank (a checkpoint keeps rank 0's).
     The default size holds both of quantizer_stats' windows."""
 
     def __init__(self, K, size=0):

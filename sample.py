@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from tokenizer import (load_checkpoint, load_tokenizer, save_image_grid, setup_device, autocast_context,
-                       to_uint8, atomic_write, state_fingerprint, tokenizer_checkpoint, tokenizer_weights)
+                       to_uint8, atomic_write, state_fingerprint, tokenizer_checkpoint, tokenizer_weights,
+                       check_config, lock_out_dir)
 
 
 def cfg_weights(schedule, scale, power, seq_len, codebook_sizes=None):
@@ -52,23 +53,20 @@ def sample_from_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=No
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs > top_p  # tokens after the nucleus (the first one is always kept)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float('-inf'))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
 def compile_decode_step(model):
-    # CUDA graphs (mode='reduce-overhead'): a decode step is a few small kernels per layer, cheaper to replay
-    # than to launch from Python
+    # CUDA graphs: a decode step is a few small kernels per layer, cheaper to replay than to launch
     return torch.compile(model.decode_step, mode='reduce-overhead', fullgraph=True, dynamic=False)
 
 
 @torch.no_grad()
 def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1.0, codebook_sizes=None,
                   generator=None, decode_step=None):
-    """Autoregressive sampling from a model in eval mode with the KV cache, one forward per token. labels (B,)
-    long; weights (T,) the CFG scale per position, or None for no guidance (no unconditional half);
-    codebook_sizes (T,) VCQ's K_t; decode_step: compile_decode_step(model) (the KV cache then stays allocated
-    for the next batch), or None for model.decode_step, eager. Returns codes (B, T) long in raster order."""
+    """KV-cached sampling (model in eval mode) -> codes (B, T) long, raster order. labels (B,) long; weights
+    (T,) the CFG scale per position, or None: no guidance, no unconditional half; codebook_sizes (T,) K_t;
+    decode_step: compile_decode_step(model) (the KV cache then stays for the next batch), or None: eager."""
     B, T, K, device = len(labels), model.seq_len, model.codebook_size, labels.device
     if labels.numel() and (labels.min() < 0 or labels.max() >= model.num_classes):
         raise ValueError(f"class ids {labels.tolist()} out of range: the model has classes "
@@ -102,17 +100,12 @@ def sample_tokens(model, labels, weights=None, temperature=1.0, top_k=0, top_p=1
 
 def check_sampling_options(cfg_scale, cfg_schedule, cfg_power, temperature, top_k, top_p):
     # logits are u + w (c - u): w = 1.0 is no guidance, and w < 1 would push away from the class
-    rules = [(cfg_scale >= 1.0, f"cfg_scale must be >= 1.0 (1.0 = no guidance), got {cfg_scale}"),
-             (cfg_schedule in ('constant', 'linear', 'cosine', 'codebook_size_aware'),
-              f"unknown cfg_schedule {cfg_schedule!r}; expected 'constant', 'linear', 'cosine' or "
-              f"'codebook_size_aware'"),
-             (cfg_power > 0, f"cfg_power must be > 0, got {cfg_power}"),
-             (temperature > 0, f"temperature must be > 0, got {temperature}"),
-             (top_k >= 0, f"top_k must be >= 0 (0 = all codes), got {top_k}"),
-             (0 < top_p <= 1, f"top_p must be in (0, 1] (1.0 = all codes), got {top_p}")]
-    for ok, message in rules:
-        if not ok:
-            raise ValueError(message)
+    check_config(locals(), [
+        ('cfg_scale', cfg_scale >= 1.0, ">= 1.0 (1.0 = no guidance)"),
+        ('cfg_schedule', cfg_schedule in ('constant', 'linear', 'cosine', 'codebook_size_aware'),
+         "'constant', 'linear', 'cosine' or 'codebook_size_aware'"),
+        ('cfg_power', cfg_power > 0, "> 0"), ('temperature', temperature > 0, "> 0"),
+        ('top_k', top_k >= 0, ">= 0 (0 = all codes)"), ('top_p', 0 < top_p <= 1, "in (0, 1] (1.0 = all)")])
 
 
 def generate(model, labels, cfg_scale=1.0, cfg_schedule='constant', cfg_power=1.0, temperature=1.0, top_k=0,
@@ -182,6 +175,7 @@ if __name__ == '__main__':
     tokenizer_ckpt = ''  # '' = the tokenizer the GPT was trained on (recorded in its checkpoint)
     out_dir = ''  # '' = the GPT checkpoint's folder
     sample_name = 'samples'  # writes out_dir/<sample_name>.npz and out_dir/<sample_name>_grid.png
+    overwrite = False  # True: replace the samples file already there
     num_samples = 50000  # ADM protocol: 50 per class for 1000 classes (labels = index % num_classes)
     batch_size = 32  # images per rank and step (the GPT runs 2x this with CFG)
     cfg_scale = 2.0  # 1.0 = no guidance
@@ -208,9 +202,10 @@ if __name__ == '__main__':
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     autocast = autocast_context(device, dtype)
     out_dir = out_dir or os.path.dirname(os.path.abspath(ckpt))
-    if num_samples < 1 or batch_size < 1 or grid_per_class < 1:
-        raise ValueError(f"num_samples, batch_size and grid_per_class must be >= 1, got {num_samples}, "
-                         f"{batch_size} and {grid_per_class}")
+    check_config(globals(), [*[(k, globals()[k] >= 1, ">= 1") for k in ('num_samples', 'batch_size',
+                                                                      'grid_per_class')],
+                             ('sample_name', sample_name not in ('', '.', '..') and '/' not in sample_name,
+                              "a plain file name (no '/', not '.' or '..')")])
     check_sampling_options(cfg_scale, cfg_schedule, cfg_power, temperature, top_k, top_p)
 
     # -----------------------------------------------------------------------------
@@ -235,10 +230,10 @@ if __name__ == '__main__':
         raise ValueError(f"the tokenizer's codebook size and grid of codes at {image_px}px are {found}, the "
                          f"GPT's {(model.codebook_size, (model.grid_h, model.grid_w))}")
     grid_classes = tuple(grid_classes) or tuple(range(min(8, model.num_classes)))
-    bad = [c for c in grid_classes if not 0 <= c < model.num_classes]
-    if bad:
-        raise ValueError(f"grid_classes {bad} out of range: the model has classes 0..{model.num_classes - 1}")
-    os.makedirs(out_dir, exist_ok=True)
+    check_config(globals(), [('grid_classes', all(0 <= c < model.num_classes for c in grid_classes),
+                              f"class ids of the model, 0..{model.num_classes - 1}")])
+    npz_path = os.path.join(out_dir, f'{sample_name}.npz')
+    lock_out_dir(out_dir, rank, '' if overwrite else npz_path, "--overwrite=True replaces it")
     generator = torch.Generator(device=device).manual_seed(seed * world_size + rank)  # per-rank streams
     options = dict(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, cfg_power=cfg_power,
                    temperature=temperature, top_k=top_k, top_p=top_p,
@@ -257,8 +252,8 @@ if __name__ == '__main__':
         torch.cuda.synchronize()
     elapsed = time.time() - t0
     images = torch.cat(parts) if parts else torch.empty(0, image_px, image_px, 3, dtype=torch.uint8)
-    np.savez(os.path.join(out_dir, f'{sample_name}_rank{rank}.npz'), indices=my_indices.numpy(),
-             images=images.numpy())
+    atomic_write(os.path.join(out_dir, f'{sample_name}_rank{rank}.npz'),  # whole or not at all
+                 lambda f: np.savez(f, indices=my_indices.numpy(), images=images.numpy()))
     if ddp:
         dist.barrier()
     if master:  # the ranks' parts merged into one .npz in index order, then the PNG grid
@@ -268,7 +263,6 @@ if __name__ == '__main__':
             with np.load(path) as part:
                 arr_0[part['indices']] = part['images']
             os.remove(path)
-        npz_path = os.path.join(out_dir, f'{sample_name}.npz')
         arr_1 = np.arange(num_samples) % model.num_classes
         atomic_write(npz_path, lambda f: np.savez(f, arr_0=arr_0, arr_1=arr_1))
         print(f"wrote {npz_path}: {num_samples} images {arr_0.shape[1]}x{arr_0.shape[2]}")

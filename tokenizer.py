@@ -5,12 +5,15 @@ scripts share. Images are float tensors in [-1, 1], shape (B, 3, H, W).
 """
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -466,11 +469,10 @@ def diff_augment(x):
     x = (x - mean) * (rand(1, 1, 1) * 2) + mean  # saturation
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * (rand(1, 1, 1) + 0.5) + mean  # contrast
-    # translation by up to 1/8 of the size, zero fill
+    # translation by up to 1/8 of the size, zero fill (the +1 below: the zero pad)
     sy, sx = int(H * 0.125 + 0.5), int(W * 0.125 + 0.5)
     ty = torch.randint(-sy, sy + 1, (B, 1, 1), device=x.device)
     tx = torch.randint(-sx, sx + 1, (B, 1, 1), device=x.device)
-    # +1: the zero pad
     rows = (torch.arange(H, device=x.device)[None, :, None] + ty + 1).clamp(0, H + 1)  # (B, H, 1)
     cols = (torch.arange(W, device=x.device)[None, None, :] + tx + 1).clamp(0, W + 1)  # (B, 1, W)
     padded = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)  # (B, H+2, W+2, C)
@@ -489,9 +491,7 @@ def make_lpips(random_backbone=False, net='vgg'):
     nothing downloaded (tests and offline smoke runs; a random-feature distance, not a perceptual one)."""
     import lpips
     model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -519,8 +519,7 @@ def center_crop_arr(pil_image, image_size):
 def random_crop_arr(pil_image, image_size, rng, min_crop_frac=0.8):
     """ADM/LlamaGen's random crop: the short side resized to a random size in [S, S/min_crop_frac]."""
     arr = resize_short_side(pil_image, rng.integers(image_size, math.ceil(image_size / min_crop_frac) + 1))
-    top = rng.integers(0, arr.shape[0] - image_size + 1)
-    left = rng.integers(0, arr.shape[1] - image_size + 1)
+    top, left = (rng.integers(0, side - image_size + 1) for side in arr.shape[:2])  # top drawn first
     return arr[top: top + image_size, left: left + image_size]
 
 
@@ -642,9 +641,8 @@ def split_held_out(samples, n):
     """samples -> (training samples, n held-out samples), a fixed random choice (seed 0): train_tokenizer.py
     and evaluate.py --split=heldout agree on which images were never trained on."""
     if not 0 < n < len(samples):
-        raise ValueError(f"eval_images = {n} must be between 1 and the number of images minus one "
-                         f"({len(samples)} images in the folder); "
-                         f"lower eval_images or give a separate eval_data_dir")
+        raise ValueError(f"eval_images = {n} must be between 1 and the {len(samples)} images of the folder "
+                         f"minus one: lower eval_images or give a separate eval_data_dir")
     perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
     return [samples[i] for i in sorted(perm[n:])], [samples[i] for i in sorted(perm[:n])]
 
@@ -694,7 +692,13 @@ def setup_device(device):
     if int(os.environ.get('RANK', -1)) != -1:
         import torch.distributed as dist
         rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-        report_errors_last(rank)
+
+        def report_error(kind, value, traceback):  # also to torchrun's error file: its summary's Root Cause
+            sys.__excepthook__(kind, value, traceback)
+            with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
+                json.dump({'message': f"{kind.__name__}: {value}", 'timestamp': int(time.time())}, f)
+        if 'TORCHELASTIC_ERROR_FILE' in os.environ:
+            sys.excepthook = report_error
         if device.startswith('cuda'):
             device = f'cuda:{local_rank}'
             torch.cuda.set_device(device)
@@ -761,12 +765,15 @@ def atomic_write(path, write, mode='wb'):
     except Exception as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or 'file write failed' in str(e)
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(  # torch.save: a RuntimeError
+            words in str(e) for words in ('file write failed', 'unexpected pos'))
         if not (full or isinstance(e, OSError)):
             raise  # not a failed write (an unpicklable object, a wrong mode): the error as it is
         intact = f" and the previous {os.path.basename(path)} is intact" if os.path.exists(path) else ''
-        advice = " (free some space, or point out_dir elsewhere, and resume)" if full else ''
-        raise OSError(f"could not write {path}: {'the disk is full' if full else e}; "
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20 if full else 0  # MiB
+        advice = (" (free some space, or point out_dir elsewhere, and resume)\ndisk is full: "
+                  f"{path}, {free:.1f} MiB left") if full else ''  # the last line, the project's
+        raise OSError(f"could not write {path}{'' if full else f': {e}'}; "
                       f"the partial file was removed{intact}{advice}") from e
     os.replace(tmp, path)
 
@@ -776,7 +783,7 @@ def atomic_save(obj, path):
 
 
 CHECKPOINT_SCRIPTS = {'tokenizer': 'train_tokenizer.py', 'gpt': 'train_ar.py'}
-CHECKPOINT_FORMAT = 2  # raised whenever saved weights change meaning; a file of another format is refused
+CHECKPOINT_FORMAT = 3  # raised whenever what a checkpoint holds changes; a file of another format is refused
 
 
 def load_checkpoint(path, kind, map_location='cpu', mmap=False):
@@ -787,13 +794,11 @@ def load_checkpoint(path, kind, map_location='cpu', mmap=False):
     try:
         checkpoint = torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
     except Exception as e:
-        raise ValueError(f"checkpoint '{path}' is damaged (truncated or not a PyTorch checkpoint): "
-                         f"{e}") from None
+        raise ValueError(f"checkpoint '{path}' is damaged (cut short, or no PyTorch file): {e}") from None
     found = checkpoint.get('kind') if isinstance(checkpoint, dict) else None
     if found not in CHECKPOINT_SCRIPTS or checkpoint.get('format') != CHECKPOINT_FORMAT:
-        raise ValueError(f"'{path}' is not a {kind} checkpoint of this nanoVQ (format {CHECKPOINT_FORMAT}): "
-                         f"it was written by an older nanoVQ or not by nanoVQ; re-run "
-                         f"{CHECKPOINT_SCRIPTS[kind]}")
+        raise ValueError(f"'{path}' is not a {kind} checkpoint of this nanoVQ (format {CHECKPOINT_FORMAT}), "
+                         f"but an older nanoVQ's or another program's: re-run {CHECKPOINT_SCRIPTS[kind]}")
     if found != kind:
         raise ValueError(f"'{path}' is a {found} checkpoint (written by {CHECKPOINT_SCRIPTS[found]}), "
                          f"but a {kind} checkpoint (written by {CHECKPOINT_SCRIPTS[kind]}) is expected here")
@@ -814,13 +819,6 @@ def state_fingerprint(state_dict):
 # Any other needs --resume_allow=key1,key2 (the rare intended change).
 RESUME_FREE_KEYS = ('init_from', 'overwrite', 'resume_allow', 'eval_interval', 'log_interval',
                     'ckpt_interval', 'num_workers', 'device', 'compile')
-
-
-def check_out_dir(ckpt_path, init_from, overwrite):
-    """A run from scratch never overwrites a checkpoint it was not told to."""
-    if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
-        raise FileExistsError(f"{ckpt_path} already exists: continue that run with --init_from=resume, or "
-                              f"start a new one in another out_dir (or over this one with --overwrite=True)")
 
 
 def check_resume_config(ckpt_path, checkpoint, model_args, config, resume_allow):
@@ -844,15 +842,56 @@ def check_resume_config(ckpt_path, checkpoint, model_args, config, resume_allow)
                            f"--resume_allow={','.join(differing)}")
 
 
-def report_errors_last(rank):
-    """Under torchrun the real error sits far above torchrun's summary: rank 0 repeats it as its last line."""
-    default_hook = sys.excepthook
+def check_config(c, rules, world_size=0):
+    """rules: (key, ok, the allowed values in words), after those of the keys both trainers have when
+    world_size is given; the first not ok is an error naming the key, its allowed values and c[key]."""
+    if world_size:
+        rules = [*[(k, c[k] >= 1, ">= 1") for k in ('batch_size', 'gradient_accumulation_steps',
+                                                    'base_batch_size', 'log_interval')],
+                 ('batch_size', c['batch_size'] % max(world_size * c['gradient_accumulation_steps'], 1) == 0,
+                  f"divisible by {world_size} rank(s) x gradient_accumulation_steps"),
+                 ('learning_rate', 0 < c['learning_rate'] < math.inf, "> 0 and finite"),
+                 *[(k, 0 <= c[k] <= 1, "in [0, 1]") for k in ('warmup_frac', 'constant_frac')],
+                 ('init_from', c['init_from'] in ('scratch', 'resume'), "'scratch' or 'resume'"), *rules]
+    for key, ok, allowed in rules:
+        if not ok:
+            raise ValueError(f"{key} must be {allowed}, got {c[key]!r}")
 
-    def hook(kind, value, traceback):
-        default_hook(kind, value, traceback)
-        if rank == 0:
-            print(f"error (rank 0): {kind.__name__}: {value}", file=sys.stderr, flush=True)
-    sys.excepthook = hook
+
+def stop_if_not_finite(what, values, iter_num, learning_rate):
+    # a NaN or inf among values {name: number or tensor} stops the run before it saves a checkpoint
+    bad = [name for name, value in values.items() if not torch.as_tensor(value).isfinite().all()]
+    if bad:
+        raise FloatingPointError(f"non-finite {what} at iteration {iter_num}: {', '.join(bad[:5])}; the "
+                                 f"last checkpoint stays as it was: retry with a learning_rate below "
+                                 f"{learning_rate:g}")
+
+
+_out_dir_lock = None  # this process's open out_dir/.lock: its flock is held while it is open
+
+
+def lock_out_dir(out_dir, rank, keep='', advice="continue that run with --init_from=resume, or start a new "
+                 "one in another out_dir (or over this one with --overwrite=True)"):
+    """Rank 0 holds an advisory lock (flock) on out_dir/.lock until the process ends, however it ends: a
+    second run into out_dir stops at once, naming the holder. Then the file `keep` must not exist yet."""
+    global _out_dir_lock
+    if rank == 0:
+        if _out_dir_lock is not None:  # of a script run earlier in this process (the tests): it has ended
+            _out_dir_lock.close()
+        os.makedirs(out_dir, exist_ok=True)
+        _out_dir_lock = open(os.path.join(out_dir, '.lock'), 'a+')
+        try:
+            fcntl.flock(_out_dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _out_dir_lock.seek(0)
+            raise RuntimeError(f"{out_dir} is in use by another run ({_out_dir_lock.read().strip()}): wait "
+                               f"for it to end, or give this run another out_dir") from None
+        _out_dir_lock.truncate(0)
+        print(f"pid {os.getpid()}: {' '.join(sys.argv)}", file=_out_dir_lock, flush=True)
+        if keep and os.path.exists(keep):
+            raise FileExistsError(f"{keep} already exists: {advice}")
+    if torch.distributed.is_initialized():  # the other ranks write nothing before rank 0 holds the lock
+        torch.distributed.barrier()
 
 
 def truncate_log(path, iter_num):
@@ -871,8 +910,8 @@ def truncate_log(path, iter_num):
     atomic_write(path, lambda f: f.writelines(kept), mode='w')
 
 
-def append_log(path, record):
-    with open(path, 'a') as f:
+def append_log(path, record, fresh=False):
+    with open(path, 'w' if fresh else 'a') as f:
         f.write(json.dumps(record) + '\n')
 
 
@@ -906,5 +945,4 @@ def save_image_grid(images, path, nrow, row_labels=()):
         for r, label in enumerate(row_labels):
             ImageDraw.Draw(labelled).text((8, r * H + H // 2), label, fill='black', font=font, anchor='lm')
         picture = labelled
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    picture.save(path)
+    atomic_write(path, lambda f: picture.save(f, format='PNG'))

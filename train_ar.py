@@ -46,8 +46,6 @@ def rope_2d_angles(grid_h, grid_w, head_dim, base=10000.0):
     """LlamaGen's precompute_freqs_cis_2d without its class rows: angles (grid_h * grid_w, head_dim // 2) of
     the codes, code i at (row i // grid_w, col i % grid_w); the first head_dim/4 rotary pairs turn with the
     row, the rest with the column, pair j at base^(-2j / (head_dim/2)) rad per step (float32, as LlamaGen)."""
-    if head_dim % 4 != 0:
-        raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
     freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2).float() / (head_dim // 2))  # (head_dim/4,)
     codes = torch.arange(grid_h * grid_w)
     return torch.cat([torch.outer(codes // grid_w, freqs), torch.outer(codes % grid_w, freqs)], dim=1)
@@ -61,8 +59,7 @@ def rope_1d_angles(seq_len, head_dim, base=10000.0):
 
 def apply_rope(x, cos, sin):
     # x (B, H, L, head_dim); adjacent channels (2i, 2i+1) form rotary pair i; cos/sin (L, head_dim/2)
-    x_pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
+    x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)  # (B, H, L, head_dim/2) each
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -96,8 +93,7 @@ class Attention(nn.Module):
 
 def ffn_hidden_size(n_embd, multiple_of=256):
     # LlamaGen/Llama SwiGLU: 2/3 of 4 * dim, rounded up to a multiple of 256
-    hidden = int(2 * 4 * n_embd / 3)
-    return multiple_of * math.ceil(hidden / multiple_of)
+    return multiple_of * math.ceil(int(2 * 4 * n_embd / 3) / multiple_of)
 
 
 class FeedForward(nn.Module):
@@ -163,8 +159,6 @@ class GPT(nn.Module):
                  dropout=0.1, token_dropout=0.1, class_dropout=0.1, adaln=False, adaln_gamma=1e-3,
                  rope='2d'):
         super().__init__()
-        if n_embd % n_head != 0:
-            raise ValueError(f"n_embd {n_embd} is not divisible by n_head {n_head}")
         self.codebook_size, self.num_classes, self.class_dropout = codebook_size, num_classes, class_dropout
         self.grid_h, self.grid_w, self.seq_len = grid_h, grid_w, grid_h * grid_w
         self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
@@ -207,8 +201,7 @@ class GPT(nn.Module):
     def forward(self, labels, codes=None, targets=None, start_pos=None):
         """labels (B,). Without start_pos: inputs [class, codes (B, L)] at positions 0..L, causal attention
         -> float32 logits (B, L+1, K), or with targets (B, L+1) only the mean cross-entropy. With start_pos
-        (a 0-d long tensor, after setup_kv_cache): one input through the KV cache, the class token (codes
-        None, at position 0) or codes (B, 1) -> logits (B, 1, K)."""
+        (0-d long, after setup_kv_cache): the class token (codes None) or codes (B, 1) -> logits (B, 1, K)."""
         cond = self.embed_classes(labels)  # (B, C)
         if start_pos is None:
             x = torch.cat([cond[:, None], self.tok_embeddings(codes)], dim=1)  # (B, L+1, C)
@@ -315,8 +308,7 @@ def epoch_order(epoch, seed, num_valid, num_images, views_per_image):
     drawn for each of the num_images images: a function of the epoch only (resumed runs continue exactly)."""
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(num_valid, generator=g)  # (num_valid,)
-    views = torch.randint(views_per_image, (num_images,), generator=g)  # (num_images,)
-    return order, views
+    return order, torch.randint(views_per_image, (num_images,), generator=g)  # views (num_images,)
 
 
 if __name__ == '__main__':
@@ -326,12 +318,12 @@ if __name__ == '__main__':
 
     from tokenizer import (load_tokenizer, make_dataset, setup_device, autocast_context, atomic_save,
                            truncate_log, append_log, load_checkpoint, tokenizer_checkpoint, tokenizer_weights,
-                           state_fingerprint, check_out_dir, check_resume_config, gather_rng_states,
-                           restore_rng_states, atomic_write, leave_process_group, CHECKPOINT_FORMAT)
+                           state_fingerprint, check_resume_config, gather_rng_states, restore_rng_states,
+                           atomic_write, leave_process_group, check_config, stop_if_not_finite, lock_out_dir,
+                           CHECKPOINT_FORMAT)
 
     # -----------------------------------------------------------------------------
-    # default config: LlamaGen GPT-B on ImageNet 256 codes (config/ar_gpt_b.py); override with config files /
-    # --key=value
+    # default config: LlamaGen GPT-B, ImageNet 256 (config/ar_gpt_b.py); override: config files, --key=value
     # I/O
     out_dir = 'out-ar'
     ckpt_interval = 5000
@@ -383,33 +375,40 @@ if __name__ == '__main__':
     barrier = dist.barrier if ddp else lambda: None
     device, rank, local_rank, world_size = setup_device(device)
     master = rank == 0
-    if batch_size % (world_size * gradient_accumulation_steps) != 0:
-        raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x "
-                         f"gradient_accumulation_steps {gradient_accumulation_steps}")
-    if lr_schedule not in ('annealing', 'cosine', 'constant'):
-        raise ValueError(f"unknown lr_schedule '{lr_schedule}'; expected 'annealing', 'cosine' or 'constant'")
-    if init_from not in ('scratch', 'resume'):
-        raise ValueError(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
     if not tokenizer_ckpt:
         raise ValueError("tokenizer_ckpt is required (the checkpoint of a train_tokenizer.py run)")
+    tokenizer_record = tokenizer_checkpoint(tokenizer_ckpt)  # nanoVQ's or a released tokenizer's
+    tokenizer_args = tokenizer_record['model_args']
+    # the GPT's sizes before the codes are extracted: RoPE turns channel pairs, 2D RoPE half of them per axis
+    sizes = gpt_model_args(0, 0, 0, 0, ar_model, n_layer, n_head, n_embd)  # the preset's where 0
+    rope_parts = 2 if tokenizer_args.get('tokenizer_type') == 'titok' else 4
+    check_config(config, [
+        ('tokenizer_ckpt', tokenizer_args['quantizer'] not in ('rq', 'msvq')
+         or (tokenizer_args['quantizer_args'] or {}).get('rq_depth', 4) == 1,  # rq's default depth: 4
+         "one code per position, not a multi-code tokenizer (rq, msvq: FVQ Table 4)"),
+        *[(k, config[k] >= 0, ">= 0") for k in ('max_iters', 'num_images', 'image_size', 'n_layer', 'n_head',
+                                                 'n_embd')],  # max_iters 0: the codes only; sizes 0: defaults
+        ('ckpt_interval', ckpt_interval >= 1, ">= 1"),
+        ('lr_schedule', lr_schedule in ('annealing', 'cosine', 'constant'), "annealing, cosine or constant"),
+        ('n_embd', sizes['n_embd'] % (rope_parts * sizes['n_head']) == 0,
+         f"a multiple of {rope_parts} x n_head = {rope_parts * sizes['n_head']} for RoPE (0: the preset's "
+         f"{sizes['n_embd']})")], world_size)
     micro_batch = batch_size // (world_size * gradient_accumulation_steps)
     lr = learning_rate * batch_size / base_batch_size
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     autocast = autocast_context(device, dtype)
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     log_path = os.path.join(out_dir, 'log.jsonl')  # a JSON line per log interval (evaluate.py --mode=curves)
-    check_out_dir(ckpt_path, init_from, overwrite)
+    lock_out_dir(out_dir, rank, keep=ckpt_path if init_from == 'scratch' and not overwrite else '')
     if master:
         print(f"world_size {world_size}, micro batch {micro_batch}/rank, lr {lr:.3e}, device {device}")
 
     # -----------------------------------------------------------------------------
     # codes: every view of every training image, encoded once; reused while the extraction record matches
     codes_dir = codes_dir or os.path.join(out_dir, 'codes')
-    tokenizer_record = tokenizer_checkpoint(tokenizer_ckpt)  # nanoVQ's or a released tokenizer's
     image_size = image_size or tokenizer_record['config']['image_size']
     V = 10 if ten_crop else 2  # views per image
-    # everything that defines the codes; the fingerprint tells the tokenizer that wrote them from one
-    # retrained in place (same path, same iteration)
+    # everything that defines the codes; the fingerprint tells apart a tokenizer retrained in place
     extraction = dict(tokenizer_ckpt=os.path.abspath(tokenizer_ckpt),
                       tokenizer_iter=tokenizer_record['iter_num'],
                       tokenizer_fingerprint=state_fingerprint(tokenizer_weights(tokenizer_record)),
@@ -421,14 +420,10 @@ if __name__ == '__main__':
     meta_path = os.path.join(codes_dir, 'meta.json')
     if not os.path.isfile(meta_path):
         tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()  # as LlamaGen extracts
-        if getattr(tokenizer.quantizer, 'rq_depth', 1) > 1 or hasattr(tokenizer.quantizer, 'scales'):
-            raise ValueError(f"'{tokenizer_ckpt}' is a multi-code tokenizer (quantizer 'rq' or 'msvq', FVQ "
-                             f"Table 4, reconstruction only here); train_ar.py models one code per position")
         grid_h, grid_w = tokenizer.token_grid(image_size)  # 1 x L for the 1D tokenizer
         T, K = grid_h * grid_w, tokenizer.quantizer.codebook_size
-        # no random augmentation: a deterministic resize + centre crop
         dataset = make_dataset(data_dir, extraction['read_size'], train=True, num_images=num_images,
-                               augment=False)
+                               augment=False)  # a deterministic resize + centre crop
         N = len(dataset)
         os.makedirs(codes_dir, exist_ok=True)
         codes_path, labels_path = os.path.join(codes_dir, 'codes.npy'), os.path.join(codes_dir, 'labels.npy')
@@ -455,14 +450,13 @@ if __name__ == '__main__':
         codes_mm.flush()
         labels_mm.flush()
         barrier()
-        if master:
+        if master:  # meta.json written last: its presence marks complete codes
             codebook_sizes = tokenizer.quantizer.codebook_sizes  # VCQ: K_t, to the checkpoint and the sampler
             if codebook_sizes is not None:
                 np.save(os.path.join(codes_dir, 'codebook_sizes.npy'), codebook_sizes.cpu().numpy())
             meta = dict(extraction, grid_h=grid_h, grid_w=grid_w, codebook_size=K, dataset_images=N,
                         tokenizer_type=tokenizer.tokenizer_type, dataset_classes=dataset.num_classes,
                         vcq=codebook_sizes is not None)
-            # written last: its presence marks complete codes
             atomic_write(meta_path, lambda f: json.dump(meta, f, indent=1), mode='w')
             print(f"encoded {N} images x {V} views into {codes_dir}")
         barrier()
@@ -532,8 +526,8 @@ if __name__ == '__main__':
             truncate_log(log_path, iter_num)  # what the killed run logged after it is logged again
             print(f"resumed from {ckpt_path} at iter {iter_num}")
         del checkpoint
-    elif master and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
+    elif master:  # a fresh run starts a fresh log, its setting first (for evaluate.py's plot titles)
+        append_log(log_path, {'iter': 0, 'split': 'config', 'config': config, 'device': device}, fresh=True)
     raw_model = model  # un-compiled, un-wrapped: what checkpoints hold
     if compile:
         model = torch.compile(model)
@@ -556,10 +550,6 @@ if __name__ == '__main__':
 
     # -----------------------------------------------------------------------------
     # training loop
-    if master:
-        os.makedirs(out_dir, exist_ok=True)  # only now: a config or data error leaves no empty out_dir behind
-        if iter_num == 0:  # the run's setting, for the titles of evaluate.py's plots
-            append_log(log_path, {'iter': 0, 'split': 'config', 'config': config, 'device': device})
     flops_per_iter = raw_model.flops_per_token() * raw_model.seq_len * batch_size
     peak_flops = peak_bf16_flops(device) * world_size
     t0, start_iter = time.time(), iter_num
@@ -567,14 +557,14 @@ if __name__ == '__main__':
         if iter_num > start_iter and (iter_num % ckpt_interval == 0 or iter_num == max_iters):
             all_rng_states = gather_rng_states(device_type, ddp, world_size)
             if master:
+                stop_if_not_finite('weights', raw_model.state_dict(), iter_num, learning_rate)
                 atomic_save({'kind': 'gpt', 'format': CHECKPOINT_FORMAT, 'model': raw_model.state_dict(),
                              'optimizer': optimizer.state_dict(), 'model_args': model_args, 'config': config,
-                             'iter_num': iter_num,
-                             'rng_states': all_rng_states, 'tokenizer_ckpt': os.path.abspath(tokenizer_ckpt),
+                             'iter_num': iter_num, 'rng_states': all_rng_states, 'image_size': image_size,
+                             'codebook_sizes': codebook_sizes, 'tokenizer_ckpt': extraction['tokenizer_ckpt'],
                              # the weights that wrote the codes: sample.py decodes with them or refuses
                              'tokenizer_fingerprint': meta['tokenizer_fingerprint'],
-                             'tokenizer_iter': meta['tokenizer_iter'],
-                             'codebook_sizes': codebook_sizes, 'image_size': image_size}, ckpt_path)
+                             'tokenizer_iter': meta['tokenizer_iter']}, ckpt_path)
                 print(f"saved checkpoint to {ckpt_path} at iter {iter_num}", flush=True)
         if iter_num >= max_iters:
             break
@@ -586,8 +576,7 @@ if __name__ == '__main__':
             codes, labels = get_batch(iter_num * gradient_accumulation_steps + micro_step)
             last = micro_step == gradient_accumulation_steps - 1
             with (model.no_sync() if ddp and not last else nullcontext()), autocast:
-                # inputs [class, x_0..x_{T-2}] -> targets x_0..x_{T-1}
-                loss = model(labels, codes[:, :-1], targets=codes)
+                loss = model(labels, codes[:, :-1], targets=codes)  # [class, x_0..x_{T-2}] -> x_0..x_{T-1}
                 (loss / gradient_accumulation_steps).backward()
             loss_sum += loss.detach() / gradient_accumulation_steps
         if grad_clip > 0:
@@ -603,6 +592,7 @@ if __name__ == '__main__':
             record = {'iter': iter_num, 'split': 'train', 'loss': loss_sum.item(), 'lr': step_lr,
                       'tok_per_s': batch_size * raw_model.seq_len / dt, 'ms_per_iter': 1000 * dt,
                       'mfu': flops_per_iter / dt / peak_flops if peak_flops else None}
+            stop_if_not_finite('loss', {'loss': record['loss']}, iter_num, learning_rate)
             append_log(log_path, record)
             mfu = f"{100 * record['mfu']:.2f}%" if peak_flops else 'n/a'
             print(f"iter {iter_num}: loss {record['loss']:.6f}, lr {step_lr:.3e}, "

@@ -19,9 +19,9 @@ from quantizers import (QUANTIZERS, quantizer_options, bridge_group_size_for, co
 from tokenizer import (Tokenizer, PatchDiscriminator, make_lpips, disc_loss_fn, gen_loss_fn, lecam_loss,
                        diff_augment, make_dataset, split_held_out, collate, ShardedBatchSampler, setup_device,
                        autocast_context, atomic_save, save_image_grid, truncate_log, append_log, psnr,
-                       to_uint8, load_checkpoint, check_out_dir, check_resume_config, gather_rng_states,
+                       to_uint8, load_checkpoint, check_resume_config, gather_rng_states, check_config,
                        restore_rng_states, leave_process_group, tokens_per_image, compile_blocks,
-                       CHECKPOINT_FORMAT)
+                       lock_out_dir, stop_if_not_finite, CHECKPOINT_FORMAT)
 
 # -----------------------------------------------------------------------------
 # default config: LlamaGen VQ-16 on ImageNet 256 (config/vq_16k.py); override with config files / --key=value
@@ -103,24 +103,21 @@ config = {k: globals()[k] for k in config_keys}
 ddp = int(os.environ.get('RANK', -1)) != -1
 device, rank, local_rank, world_size = setup_device(device)
 master = rank == 0
-if batch_size % (world_size * gradient_accumulation_steps) != 0:
-    raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} ranks x "
-                     f"{gradient_accumulation_steps} gradient_accumulation_steps")
+check_config(config, [*[(k, config[k] >= 1, ">= 1") for k in (
+    'max_iters', 'eval_interval', 'eval_images', 'image_size', 'ch', 'z_channels', 'codebook_size',
+    'code_dim', 'patch_size', 'num_latent_tokens')],
+    ('image_size', tokenizer_type != 'vqgan' or image_size % 2 ** (len(ch_mult) - 1) == 0,
+     f"divisible by the downsampling of ch_mult {ch_mult}"),
+    *[(k, config[k] in allowed, f"one of {allowed}") for k, allowed in [
+        ('lr_schedule', ('annealing', 'cosine', 'step', 'constant')), ('rec_loss', ('l1', 'l2')),
+        ('gen_loss', ('hinge', 'non_saturating_per_image'))]],
+    ('lr_milestones', all(0 <= m <= 1 for m in lr_milestones), "fractions of max_iters, in [0, 1]")],
+    world_size)
 micro_batch = batch_size // (world_size * gradient_accumulation_steps)
-if eval_images < 1:
-    raise ValueError(f"eval_images = {eval_images}: the held-out evaluation needs at least 1 image")
-if tokenizer_type == 'vqgan' and image_size % 2 ** (len(ch_mult) - 1) != 0:
-    raise ValueError(f"image_size {image_size} is not divisible by the downsampling of ch_mult {ch_mult}")
-if lr_schedule not in ('annealing', 'cosine', 'step', 'constant'):
-    raise ValueError(f"unknown lr_schedule '{lr_schedule}' (expected annealing, cosine, step or constant)")
-if init_from not in ('scratch', 'resume'):
-    raise ValueError(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
 lr = learning_rate * batch_size / base_batch_size
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 autocast = autocast_context(device, dtype)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-log_path = os.path.join(out_dir, 'log.jsonl')
-check_out_dir(ckpt_path, init_from, overwrite)
+ckpt_path, log_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'log.jsonl')
 
 # a key only other quantizers take: ignored from a config file (--quantizer=X over any config), an error typed
 options = quantizer_options(quantizer)
@@ -138,7 +135,14 @@ if quantizer_args.get('bridge_group_size') == 0:
     quantizer_args['bridge_group_size'] = bridge_group_size_for(codebook_size)
 
 # -----------------------------------------------------------------------------
-# model, discriminator, perceptual loss, optimisers
+# images, model, discriminator, perceptual loss, optimisers: an error here leaves out_dir as it was
+
+train_set = make_dataset(data_dir, image_size, train=True, num_images=num_images)
+if data_dir and not eval_data_dir:  # hold out eval_images images of the training folder
+    eval_set = make_dataset(data_dir, image_size, train=False)
+    train_set.samples, eval_set.samples = split_held_out(train_set.samples, eval_images)
+else:
+    eval_set = make_dataset(eval_data_dir or data_dir, image_size, False, num_images and eval_images)
 
 model_keys = ('tokenizer_type', 'ch', 'ch_mult', 'num_res_blocks', 'z_channels', 'image_size', 'patch_size',
               'num_latent_tokens', 'titok_preset', 'quantizer', 'codebook_size', 'code_dim')
@@ -166,6 +170,7 @@ disc_optimizer = make_optimizer(disc) if use_disc else None
 stateful = {'model': model, 'optimizer': gen_optimizer, 'ema': ema_model, 'disc': disc,
             'disc_optimizer': disc_optimizer}  # what a checkpoint holds: un-wrapped, un-compiled names
 
+lock_out_dir(out_dir, rank, keep=ckpt_path if init_from == 'scratch' and not overwrite else '')
 iter_num, skipped_images, rng_states = 0, 0, None
 lecam_ema = torch.zeros(2, device=device)  # EMA of D's mean logits on real and on reconstructed images
 if init_from == 'resume':
@@ -175,6 +180,8 @@ if init_from == 'resume':
         if value is not None:
             value.load_state_dict(checkpoint[key])
     iter_num, skipped_images = checkpoint['iter_num'], checkpoint['skipped_images']
+    for name, value in checkpoint['recent_codes'].items():  # rank 0's: the usage it logs runs on
+        model.quantizer.recent_codes.get_buffer(name).copy_(value)
     saved_ema = checkpoint['lecam_ema']  # (ranks, 2): this rank's, or on another number of ranks their mean
     lecam_ema = (saved_ema[rank] if len(saved_ema) == world_size else saved_ema.mean(0)).to(device)
     rng_states = checkpoint['rng_states'][rank] if len(checkpoint['rng_states']) == world_size else None
@@ -182,8 +189,8 @@ if init_from == 'resume':
         truncate_log(log_path, iter_num)  # what the killed run logged after this checkpoint is logged again
         print(f"resumed from {ckpt_path} at iter {iter_num}")
     del checkpoint
-elif master and os.path.exists(log_path):
-    os.remove(log_path)  # a fresh run (check_out_dir allowed it) starts a fresh log
+elif master:  # a fresh run (lock_out_dir allowed it) starts a fresh log, its setting first (for plot titles)
+    append_log(log_path, {'iter': 0, 'split': 'config', 'config': config, 'device': device}, fresh=True)
 
 raw_model, raw_disc = model, disc  # un-wrapped
 if compile:
@@ -198,12 +205,6 @@ if ddp:
 # -----------------------------------------------------------------------------
 # data: the order depends only on the step, so a resumed run sees exactly what it would have seen
 
-train_set = make_dataset(data_dir, image_size, train=True, num_images=num_images)
-if data_dir and not eval_data_dir:  # hold out eval_images images of the training folder
-    eval_set = make_dataset(data_dir, image_size, train=False)
-    train_set.samples, eval_set.samples = split_held_out(train_set.samples, eval_images)
-else:
-    eval_set = make_dataset(eval_data_dir or data_dir, image_size, False, num_images and eval_images)
 sampler = ShardedBatchSampler(len(train_set), micro_batch, rank, world_size, seed,
                               start_step=iter_num * gradient_accumulation_steps)
 loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
@@ -219,8 +220,7 @@ if master:
 
 @torch.no_grad()
 def evaluate():
-    """Logs the held-out PSNR, rec loss and usage (EMA weights if any); saves a row of inputs over a row of
-    their reconstructions."""
+    """Logs the held-out PSNR, rec loss and usage (EMA weights if any); saves inputs over reconstructions."""
     eval_model = ema_model if ema_model is not None else raw_model
     eval_model.eval()
     keys = list(range(min(eval_images, len(eval_set))))
@@ -231,10 +231,9 @@ def evaluate():
             continue
         with autocast:
             recon, _, info = eval_model(images)
-        recon = recon.float()
-        err = recon - images
+        err = recon.float() - images
         rec.append((err.abs() if rec_loss == 'l1' else err.pow(2)).flatten(1).mean(1))
-        recon = recon.clamp(-1, 1)
+        recon = recon.float().clamp(-1, 1)
         psnrs.append(psnr(to_uint8(recon) / 255.0, to_uint8(images) / 255.0))  # as evaluate.py: saved levels
         indices.append(flat_codes(info['indices']).flatten())
         shown = torch.cat([images[:8], recon[:8]]) if shown is None else shown
@@ -260,8 +259,11 @@ def save_checkpoint():
         dist.all_gather(all_lecam_ema, lecam_ema)
     if master:
         states = {k: v.state_dict() if v is not None else None for k, v in stateful.items()}
+        stop_if_not_finite('weights', {f'{k}.{name}': t for k in ('model', 'ema', 'disc') if states[k]
+                                       for name, t in states[k].items()}, iter_num, learning_rate)
         atomic_save({'kind': 'tokenizer', 'format': CHECKPOINT_FORMAT, **states, 'model_args': model_args,
                      'config': config, 'iter_num': iter_num, 'skipped_images': skipped_images,
+                     'recent_codes': dict(raw_model.quantizer.recent_codes.named_buffers()),
                      'lecam_ema': torch.stack(all_lecam_ema).cpu(), 'rng_states': all_states}, ckpt_path)
         print(f"saved checkpoint to {ckpt_path} at iter {iter_num}", flush=True)
 
@@ -313,10 +315,6 @@ def get_lr(it):
 # -----------------------------------------------------------------------------
 # training loop
 
-if master:
-    os.makedirs(out_dir, exist_ok=True)  # only now: a config or data error leaves no empty out_dir behind
-    if iter_num == 0:  # the run's setting, for the titles of evaluate.py's plots
-        append_log(log_path, {'iter': 0, 'split': 'config', 'config': config, 'device': device})
 if use_disc:
     raw_disc.requires_grad_(False)  # only discriminator_step trains D
 t0, start_iter = time.time(), iter_num
@@ -389,6 +387,7 @@ while True:
                   **{f'q_{k}': v.item() for k, v in info.items() if k.endswith(('_loss', '_entropy'))},
                   'lr': step_lr, 'img_per_s': batch_size / dt, 'ms_per_iter': 1000 * dt,
                   'skipped_images': skipped_images}
+        stop_if_not_finite('loss', {k: record[k] for k in stats}, iter_num, learning_rate)
         append_log(log_path, {'iter': iter_num, 'split': 'train', **record})
         losses = ', '.join(f"{k} {v.item():.5f}" for k, v in stats.items())
         print(f"iter {iter_num}: {losses}, usage {record['usage']:.2f}%, window usage "

@@ -1,7 +1,7 @@
 # Smoke run and two-minute demo of FVQ's point (no paper row; targets the effect of FVQ Table 3 rows 2 vs 6):
 # a tiny VQGAN with FVQ's VQBridge and 256-dim codes, the release's settings (l2 off, learning annealing), on
-# the built-in procedural images (no download), 32x32 -> 8x8 tokens, K = 256, CPU. The bridge keeps over 80% of
-# the codebook in use (counted over the last 10 K tokens) where plain VQ with the same 256-dim codes
+# the built-in procedural images (no download), 32x32 -> 8x8 tokens, K = 256, CPU. The bridge keeps most of the
+# codebook in use (counted over the last 10 K tokens) where plain VQ with the same 256-dim codes
 # (--quantizer=vq --l2_norm=True) collapses to a few codes. LPIPS and the GAN are off: LPIPS needs a download,
 # and at this size and length the GAN only slows the reconstruction down. The bridge is 64 wide (the release's:
 # 256), which makes each step cheaper and buys the steps that make the reconstructions recognisable.

@@ -187,7 +187,7 @@ def test_sample_script_decodes_with_the_gpt_s_tokenizer(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r'not the one whose codes the GPT was trained on .*at iteration 5, '
                                          r'the GPT.s \w+ at iteration 0'):
         sample()
-    sample(f'--tokenizer_ckpt={tok}')  # named explicitly: decodes
+    sample(f'--tokenizer_ckpt={tok}', '--overwrite=True')  # named explicitly: decodes
     save_gpt(image_size=16)
     with pytest.raises(ValueError, match=r'at 16px are \(64, \(8, 8\)\), the GPT.s \(64, \(4, 4\)\)'):
         sample(f'--tokenizer_ckpt={tok}')
@@ -313,14 +313,17 @@ def test_ddp_vcq_chain(tmp_path):
         assert f['arr_0'].shape == (5, 32, 32, 3) and f['arr_0'].dtype == np.uint8
         np.testing.assert_array_equal(f['arr_1'], np.arange(5) % 10)
     # the rank parts merged
-    assert sorted(os.listdir(out)) == ['ckpt.pt', 'codes', 'log.jsonl', 'samples.npz', 'samples_grid.png']
+    assert sorted(os.listdir(out)) == ['.lock', 'ckpt.pt', 'codes', 'log.jsonl', 'samples.npz',
+                                       'samples_grid.png']
 
 
 @pytest.mark.parametrize('option,message', [
     ({'cfg_scale': 0.5}, 'cfg_scale must be >= 1.0 (1.0 = no guidance)'),
     ({'top_p': 1.5}, 'top_p must be in (0, 1]'), ({'top_p': 0.0}, 'top_p must be in (0, 1]'),
     ({'top_k': -1}, 'top_k must be >= 0'), ({'temperature': 0.0}, 'temperature must be > 0'),
-    ({'cfg_schedule': 'exp'}, 'unknown cfg_schedule'), ({'cfg_schedule': 'exp', 'cfg_scale': 3.0}, 'unknown'),
+    ({'cfg_schedule': 'exp'}, "cfg_schedule must be 'constant', 'linear', 'cosine' or 'codebook_size_aware', "
+                               "got 'exp'"),
+    ({'cfg_schedule': 'exp', 'cfg_scale': 3.0}, 'cfg_schedule must be'),
     ({'cfg_power': 0.0, 'cfg_schedule': 'cosine', 'cfg_scale': 3.0}, 'cfg_power must be > 0')])
 def test_bad_sampling_options_are_refused(option, message):
     model = tiny_gpt()
@@ -331,7 +334,7 @@ def test_bad_sampling_options_are_refused(option, message):
 
 
 @pytest.mark.parametrize('arg', ['--num_samples=0', '--batch_size=0', '--grid_per_class=0', '--cfg_scale=0.5',
-                                 '--top_p=2.0'])
+                                 '--top_p=2.0', '--sample_name=sub/dir/x', '--sample_name=..'])
 def test_sample_script_refuses_bad_options_before_writing(arg, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, 'argv', ['sample.py', '--ckpt=does-not-matter.pt', f'--out_dir={tmp_path / "s"}',
@@ -339,3 +342,47 @@ def test_sample_script_refuses_bad_options_before_writing(arg, tmp_path, monkeyp
     with pytest.raises(ValueError, match='must be'):
         runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
     assert not os.path.exists(tmp_path / 's')
+
+
+def test_samples_are_never_replaced_unasked_nor_left_partial(tmp_path, monkeypatch):
+    """Under out_dir's lock: a second run stops naming the holder, and an existing samples file is refused
+    before anything is sampled unless --overwrite=True; a full disk leaves no samples file, nor a part."""
+    import fcntl
+    tok = save_tiny_tokenizer(tmp_path / 'tok.pt', image_size=8)  # 8px -> 4 x 4 codes, K = 64
+    model_args = dict(codebook_size=64, num_classes=10, grid_h=4, grid_w=4, n_layer=2, n_head=2, n_embd=32)
+    atomic_save({'kind': 'gpt', 'format': CHECKPOINT_FORMAT, 'model': tiny_gpt().state_dict(),
+                 'image_size': 8, 'config': {}, 'model_args': model_args, 'tokenizer_ckpt': '',
+                 'codebook_sizes': None, 'tokenizer_iter': 0, 'tokenizer_fingerprint': None},
+                str(tmp_path / 'gpt.pt'))
+    out = tmp_path / 's'
+
+    def sample(*args):
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setattr(sys, 'argv', ['sample.py', f'--ckpt={tmp_path / "gpt.pt"}', f'--out_dir={out}',
+                                          f'--tokenizer_ckpt={tok}', '--device=cpu', '--num_samples=2',
+                                          '--batch_size=2', '--grid_per_class=1', *args])
+        runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
+
+    os.makedirs(out)
+    with open(out / '.lock', 'w') as holder:  # another run's lock (flock: per open file, even in a process)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        print('pid 12345: sample.py --ckpt=other.pt', file=holder, flush=True)
+        with pytest.raises(RuntimeError, match=rf'{out} is in use by another run \(pid 12345: sample.py'):
+            sample()
+    assert os.listdir(out) == ['.lock']
+    sample()
+    written = (out / 'samples.npz').read_bytes()
+    monkeypatch.setattr(torch, 'multinomial', lambda *args, **kwargs: 1 / 0)  # nothing is sampled
+    with pytest.raises(FileExistsError, match=f"{out / 'samples.npz'} already exists: --overwrite=True"):
+        sample()
+    assert (out / 'samples.npz').read_bytes() == written
+    monkeypatch.undo()
+    savez = np.savez
+
+    def disk_full(file, **arrays):  # writes, then finds the disk full
+        savez(file, **arrays)
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(np, 'savez', disk_full)
+    with pytest.raises(OSError, match='disk is full'):
+        sample('--sample_name=again')
+    assert sorted(os.listdir(out)) == ['.lock', 'samples.npz', 'samples_grid.png']

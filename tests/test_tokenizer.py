@@ -2,9 +2,11 @@ import copy
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -168,15 +170,20 @@ def test_checkpoint_errors_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError,
                        match=r"is a tokenizer checkpoint \(written by train_tokenizer.py\), but a gpt"):
         load_checkpoint(path, 'gpt')
-    # a full disk: the temp file goes, the error says so, the previous checkpoint stays
-    def no_space(obj, f):
-        f.write(b'partial')
-        raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr(torch, 'save', no_space)
-    with pytest.raises(OSError, match='the disk is full; the partial file was removed and the previous '
-                                      'ckpt.pt is intact'):
-        atomic_save({'model': {}}, path)
-    assert not os.path.exists(path + '.tmp')
+    # a full disk, as an OSError or as torch.save's zip writer says it: the temp file goes, the previous
+    # checkpoint stays, and the error's last line is the project's, with the space left
+    for error in (OSError(errno.ENOSPC, 'No space left on device'),
+                  RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')):
+        def no_space(obj, f):
+            f.write(b'partial')
+            raise error
+        monkeypatch.setattr(torch, 'save', no_space)
+        monkeypatch.setattr(shutil, 'disk_usage', lambda path: SimpleNamespace(free=3 * 2 ** 19))  # 1.5 MiB
+        with pytest.raises(OSError, match='the partial file was removed and the previous ckpt.pt is intact'
+                                          r' \(free some space') as raised:
+            atomic_save({'model': {}}, path)
+        assert str(raised.value).splitlines()[-1] == f'disk is full: {path}, 1.5 MiB left'
+        assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'cut.pt']
     monkeypatch.undo()
     assert load_checkpoint(path, 'tokenizer')['kind'] == 'tokenizer'
     # an error that is not a failed write is raised as it is, without the full-disk advice

@@ -502,6 +502,47 @@ def test_annealing_lr_schedule_is_logged(codes_setup, tmp_path, monkeypatch):
     assert [r['lr'] for r in records] == pytest.approx([base_lr * m for m in multipliers], rel=1e-9)
 
 
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_and_the_last_checkpoint_stays(codes_setup, tmp_path, monkeypatch):
+    """The loss turns NaN from the third step: the log of iteration 3 stops the run, naming the iteration; a
+    resume that logs less often stops at the save of iteration 4 (NaN weights by then). The iteration-2
+    checkpoint stays as it was."""
+    root, tok, codes_dir = codes_setup
+    log_softmax, calls = F.log_softmax, []
+
+    def nan_from_the_third_step(x, *args, **kwargs):
+        calls.append(1)
+        return log_softmax(x, *args, **kwargs) * (math.nan if len(calls) >= 3 else 1.0)
+    monkeypatch.setattr(F, 'log_softmax', nan_from_the_third_step)
+    run = ['train_ar.py', f'--tokenizer_ckpt={tok}', f'--codes_dir={codes_dir}', '--ten_crop=False',
+           '--num_images=20', f'--out_dir={tmp_path}', *TINY_RUN, '--max_iters=6', '--ckpt_interval=2']
+    with pytest.raises(FloatingPointError, match='non-finite loss at iteration 3: loss;.* learning_rate bel'):
+        run_in_process(monkeypatch, *run)
+    saved = (tmp_path / 'ckpt.pt').read_bytes()
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=False)['iter_num'] == 2
+    with pytest.raises(FloatingPointError, match='non-finite weights at iteration 4: '):
+        run_in_process(monkeypatch, *run, '--init_from=resume', '--log_interval=10')
+    assert (tmp_path / 'ckpt.pt').read_bytes() == saved
+
+
+@pytest.mark.parametrize('bad, key', [
+    ('--batch_size=0', 'batch_size'), ('--max_iters=-1', 'max_iters'), ('--log_interval=0', 'log_interval'),
+    ('--ckpt_interval=0', 'ckpt_interval'), ('--warmup_frac=1.5', 'warmup_frac'),
+    ('--learning_rate=-1.0', 'learning_rate'), ('--lr_schedule=step', 'lr_schedule'),
+    ('--n_head=5', 'n_embd'),  # 32 channels over 5 heads
+    ('--n_embd=40', 'n_embd'),  # 4 heads of 10 channels: 2D RoPE turns 5 pairs, not half per axis
+    ('--ar_model=M', 'ar_model')])
+def test_every_range_is_checked_before_the_codes_are_extracted(bad, key, tmp_path, monkeypatch):
+    import tokenizer
+    monkeypatch.setattr(tokenizer, 'load_tokenizer', lambda *args, **kwargs: 1 / 0)  # never extracts
+    tok = save_tiny_tokenizer(tmp_path / 'tok.pt')
+    with pytest.raises(ValueError) as error:
+        run_in_process(monkeypatch, 'train_ar.py', f'--tokenizer_ckpt={tok}', f'--out_dir={tmp_path / "out"}',
+                       *TINY_RUN, '--n_head=4', '--max_iters=2', bad)
+    assert str(error.value).startswith((f"{key} must be ", f"unknown {key} ")), error.value
+    assert not os.path.exists(tmp_path / 'out')
+
+
 def test_codes_of_a_retrained_tokenizer_are_not_reused(tmp_path, monkeypatch):
     """A tokenizer retrained in place (same path, same iteration, another seed) has other weights: the codes
     extracted from the old one are refused, naming the fingerprint."""
@@ -603,6 +644,7 @@ def test_multi_code_tokenizers_are_refused_by_name(tmp_path, monkeypatch):
     atomic_save({'kind': 'tokenizer', 'format': CHECKPOINT_FORMAT,
                  'model': Tokenizer(**model_args).state_dict(), 'model_args': model_args,
                  'iter_num': 0, 'config': {'image_size': 32, 'data_dir': ''}}, str(tmp_path / 'tok.pt'))
-    with pytest.raises(ValueError, match="multi-code tokenizer"):
+    with pytest.raises(ValueError, match="tokenizer_ckpt must be one code per position, not a multi-code"):
         run_in_process(monkeypatch, 'train_ar.py', f'--tokenizer_ckpt={tmp_path / "tok.pt"}',
                        f'--codes_dir={tmp_path / "codes"}', f'--out_dir={tmp_path / "out"}', *TINY_RUN)
+    assert not os.path.exists(tmp_path / 'out') and not os.path.exists(tmp_path / 'codes')

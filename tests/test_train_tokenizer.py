@@ -1,3 +1,4 @@
+import ast
 import json
 import math
 import os
@@ -6,6 +7,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -113,7 +115,9 @@ def test_kill_and_resume_equals_uninterrupted(gan, tmp_path):
                      (4, 'train'), (4, 'eval')]
     assert [(r['iter'], r['split']) for r in log_resumed] == order
     for r_full, r_resumed in zip(log_full, log_resumed):
-        for key in ('loss', 'rec', 'quant', 'gan', 'disc', 'psnr', 'lr'):
+        # usage: the checkpoint keeps the record of recent codes, so the resumed run counts on
+        for key in ('loss', 'rec', 'quant', 'gan', 'disc', 'psnr', 'lr', 'usage', 'window_usage',
+                    'usage_tokens'):
             assert (key in r_full) == (key in r_resumed), (r_full['iter'], key)
             if key in r_full:
                 assert r_full[key] == pytest.approx(r_resumed[key], rel=1e-6), (r_full['iter'], key)
@@ -362,27 +366,88 @@ def test_data_and_config_errors_are_clear_and_leave_no_out_dir(tmp_path, monkeyp
     # errors before training (config, data folder) leave no out_dir behind
     out = tmp_path / 'out'
     for bad, message in [([f'--data_dir={root}', '--eval_images=10'], 'eval_images = 10 must be between 1'),
-                         (['--eval_images=0'], 'eval_images = 0: the held-out evaluation needs at least 1'),
+                         (['--eval_images=0'], 'eval_images must be >= 1, got 0'),
                          (['--data_dir=/nonexistent/imagenet'], "data_dir '/nonexistent/imagenet' is not a"),
                          (['--quantizer=lfq'], "unknown quantizer 'lfq'"),
-                         (['--lr_schedule=exponential'], "unknown lr_schedule 'exponential'"),
+                         (['--lr_schedule=exponential'], "lr_schedule must be one of ('annealing', 'cosine'"),
                          (['--init_from=resum'], "init_from must be 'scratch' or 'resume'"),
                          (['--disc_strat=5'], "unknown config key 'disc_strat'")]:
         assert message in train_fails(monkeypatch, *tiny(out, '--max_iters=1', *bad)), bad
         assert not os.path.exists(out), bad
 
 
-def test_torchrun_repeats_the_error_as_rank_0s_last_line(tmp_path):
+@pytest.mark.parametrize('bad', [
+    '--batch_size=0', '--code_dim=-5', '--eval_interval=0', '--log_interval=0', '--max_iters=-1',
+    '--warmup_frac=1.5', '--constant_frac=-0.1', '--learning_rate=0.0', '--learning_rate=1e999',
+    '--gradient_accumulation_steps=0', '--base_batch_size=0', '--lr_milestones=(0.5,2)', '--codebook_size=0',
+    '--image_size=13', '--gen_loss=hinge2', '--rec_loss=l3', '--init_from=resum',
+    '--gradient_accumulation_steps=3'])  # batch_size 2 over 1 rank x 3 micro-steps
+def test_every_range_is_checked_before_anything_is_built_or_written(bad, tmp_path, monkeypatch):
+    """One error naming the key, its allowed values and its value, before a model exists or out_dir is."""
+    import tokenizer
+    monkeypatch.setattr(tokenizer.Tokenizer, '__init__', lambda *args, **kwargs: 1 / 0)  # never built
+    key, value = bad[2:].split('=') if 'steps=3' not in bad else ('batch_size', '2')
+    value = value if value.isidentifier() else ast.literal_eval(value)  # as configurator.py reads it
+    error = train_fails(monkeypatch, *tiny(tmp_path / 'out', '--max_iters=2', '--batch_size=2', bad))
+    assert error.startswith(f"{key} must be ") and error.endswith(f", got {value!r}"), error
+    assert not os.path.exists(tmp_path / 'out')
+
+
+def test_a_second_run_into_a_busy_out_dir_stops_at_once_naming_the_first(tmp_path, monkeypatch):
+    """Two processes: the first holds out_dir's lock, so the second stops before it writes, naming the first's
+    pid and command; a kill -9 of the first frees the lock."""
+    args = tiny(tmp_path, '--batch_size=2', '--disc_weight=0.0', '--eval_interval=1000')
+    first = subprocess.Popen([sys.executable, 'train_tokenizer.py', *args, '--max_iters=1000'], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+        lock = tmp_path / '.lock'
+        while f'pid {first.pid}:' not in (lock.read_text() if lock.exists() else ''):
+            assert first.poll() is None, 'the first run ended'
+            time.sleep(0.05)
+        error = train_fails(monkeypatch, *args, '--max_iters=1', '--seed=7')
+        assert error.startswith(f'{tmp_path} is in use by another run (pid {first.pid}: train_tokenizer.py ')
+        assert 'seed=7' not in lock.read_text()
+    finally:
+        first.kill()  # SIGKILL: no clean-up; the OS lets go of the lock
+        first.wait(timeout=60)
+    train(monkeypatch, *args, '--max_iters=1', '--seed=7')
+    assert [(r['iter'], r['split']) for r in read_log(tmp_path)] == [(0, 'config'), (0, 'eval'), (1, 'train'),
+                                                                     (1, 'eval')]
+
+
+def test_a_non_finite_loss_stops_the_run_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    """The quantizer loss turns NaN from the third training step: the log of iteration 3 stops the run,
+    naming the iteration and the terms; a resume that logs less often stops at the save of iteration 4 (the
+    weights are NaN by then). Neither replaces the iteration-2 checkpoint."""
+    import tokenizer
+    forward, steps = tokenizer.Tokenizer.forward, []
+
+    def nan_from_the_third_step(self, images):
+        recon, quant_loss, info = forward(self, images)
+        steps.extend([1] if self.training else [])
+        return recon, quant_loss * (math.nan if len(steps) >= 3 else 1.0), info
+    monkeypatch.setattr(tokenizer.Tokenizer, 'forward', nan_from_the_third_step)
+    args = tiny(tmp_path, '--max_iters=6', '--eval_interval=2', '--batch_size=2', '--disc_weight=0.0')
+    error = train_fails(monkeypatch, *args)
+    assert error.startswith('non-finite loss at iteration 3: quant, loss;'), error
+    assert 'learning_rate below 0.001' in error
+    saved = (tmp_path / 'ckpt.pt').read_bytes()
+    assert ckpt(tmp_path)['iter_num'] == 2 and [r['iter'] for r in read_log(tmp_path, 'train')] == [1, 2]
+    error = train_fails(monkeypatch, *args, '--init_from=resume', '--log_interval=10')
+    assert error.startswith('non-finite weights at iteration 4: model.') and '.weight' in error, error
+    assert (tmp_path / 'ckpt.pt').read_bytes() == saved
+
+
+def test_torchrun_shows_the_error_as_its_root_cause(tmp_path):
     result = run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
                   'train_tokenizer.py', *tiny(tmp_path, '--data_dir=/nonexistent/imagenet')],
                  check=False, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode != 0
-    # torchrun may prefix the child's lines with [rank0]:; torchrun's own summary follows them
-    lines = [line.removeprefix('[rank0]: ') for line in result.stderr.splitlines()]
-    summary = [i for i, line in enumerate(lines) if line.startswith('error (rank 0)')]
-    assert len(summary) == 1 and lines[summary[0]] == (
-        "error (rank 0): FileNotFoundError: data_dir '/nonexistent/imagenet' is not a directory "
-        "(expected root/<class>/<image files>)")
+    # torchrun's summary of the failed ranks closes its output; the rank's error file fills its Root Cause
+    root_cause = result.stderr[result.stderr.rindex('Root Cause'):]
+    assert ("error_file: " in root_cause and "FileNotFoundError: data_dir '/nonexistent/imagenet' is not a "
+            "directory (expected root/<class>/<image files>)" in root_cause), root_cause
 
 
 @pytest.mark.parametrize('name', ['study_vq', 'study_ibq', 'study_fvq', 'study_vcq', 'study_cpu_vq',
