@@ -307,8 +307,8 @@ def run_recon(config):
     convention = check_choice(config, 'metric_convention', ('standard', 'llamagen', 'fvq'))
     if config['ckpt'] == '':
         raise ValueError("recon mode needs --ckpt=<tokenizer checkpoint>")
-    tokenizer = load_tokenizer(config['ckpt']).to(dev).float()
-    train_config = tokenizer_checkpoint(config['ckpt'])['config']
+    checkpoint = tokenizer_checkpoint(config['ckpt'])  # read once: the weights and the training config
+    tokenizer, train_config = load_tokenizer(checkpoint).to(dev).float(), checkpoint['config']
     if config['data_dir'] == 'from_ckpt' and 'data_dir' not in train_config:
         raise ValueError(f"{config['ckpt']} is a released tokenizer: it records no data; give --data_dir")
     data_dir = train_config['data_dir'] if config['data_dir'] == 'from_ckpt' else config['data_dir']

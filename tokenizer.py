@@ -329,8 +329,9 @@ def load_tokenizer(path, map_location='cpu', ema=True):
     """A Tokenizer in eval mode from a train_tokenizer.py checkpoint, with its EMA weights when it has them
     (what IBQ's release evaluates with) unless ema=False. Memory-mapped: the optimiser state is never read.
     Or a released tokenizer as downloaded (tokenizer_checkpoint): LlamaGen's vq_ds16_c2i.pt / vq_ds8_c2i.pt,
-    FVQ's training checkpoints and fullvq2vqgan_ds16_res2_*_256.pt, SEED-Voken's IBQ imagenet256_*.ckpt."""
-    checkpoint = tokenizer_checkpoint(path, ema)
+    FVQ's training checkpoints and fullvq2vqgan_ds16_res2_*_256.pt, SEED-Voken's IBQ imagenet256_*.ckpt.
+    `path` may also be what tokenizer_checkpoint(path, ema) returned: the file is then not read again."""
+    checkpoint = path if isinstance(path, dict) else tokenizer_checkpoint(path, ema)
     model = Tokenizer(**checkpoint['model_args'])
     model.load_state_dict(tokenizer_weights(checkpoint, ema))
     return model.to(map_location).eval()

@@ -416,10 +416,9 @@ if __name__ == '__main__':
                       # LlamaGen's extract_codes_c2i.py reads at int(image_size * 1.1) for the ten crops
                       read_size=int(image_size * 1.1) if ten_crop else image_size, views_per_image=V,
                       center_view=4 if ten_crop else 0)  # the plain centre crop: TenCrop's 5th, or the image
-    del tokenizer_record
     meta_path = os.path.join(codes_dir, 'meta.json')
     if not os.path.isfile(meta_path):
-        tokenizer = load_tokenizer(tokenizer_ckpt, map_location=device).float()  # as LlamaGen extracts
+        tokenizer = load_tokenizer(tokenizer_record, map_location=device).float()  # as LlamaGen extracts
         grid_h, grid_w = tokenizer.token_grid(image_size)  # 1 x L for the 1D tokenizer
         T, K = grid_h * grid_w, tokenizer.quantizer.codebook_size
         dataset = make_dataset(data_dir, extraction['read_size'], train=True, num_images=num_images,
@@ -463,6 +462,7 @@ if __name__ == '__main__':
         del tokenizer
         if device_type == 'cuda':
             torch.cuda.empty_cache()
+    del tokenizer_record  # (the tokenizer's weights; the GPT trains on the codes alone)
     with open(meta_path) as f:
         meta = json.load(f)
     differing = [k for k in extraction if meta.get(k) != extraction[k]]
